@@ -1,0 +1,762 @@
+# The data plane: one epoll loop per worker process forwarding TCP bytes between clients and
+# backends. Python drives it in slices (Worker.poll); inside a slice every event -- accept4,
+# backend pick, non-blocking connect, recv/send or splice, close -- runs without the GIL and
+# creates no Python objects.
+#
+# epoll is edge-triggered for connections: each socket is registered once for IN|OUT|RDHUP and
+# never modified. Readiness is remembered in per-socket flags (CAN_READ / CAN_WRITE) that are
+# cleared on EAGAIN, so backpressure costs no epoll_ctl: a full destination simply stops us
+# reading the source until its EPOLLOUT edge arrives.
+from libc.errno cimport (EAGAIN, ECONNABORTED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS,
+                         ENOMEM, errno)
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcmp, memcpy, memset
+
+from includes.linux cimport *
+
+include "lb/common.pxi"
+include "lb/roundrobin.pxi"
+include "lb/leastconn.pxi"
+include "lb/iphash.pxi"
+include "table.pxi"
+
+DEF TAG_LISTEN = 1
+DEF TAG_WAKE = 2
+DEF TAG_BACKEND = 1           # low bit of a connection's epoll data: the backend socket
+DEF SCAN_INTERVAL_MS = 100    # how often connect and idle timeouts are checked
+DEF EMFILE_PAUSE_MS = 100     # accept pauses this long when out of file descriptors
+
+cdef uint32_t CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+
+SPLICE_MODES = {"never": SPLICE_NEVER, "always": SPLICE_ALWAYS, "auto": SPLICE_AUTO}
+
+
+cdef inline int64_t monotonic_ms() noexcept nogil:
+    # CLOCK_MONOTONIC_COARSE is read from the vDSO: no system call.
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cdef inline uint32_t flags_from_events(uint32_t ev) noexcept nogil:
+    cdef uint32_t f = 0
+    if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        f |= CAN_READ
+    if ev & (EPOLLRDHUP | EPOLLHUP):
+        f |= PEER_RDHUP
+    if ev & (EPOLLOUT | EPOLLERR | EPOLLHUP):
+        f |= CAN_WRITE
+    return f
+
+
+cdef inline void set_linger_reset(int fd) noexcept nogil:
+    # Closing with a zero linger time sends RST: how a reset on one side reaches the other.
+    cdef linger lg
+    lg.l_onoff = 1
+    lg.l_linger = 0
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+
+
+cdef class Worker:
+    """The epoll loop of one worker process.
+
+    ``Worker(listen_fd, algorithm, ...)`` takes a listening, non-blocking socket; ``set_table``
+    must be called before the first ``poll``. ``poll(timeout_ms)`` forwards traffic without the
+    GIL and returns True when a watched file descriptor (the control socket, the signal wake-up
+    pipe) is readable, else False after ``timeout_ms`` or, when ``report_interval_ms`` is set,
+    as soon as that long has passed with connection counts changed.
+    """
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.listen_fd = -1
+        self.conns = NULL
+        self.events = NULL
+        self.free_pipes = NULL
+
+    def __init__(self, int listen_fd, str algorithm, *, int max_conn=10000,
+                 double connect_timeout=5.0, double idle_timeout=0.0, int retries=2,
+                 int buffer_size=65536, str splice="auto", str hash_key="src-ip",
+                 double balance_factor=0.0, int report_interval_ms=0, int max_events=512):
+        cdef int i
+        cdef epoll_event ev
+        if max_conn < 1:
+            raise ValueError("max_conn must be at least 1")
+        if not 0 <= retries < MAX_TRIES:
+            raise ValueError(f"retries must be between 0 and {MAX_TRIES - 1}")
+        if buffer_size < 4096:
+            raise ValueError("buffer_size must be at least 4096")
+        if splice not in SPLICE_MODES:
+            raise ValueError(f"splice must be one of {', '.join(SPLICE_MODES)}")
+        if hash_key not in ("src-ip", "src-ip-port"):
+            raise ValueError("hash_key must be src-ip or src-ip-port")
+        table_init(&self.table, find_algorithm(algorithm), balance_factor)
+        self.listen_fd = listen_fd
+        self.max_conn = max_conn
+        self.connect_timeout_ms = <int64_t>(connect_timeout * 1000)
+        self.idle_timeout_ms = <int64_t>(idle_timeout * 1000)
+        self.max_tries = retries + 1
+        self.buffer_size = buffer_size
+        self.splice_mode = SPLICE_MODES[splice]
+        self.hash_port = hash_key == "src-ip-port"
+        self.report_interval_ms = report_interval_ms
+        self.max_free_bufs = 64
+        self.max_free_pipes = 64
+        self.max_events = max_events
+
+        self.conns = <Conn *>calloc(max_conn, sizeof(Conn))
+        self.events = <epoll_event *>calloc(max_events, sizeof(epoll_event))
+        self.free_pipes = <int *>calloc(2 * self.max_free_pipes, sizeof(int))
+        if self.conns == NULL or self.events == NULL or self.free_pipes == NULL:
+            raise MemoryError()
+        for i in range(max_conn - 1, -1, -1):
+            self.conns[i].next = self.free_conns
+            self.free_conns = &self.conns[i]
+
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self.now_ms = monotonic_ms()
+        self.next_scan_ms = self.now_ms + SCAN_INTERVAL_MS
+        self._resume_listener()
+        if not self.listening:
+            raise OSError(errno, "cannot watch the listening socket")
+
+    def __dealloc__(self):
+        cdef Conn *c
+        cdef Buf *b
+        cdef Channel *ch
+        cdef int i
+        if self.conns != NULL:
+            c = self.live
+            while c != NULL:
+                close(c.cfd)
+                if c.bfd >= 0:
+                    close(c.bfd)
+                for i in range(2):
+                    ch = &c.up if i == 0 else &c.down
+                    if ch.buf != NULL:
+                        free(ch.buf)
+                    if ch.pipe_r >= 0:
+                        close(ch.pipe_r)
+                        close(ch.pipe_w)
+                c = c.next
+            free(self.conns)
+        while self.free_bufs != NULL:
+            b = self.free_bufs
+            self.free_bufs = b.next
+            free(b)
+        if self.free_pipes != NULL:
+            for i in range(2 * self.nfree_pipes):
+                close(self.free_pipes[i])
+            free(self.free_pipes)
+        free(self.events)
+        table_free(&self.table)
+        if self.epfd >= 0:
+            close(self.epfd)
+
+    # ---- called from Python ------------------------------------------------------------------
+
+    def watch(self, int fd):
+        """Make ``poll`` return True whenever ``fd`` is readable (level-triggered)."""
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.u64 = TAG_WAKE
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "cannot watch file descriptor")
+
+    def set_table(self, uint32_t version, list rows):
+        """Swap in a whole backend table: rows of (host, port, weight, up, backup)."""
+        self._set_table(rows)
+        self.table_version = version
+        self.counts_changed = True
+
+    def set_others(self, uint32_t version, list others):
+        """Active connections per backend held by all other workers."""
+        cdef int i
+        if version != self.table_version or len(others) != self.table.n:
+            return False
+        for i in range(self.table.n):
+            self.table.backends[i].others_active = others[i]
+        return True
+
+    def poll(self, int timeout_ms):
+        cdef int woke
+        with nogil:
+            woke = self._poll(timeout_ms)
+        return bool(woke)
+
+    def report(self):
+        """Counters since the last call, as (table_version, active, new, up_bytes, down_bytes,
+        failed, succeeded, streak) lists by backend; None when nothing changed."""
+        cdef int i
+        cdef Backend *b
+        cdef bint changed = self.counts_changed
+        for i in range(self.table.n):
+            b = &self.table.backends[i]
+            if b.new_conns or b.up_bytes or b.down_bytes or b.failed or b.succeeded:
+                changed = True
+                break
+        if not changed:
+            return None
+        active, new, up, down, failed, succeeded, streak = [], [], [], [], [], [], []
+        for i in range(self.table.n):
+            b = &self.table.backends[i]
+            active.append(b.local_active)
+            new.append(b.new_conns)
+            up.append(b.up_bytes)
+            down.append(b.down_bytes)
+            failed.append(b.failed)
+            succeeded.append(b.succeeded)
+            streak.append(b.streak)
+            b.new_conns = b.up_bytes = b.down_bytes = 0
+            b.failed = b.succeeded = 0
+        self.counts_changed = False
+        return (self.table_version, active, new, up, down, failed, succeeded, streak)
+
+    def drain(self):
+        """Stop accepting: close this worker's copy of the listening socket."""
+        self.draining = True
+        if self.listening:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd, NULL)
+            self.listening = False
+        if self.listen_fd >= 0:
+            close(self.listen_fd)
+            self.listen_fd = -1
+
+    @property
+    def active(self):
+        """Connections this worker holds."""
+        return self.nconns
+
+    @property
+    def pooled(self):
+        """(buffers, pipes) kept in the pools, for tests of the bounds."""
+        return (self.nfree_bufs, self.nfree_pipes)
+
+    # ---- the loop (no GIL from here on) -------------------------------------------------------
+
+    cdef int _poll(self, int timeout_ms) noexcept nogil:
+        # Called without the GIL; touches no Python objects.
+        cdef int64_t deadline = self.now_ms + timeout_ms, started = self.now_ms, wait
+        cdef int n, i
+        cdef uint64_t data
+        cdef Conn *c
+        cdef Conn *dead
+        cdef bint woke
+        while True:
+            wait = deadline - self.now_ms
+            if self.next_scan_ms - self.now_ms < wait:
+                wait = self.next_scan_ms - self.now_ms
+            if self.listen_resume_ms and self.listen_resume_ms - self.now_ms < wait:
+                wait = self.listen_resume_ms - self.now_ms
+            if wait < 0:
+                wait = 0
+            n = epoll_wait(self.epfd, self.events, self.max_events, <int>wait)
+            self.now_ms = monotonic_ms()
+            woke = False
+            for i in range(n):
+                data = self.events[i].data.u64
+                if data == TAG_LISTEN:
+                    self._accept_burst()
+                elif data == TAG_WAKE:
+                    woke = True
+                else:
+                    c = <Conn *>(data & ~(<uint64_t>TAG_BACKEND))
+                    if c.state != CONN_CLOSED:
+                        self._handle(c, data & TAG_BACKEND, self.events[i].events)
+            # Slots closed in this batch are reused only now: later events of the same batch
+            # may still name them.
+            while self.dead != NULL:
+                dead = self.dead
+                self.dead = dead.next
+                dead.state = CONN_FREE
+                dead.next = self.free_conns
+                self.free_conns = dead
+            if self.now_ms >= self.next_scan_ms:
+                self._scan_timeouts()
+                self.next_scan_ms = self.now_ms + SCAN_INTERVAL_MS
+            if not self.listening and not self.draining:
+                if self.listen_resume_ms:
+                    if self.now_ms >= self.listen_resume_ms:
+                        self._resume_listener()
+                elif self.nconns < self.max_conn:
+                    self._resume_listener()
+            if woke:
+                return 1
+            if self.now_ms >= deadline:
+                return 0
+            if (self.counts_changed and self.report_interval_ms
+                    and self.now_ms - started >= self.report_interval_ms):
+                return 0
+
+    cdef void _pause_listener(self, int64_t until_ms) noexcept nogil:
+        # Called without the GIL. until_ms 0: paused until a connection slot frees up.
+        if self.listening:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd, NULL)
+            self.listening = False
+        self.listen_resume_ms = until_ms
+
+    cdef void _resume_listener(self) noexcept nogil:
+        # Called without the GIL. The listener is level-triggered: a burst may stop early.
+        cdef epoll_event ev
+        self.listen_resume_ms = 0
+        if self.listening or self.listen_fd < 0:
+            return
+        ev.events = EPOLLIN
+        ev.data.u64 = TAG_LISTEN
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.listen_fd, &ev) == 0:
+            self.listening = True
+
+    cdef void _accept_burst(self) noexcept nogil:
+        # Called without the GIL; touches no Python objects.
+        cdef sockaddr_storage addr
+        cdef socklen_t addrlen
+        cdef int fd, accepted = 0
+        while accepted < 64:
+            if self.nconns >= self.max_conn:
+                self._pause_listener(0)
+                return
+            addrlen = sizeof(addr)
+            fd = accept4(self.listen_fd, <sockaddr *>&addr, &addrlen,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                if errno == EINTR or errno == ECONNABORTED:
+                    continue
+                if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                    # The connection stays queued; retrying now would spin the CPU.
+                    self._pause_listener(self.now_ms + EMFILE_PAUSE_MS)
+                return
+            accepted += 1
+            self.accepted_total += 1
+            self._new_conn(fd, &addr)
+
+    cdef void _new_conn(self, int fd, sockaddr_storage *addr) noexcept nogil:
+        # Called without the GIL; touches no Python objects.
+        cdef Conn *c = self.free_conns
+        cdef epoll_event ev
+        self.free_conns = c.next
+        c.cfd = fd
+        c.bfd = -1
+        c.cflags = 0
+        c.bflags = 0
+        c.up.buf = c.down.buf = NULL
+        c.up.pipe_r = c.up.pipe_w = c.down.pipe_r = c.down.pipe_w = -1
+        c.up.piped = c.down.piped = 0
+        c.up.spliced = c.down.spliced = self.splice_mode == SPLICE_ALWAYS
+        c.state = CONN_CONNECTING
+        c.backend = -1
+        c.ntried = 0
+        c.key = hash_sockaddr(addr, self.hash_port) if self.table.algo.uses_key else 0
+        c.active_ms = self.now_ms
+        c.prev = NULL
+        c.next = self.live
+        if self.live != NULL:
+            self.live.prev = c
+        self.live = c
+        self.nconns += 1
+        ev.events = CONN_EVENTS
+        ev.data.u64 = <uint64_t>c
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0 or self._connect_next(c) < 0:
+            self._close(c, True)
+
+    cdef int _connect_next(self, Conn *c) noexcept nogil:
+        # Starts a non-blocking connect to the next backend the algorithm picks, skipping those
+        # this connection already failed on. Returns -1 when no backend is left to try.
+        # Called without the GIL; touches no Python objects.
+        cdef int index, fd, one = 1
+        cdef Backend *b
+        cdef epoll_event ev
+        while c.ntried < self.max_tries:
+            index = self.table.algo.pick(&self.table, c.key, c.tried, c.ntried)
+            if index < 0:
+                return -1
+            c.tried[c.ntried] = index
+            c.ntried += 1
+            b = &self.table.backends[index]
+            fd = socket(b.addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+            if fd < 0:
+                return -1
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+            if connect(fd, <sockaddr *>&b.addr, b.addrlen) == 0 or errno == EINPROGRESS:
+                ev.events = CONN_EVENTS
+                ev.data.u64 = <uint64_t>c | TAG_BACKEND
+                if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+                    close(fd)
+                    return -1
+                c.bfd = fd
+                c.bflags = 0
+                c.backend = index
+                c.state = CONN_CONNECTING
+                c.deadline_ms = self.now_ms + self.connect_timeout_ms
+                b.local_active += 1
+                b.new_conns += 1
+                self.counts_changed = True
+                return 0
+            close(fd)
+            b.failed += 1
+            b.streak += 1
+            self.counts_changed = True
+        return -1
+
+    cdef void _connect_failed(self, Conn *c) noexcept nogil:
+        # The backend refused, reset or did not answer in time: count it and try the next one.
+        # Called without the GIL; touches no Python objects.
+        cdef Backend *b = &self.table.backends[c.backend]
+        b.failed += 1
+        b.streak += 1
+        close(c.bfd)
+        c.bfd = -1
+        self._release_backend(c)
+        if self._connect_next(c) < 0:
+            self._close(c, True)
+
+    cdef void _release_backend(self, Conn *c) noexcept nogil:
+        if c.backend >= 0:
+            self.table.backends[c.backend].local_active -= 1
+            c.backend = -1
+            self.counts_changed = True
+
+    cdef void _handle(self, Conn *c, bint backend_side, uint32_t ev) noexcept nogil:
+        # One epoll event on one socket of a connection. Called without the GIL; touches no
+        # Python objects.
+        cdef Backend *b
+        c.active_ms = self.now_ms
+        if backend_side:
+            if c.state == CONN_CONNECTING:
+                if ev & (EPOLLERR | EPOLLHUP):
+                    self._connect_failed(c)
+                    return
+                if not ev & EPOLLOUT:
+                    return
+                c.state = CONN_OPEN
+                b = &self.table.backends[c.backend]
+                b.succeeded += 1
+                b.streak = 0
+            c.bflags |= flags_from_events(ev)
+        else:
+            c.cflags |= flags_from_events(ev)
+            if c.state == CONN_CONNECTING:
+                if ev & EPOLLERR:
+                    self._close(c, True)
+                return  # client bytes wait in the socket until the backend is connected
+        b = &self.table.backends[c.backend]
+        if self._pump(c, &c.up, c.cfd, &c.cflags, c.bfd, &c.bflags, &b.up_bytes) < 0:
+            self._close(c, True)
+            return
+        if self._pump(c, &c.down, c.bfd, &c.bflags, c.cfd, &c.cflags, &b.down_bytes) < 0:
+            self._close(c, True)
+            return
+        if (c.cflags & c.bflags & READ_EOF) and (c.cflags & c.bflags & WRITE_SHUT):
+            self._close(c, False)
+
+    cdef int _pump(self, Conn *c, Channel *ch, int src, uint32_t *sflags, int dst,
+                   uint32_t *dflags, uint64_t *counter) noexcept nogil:
+        # Moves bytes src -> dst until one side would block. Returns -1 on a socket error.
+        # Called without the GIL; touches no Python objects.
+        cdef Buf *b = ch.buf
+        cdef ssize_t n
+        if ch.spliced:
+            return self._pump_splice(ch, src, sflags, dst, dflags, counter)
+        while True:
+            if b != NULL and b.len > 0:
+                if not dflags[0] & CAN_WRITE:
+                    break
+                n = send(dst, b.data + b.off, b.len, MSG_NOSIGNAL)
+                if n < 0:
+                    if errno == EAGAIN:
+                        dflags[0] &= ~CAN_WRITE
+                        break
+                    if errno == EINTR:
+                        continue
+                    ch.buf = b
+                    return -1
+                b.off += n
+                b.len -= n
+                counter[0] += n
+                if b.len > 0:
+                    dflags[0] &= ~CAN_WRITE  # a short send means the socket buffer is full
+                    break
+            if (sflags[0] & READ_EOF) or not sflags[0] & CAN_READ:
+                break
+            if b == NULL:
+                b = self._buf_get()
+                if b == NULL:
+                    return -1
+            n = recv(src, b.data, self.buffer_size, 0)
+            if n > 0:
+                b.off = 0
+                b.len = n
+                if <uint32_t>n < self.buffer_size:
+                    # Short read: drained, unless a FIN is pending behind the data.
+                    if not sflags[0] & PEER_RDHUP:
+                        sflags[0] &= ~CAN_READ
+                elif self.splice_mode == SPLICE_AUTO:
+                    ch.spliced = True  # bulk transfer: send this buffer, splice the rest
+            elif n == 0:
+                sflags[0] = (sflags[0] | READ_EOF) & ~CAN_READ
+            elif errno == EAGAIN:
+                sflags[0] &= ~CAN_READ
+            elif errno != EINTR:
+                ch.buf = b
+                return -1
+        if b != NULL and b.len == 0:
+            self._buf_put(b)
+            b = NULL
+        ch.buf = b
+        if ch.spliced and b == NULL:
+            return self._pump_splice(ch, src, sflags, dst, dflags, counter)
+        if (sflags[0] & READ_EOF) and b == NULL and not dflags[0] & WRITE_SHUT:
+            shutdown(dst, SHUT_WR)
+            dflags[0] |= WRITE_SHUT
+        return 0
+
+    cdef int _pump_splice(self, Channel *ch, int src, uint32_t *sflags, int dst,
+                          uint32_t *dflags, uint64_t *counter) noexcept nogil:
+        # Like _pump, but the bytes go socket -> pipe -> socket inside the kernel.
+        # Called without the GIL; touches no Python objects.
+        cdef ssize_t n
+        if ch.buf != NULL:
+            return 0  # copy-mode bytes still pending: _pump sends them first
+        while True:
+            if ch.piped > 0:
+                if not dflags[0] & CAN_WRITE:
+                    break
+                n = splice(ch.pipe_r, NULL, dst, NULL, ch.piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+                if n < 0:
+                    if errno == EAGAIN:
+                        dflags[0] &= ~CAN_WRITE
+                        break
+                    if errno == EINTR:
+                        continue
+                    return -1
+                ch.piped -= n
+                counter[0] += n
+                if ch.piped > 0:
+                    dflags[0] &= ~CAN_WRITE
+                    break
+            if (sflags[0] & READ_EOF) or not sflags[0] & CAN_READ:
+                break
+            if ch.pipe_r < 0 and self._pipe_get(ch) < 0:
+                return -1
+            n = splice(src, NULL, ch.pipe_w, NULL, self.buffer_size,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n > 0:
+                ch.piped = n
+                if <uint32_t>n < self.buffer_size and not sflags[0] & PEER_RDHUP:
+                    sflags[0] &= ~CAN_READ
+            elif n == 0:
+                sflags[0] = (sflags[0] | READ_EOF) & ~CAN_READ
+            elif errno == EAGAIN:
+                sflags[0] &= ~CAN_READ  # the pipe is empty here, so the socket is
+            elif errno != EINTR:
+                return -1
+        if ch.piped == 0 and ch.pipe_r >= 0:
+            self._pipe_put(ch)
+        if (sflags[0] & READ_EOF) and ch.piped == 0 and not dflags[0] & WRITE_SHUT:
+            shutdown(dst, SHUT_WR)
+            dflags[0] |= WRITE_SHUT
+        return 0
+
+    cdef void _close(self, Conn *c, bint reset) noexcept nogil:
+        # Closes both sockets; with reset, the peers see RST instead of FIN.
+        # Called without the GIL; touches no Python objects.
+        cdef Channel *ch
+        cdef int k
+        if reset:
+            set_linger_reset(c.cfd)
+            if c.bfd >= 0:
+                set_linger_reset(c.bfd)
+        close(c.cfd)
+        if c.bfd >= 0:
+            close(c.bfd)
+            c.bfd = -1
+        for k in range(2):
+            ch = &c.up if k == 0 else &c.down
+            if ch.buf != NULL:
+                self._buf_put(ch.buf)
+                ch.buf = NULL
+            if ch.pipe_r >= 0:
+                if ch.piped == 0:
+                    self._pipe_put(ch)
+                else:
+                    close(ch.pipe_r)
+                    close(ch.pipe_w)
+                    ch.pipe_r = ch.pipe_w = -1
+                    ch.piped = 0
+        self._release_backend(c)
+        if c.prev != NULL:
+            c.prev.next = c.next
+        else:
+            self.live = c.next
+        if c.next != NULL:
+            c.next.prev = c.prev
+        c.state = CONN_CLOSED
+        c.next = self.dead
+        self.dead = c
+        self.nconns -= 1
+
+    cdef void _scan_timeouts(self) noexcept nogil:
+        # Called without the GIL; touches no Python objects.
+        cdef Conn *c = self.live
+        cdef Conn *nxt
+        while c != NULL:
+            nxt = c.next
+            if c.state == CONN_CONNECTING:
+                if c.bfd >= 0 and self.now_ms >= c.deadline_ms:
+                    self._connect_failed(c)
+            elif self.idle_timeout_ms > 0 and self.now_ms - c.active_ms >= self.idle_timeout_ms:
+                self._close(c, False)
+            c = nxt
+
+    cdef Buf *_buf_get(self) noexcept nogil:
+        cdef Buf *b = self.free_bufs
+        if b != NULL:
+            self.free_bufs = b.next
+            self.nfree_bufs -= 1
+            return b
+        return <Buf *>malloc(sizeof(Buf) + self.buffer_size)
+
+    cdef void _buf_put(self, Buf *b) noexcept nogil:
+        if self.nfree_bufs >= self.max_free_bufs:
+            free(b)
+            return
+        b.next = self.free_bufs
+        self.free_bufs = b
+        self.nfree_bufs += 1
+
+    cdef int _pipe_get(self, Channel *ch) noexcept nogil:
+        cdef int fds[2]
+        if self.nfree_pipes > 0:
+            self.nfree_pipes -= 1
+            ch.pipe_r = self.free_pipes[2 * self.nfree_pipes]
+            ch.pipe_w = self.free_pipes[2 * self.nfree_pipes + 1]
+            return 0
+        if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+            return -1
+        # A pipe holds 64 KiB by default; let it hold one buffer's worth.
+        fcntl(fds[1], F_SETPIPE_SZ, <int>self.buffer_size)
+        ch.pipe_r = fds[0]
+        ch.pipe_w = fds[1]
+        return 0
+
+    cdef void _pipe_put(self, Channel *ch) noexcept nogil:
+        if self.nfree_pipes >= self.max_free_pipes:
+            close(ch.pipe_r)
+            close(ch.pipe_w)
+        else:
+            self.free_pipes[2 * self.nfree_pipes] = ch.pipe_r
+            self.free_pipes[2 * self.nfree_pipes + 1] = ch.pipe_w
+            self.nfree_pipes += 1
+        ch.pipe_r = ch.pipe_w = -1
+
+    cdef int _set_table(self, list rows) except -1:
+        cdef Backend *old = self.table.backends
+        cdef int old_n = self.table.n
+        cdef int *remap = NULL
+        cdef Conn *c
+        cdef int i, j
+        new = table_parse(rows)
+        remap = <int *>malloc((old_n + 1) * sizeof(int))
+        if remap == NULL:
+            free(new.backends)
+            raise MemoryError()
+        # Live connections keep their backend across the swap when its address is still there.
+        for i in range(old_n):
+            remap[i] = -1
+            for j in range(new.n):
+                if (new.backends[j].addrlen == old[i].addrlen
+                        and memcmp(&new.backends[j].addr, &old[i].addr, old[i].addrlen) == 0):
+                    remap[i] = j
+                    new.backends[j].rr_current = old[i].rr_current
+                    new.backends[j].streak = old[i].streak
+                    break
+        table_swap(&self.table, &new)
+        c = self.live
+        while c != NULL:
+            if c.backend >= 0:
+                c.backend = remap[c.backend]
+                if c.backend >= 0:
+                    self.table.backends[c.backend].local_active += 1
+            for i in range(c.ntried):
+                c.tried[i] = remap[c.tried[i]]
+            c = c.next
+        free(remap)
+        if table_refresh(&self.table) < 0:
+            raise MemoryError()
+        return 0
+
+
+cdef class Balancer:
+    """An algorithm over a backend table, without sockets: for tests and benchmarks.
+
+    ``Balancer(algorithm, rows)`` with rows of (host, port, weight, up, backup); ``pick(key)``
+    returns a backend index, ``pick_address(host, port)`` hashes a client address first.
+    """
+
+    def __init__(self, str algorithm, list rows, double balance_factor=0.0):
+        table_init(&self.table, find_algorithm(algorithm), balance_factor)
+        self._apply(rows)
+
+    def __dealloc__(self):
+        table_free(&self.table)
+
+    cdef int _apply(self, list rows) except -1:
+        new = table_parse(rows)
+        table_swap(&self.table, &new)
+        if table_refresh(&self.table) < 0:
+            raise MemoryError()
+        self.names = [f"{row[0]}:{row[1]}" for row in rows]
+        return 0
+
+    def update(self, list rows):
+        """Replace the table (weights, health, the set itself), as a worker does."""
+        self._apply(rows)
+
+    def pick(self, uint64_t key=0, tried=()):
+        cdef int ctried[MAX_TRIES]
+        cdef int n = 0
+        for index in tried[:MAX_TRIES]:
+            ctried[n] = index
+            n += 1
+        return self.table.algo.pick(&self.table, key, ctried, n)
+
+    def pick_address(self, str host, int port=0, bint with_port=False):
+        return self.pick(hash_client(host, port, with_port))
+
+    def connect(self, int index):
+        """Count one more active connection on a backend (this balancer's own)."""
+        self.table.backends[index].local_active += 1
+
+    def disconnect(self, int index):
+        self.table.backends[index].local_active -= 1
+
+    def set_others(self, list others):
+        for i in range(self.table.n):
+            self.table.backends[i].others_active = others[i]
+
+    def active(self):
+        return [self.table.backends[i].local_active for i in range(self.table.n)]
+
+    @property
+    def eligible(self):
+        """Indices of the backends in use (up primaries, else up backups, else all primaries)."""
+        return [self.table.eligible[i] for i in range(self.table.n_eligible)]
+
+    @property
+    def names(self):
+        return list(self.names)
+
+
+def algorithm_names():
+    """Names of the compiled algorithms, in registration order."""
+    return [ALGORITHMS[i].name.decode() for i in range(N_ALGORITHMS)]
+
+
+def hash_client(str host, int port=0, bint with_port=False):
+    """The 64-bit key a worker computes for a client address."""
+    cdef sockaddr_storage addr
+    cdef socklen_t addrlen
+    fill_sockaddr(&addr, &addrlen, host, port)
+    return hash_sockaddr(&addr, with_port)

@@ -1,0 +1,129 @@
+# C declarations for the Linux system calls the data plane makes. Cython ships none for sockets,
+# epoll or splice. Python.h defines _GNU_SOURCE, which accept4, splice and pipe2 need.
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLRDHUP
+        EPOLLERR
+        EPOLLHUP
+        EPOLLET
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CTL_MOD
+        EPOLL_CLOEXEC
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+
+    struct sockaddr:
+        sa_family_t sa_family
+
+    struct sockaddr_storage:
+        sa_family_t ss_family
+
+    struct linger:
+        int l_onoff
+        int l_linger
+
+    enum:
+        AF_INET
+        AF_INET6
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        SOL_SOCKET
+        SO_ERROR
+        SO_LINGER
+        MSG_NOSIGNAL
+        SHUT_WR
+
+    int socket(int domain, int type, int protocol)
+    int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
+    int connect(int fd, const sockaddr *addr, socklen_t addrlen)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    int shutdown(int fd, int how)
+    int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
+    int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+
+    struct in_addr:
+        uint32_t s_addr
+
+    struct sockaddr_in:
+        sa_family_t sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+
+    struct in6_addr:
+        unsigned char s6_addr[16]
+
+    struct sockaddr_in6:
+        sa_family_t sin6_family
+        uint16_t sin6_port
+        in6_addr sin6_addr
+
+
+cdef extern from "<arpa/inet.h>" nogil:
+    int inet_pton(int af, const char *src, void *dst)
+    uint16_t htons(uint16_t x)
+    uint16_t ntohs(uint16_t x)
+
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+
+cdef extern from "<fcntl.h>" nogil:
+    ctypedef long long loff_t
+    enum:
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+        O_NONBLOCK
+        O_CLOEXEC
+        F_SETPIPE_SZ
+
+    ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out, size_t n,
+                   unsigned int flags)
+    int fcntl(int fd, int cmd, ...)
+
+
+cdef extern from "<unistd.h>" nogil:
+    int pipe2(int *pipefd, int flags)
+    int close(int fd)
+
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+
+    enum:
+        CLOCK_MONOTONIC_COARSE
+
+    int clock_gettime(int clk, timespec *tp)

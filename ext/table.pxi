@@ -1,0 +1,133 @@
+# The backend table: parsing rows from Python, the eligible set, swapping a table in whole.
+
+cdef const Algorithm *find_algorithm(str name) except NULL:
+    cdef int i
+    cdef bytes wanted = name.encode()
+    for i in range(N_ALGORITHMS):
+        if ALGORITHMS[i].name == wanted:
+            return ALGORITHMS[i]
+    raise ValueError(f"unknown algorithm {name!r} (choose from {', '.join(algorithm_names())})")
+
+
+cdef int fill_sockaddr(sockaddr_storage *addr, socklen_t *addrlen, str host, int port) except -1:
+    cdef sockaddr_in *v4 = <sockaddr_in *>addr
+    cdef sockaddr_in6 *v6 = <sockaddr_in6 *>addr
+    cdef bytes raw = host.encode()
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    memset(addr, 0, sizeof(sockaddr_storage))
+    if inet_pton(AF_INET, raw, &v4.sin_addr) == 1:
+        v4.sin_family = AF_INET
+        v4.sin_port = htons(port)
+        addrlen[0] = sizeof(sockaddr_in)
+    elif inet_pton(AF_INET6, raw, &v6.sin6_addr) == 1:
+        v6.sin6_family = AF_INET6
+        v6.sin6_port = htons(port)
+        addrlen[0] = sizeof(sockaddr_in6)
+    else:
+        raise ValueError(f"not a numeric IP address: {host!r}")
+    return 0
+
+
+cdef inline uint64_t hash_sockaddr(const sockaddr_storage *addr, bint with_port) noexcept nogil:
+    # The client key: its IP address, optionally with its port. IPv4 and IPv6 hash differently.
+    cdef const sockaddr_in *v4
+    cdef const sockaddr_in6 *v6
+    cdef uint64_t h
+    if addr.ss_family == AF_INET6:
+        v6 = <const sockaddr_in6 *>addr
+        h = hash_bytes(v6.sin6_addr.s6_addr, 16, 6)
+        if with_port:
+            h = mix64(h ^ v6.sin6_port)
+    else:
+        v4 = <const sockaddr_in *>addr
+        h = hash_bytes(<const unsigned char *>&v4.sin_addr, 4, 4)
+        if with_port:
+            h = mix64(h ^ v4.sin_port)
+    return h
+
+
+cdef void table_init(Table *table, const Algorithm *algo, double balance_factor) noexcept:
+    memset(table, 0, sizeof(Table))
+    table.algo = algo
+    table.balance_factor = balance_factor
+    table.rng = 0x9E3779B97F4A7C15ULL
+
+
+cdef Table table_parse(list rows) except *:
+    """A table holding only the backends from rows of (host, port, weight, up, backup)."""
+    cdef Table new
+    cdef Backend *b
+    cdef int i
+    memset(&new, 0, sizeof(Table))
+    new.n = len(rows)
+    new.backends = <Backend *>calloc(new.n + 1, sizeof(Backend))
+    if new.backends == NULL:
+        raise MemoryError()
+    try:
+        for i, row in enumerate(rows):
+            host, port, weight, up, backup = row
+            if not 0 <= weight <= 1000000:
+                raise ValueError(f"weight out of range: {weight}")
+            b = &new.backends[i]
+            fill_sockaddr(&b.addr, &b.addrlen, host, port)
+            b.weight = weight
+            b.up = bool(up)
+            b.backup = bool(backup)
+            b.id_hash = hash_bytes(<const unsigned char *>&b.addr, b.addrlen, 0x5eed)
+    except BaseException:
+        free(new.backends)
+        raise
+    return new
+
+
+cdef void table_swap(Table *table, Table *new) noexcept nogil:
+    """Moves new's backends into table, keeping table's algorithm and settings."""
+    table.algo.release(table)
+    table.state = NULL
+    free(table.backends)
+    free(table.eligible)
+    table.backends = new.backends
+    table.n = new.n
+    table.eligible = NULL
+    table.n_eligible = 0
+
+
+cdef int table_refresh(Table *table) noexcept nogil:
+    """Recomputes the eligible set and rebuilds the algorithm's state. Returns -1 on ENOMEM.
+
+    In use: the primaries that are up; if none, the backups that are up (active-passive); if
+    none of those either, every primary, so that a stale health mark cannot cause an outage."""
+    cdef int i, n = 0, pass_
+    cdef Backend *b
+    free(table.eligible)
+    table.eligible = <int *>malloc((table.n + 1) * sizeof(int))
+    if table.eligible == NULL:
+        return -1
+    for pass_ in range(3):
+        for i in range(table.n):
+            b = &table.backends[i]
+            if ((pass_ == 0 and b.up and not b.backup) or (pass_ == 1 and b.up and b.backup)
+                    or (pass_ == 2 and not b.backup)):
+                table.eligible[n] = i
+                n += 1
+        if n:
+            break
+    table.n_eligible = n
+    table.eligible_weight = 0
+    for i in range(n):
+        table.eligible_weight += table.backends[table.eligible[i]].weight
+    table.algo.release(table)
+    table.state = NULL
+    return table.algo.build(table)
+
+
+cdef void table_free(Table *table) noexcept nogil:
+    if table.algo != NULL:
+        table.algo.release(table)
+    table.state = NULL
+    free(table.backends)
+    free(table.eligible)
+    table.backends = NULL
+    table.eligible = NULL
+    table.n = table.n_eligible = 0

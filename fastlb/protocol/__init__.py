@@ -1,0 +1,1 @@
+"""The supervisor <-> worker contract: message types and their msgpack framing."""

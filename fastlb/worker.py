@@ -1,0 +1,178 @@
+"""A worker process: runs the Cython data plane on its listening socket and talks to the supervisor.
+
+The supervisor forks, then calls :func:`run` in the child, which never returns. The data plane
+forwards traffic without the GIL in slices of at most 50 ms (``Worker.poll``); between slices this
+module applies the supervisor's messages and sends reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+
+from fastlb import _dataplane
+from fastlb.protocol import messages as msg
+
+log = logging.getLogger("fastlb.worker")
+
+EXIT_BOOT_FAILED = 3  # the supervisor stops instead of respawning a worker that cannot start
+TICK_MS = 50  # longest slice without the GIL; reports go out at least this often
+REPORT_INTERVAL_MS = 10  # with count-driven algorithms, report count changes this soon
+MAX_PENDING_OUT = 1 << 20  # stop queueing reports for a supervisor that does not read
+
+COUNT_DRIVEN = {"leastconn", "p2c"}
+
+
+def table_rows(table: msg.Table) -> list[tuple]:
+    return [(b.host, b.port, b.weight, b.up, b.backup) for b in table.backends]
+
+
+class WorkerProcess:
+    def __init__(
+        self,
+        worker_id: int,
+        listen_sock: socket.socket,
+        control: socket.socket,
+        settings,
+        table: msg.Table,
+    ):
+        self.worker_id = worker_id
+        self.control = control
+        self.settings = settings
+        self.decoder = msg.Decoder()
+        self.outgoing = bytearray()
+        self.draining = False
+        self.control_open = True
+        self.stop_signal = False
+        algorithm = settings.algorithm
+        counts_matter = algorithm in COUNT_DRIVEN or settings.hash_balance_factor > 0
+        self.dataplane = _dataplane.Worker(
+            listen_sock.fileno(),
+            algorithm,
+            max_conn=settings.max_conn,
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.idle_timeout,
+            retries=settings.retries,
+            buffer_size=settings.buffer_size,
+            splice=settings.splice,
+            hash_key=settings.hash_key,
+            balance_factor=settings.hash_balance_factor,
+            report_interval_ms=REPORT_INTERVAL_MS if counts_matter else 0,
+        )
+        # The data plane owns the descriptor from here on (it closes it when draining).
+        listen_sock.detach()
+        self.dataplane.set_table(table.version, table_rows(table))
+        control.setblocking(False)
+        self.dataplane.watch(control.fileno())
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_r = wake_r
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.dataplane.watch(wake_r)
+
+    def serve(self) -> None:
+        self.send(msg.Hello(worker=self.worker_id, pid=os.getpid()))
+        while True:
+            if self.dataplane.poll(TICK_MS):
+                self.read_wakeups()
+                self.read_control()
+            report = self.dataplane.report()
+            if report is not None:
+                self.send(msg.Report(*report))
+            self.flush()
+            if self.stop_signal and not self.draining:
+                self.drain()
+            if self.draining and self.dataplane.active == 0:
+                return
+
+    def drain(self) -> None:
+        self.draining = True
+        self.dataplane.drain()
+
+    def read_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def read_control(self) -> None:
+        while self.control_open:
+            try:
+                data = self.control.recv(65536)
+            except BlockingIOError:
+                return
+            except ConnectionError:
+                data = b""
+            if not data:
+                # The supervisor is gone: nobody will replace us, finish what we hold.
+                self.control_open = False
+                self.drain()
+                return
+            for message in self.decoder.feed(data):
+                self.apply(message)
+
+    def apply(self, message) -> None:
+        if isinstance(message, msg.Table):
+            self.dataplane.set_table(message.version, table_rows(message))
+        elif isinstance(message, msg.Counts):
+            self.dataplane.set_others(message.table, message.others)
+        elif isinstance(message, msg.Drain):
+            self.drain()
+        elif isinstance(message, msg.Invalid):
+            log.warning("worker %d: ignoring a bad message: %s", self.worker_id, message.reason)
+        else:
+            log.warning("worker %d: ignoring unexpected %s", self.worker_id, type(message).__name__)
+
+    def send(self, message) -> None:
+        if len(self.outgoing) < MAX_PENDING_OUT:
+            self.outgoing += msg.encode(message)
+
+    def flush(self) -> None:
+        if not self.outgoing or not self.control_open:
+            return
+        try:
+            sent = self.control.send(self.outgoing)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.outgoing.clear()
+            return
+        del self.outgoing[:sent]
+
+
+def _on_stop_signal(process: WorkerProcess):
+    def handler(signum, frame):
+        process.stop_signal = True  # acted on by the loop; nothing else happens in a handler
+
+    return handler
+
+
+def run(
+    worker_id: int, listen_sock: socket.socket, control: socket.socket, settings, table: msg.Table
+) -> None:
+    """Child entry point after fork: serve until drained, then exit. Never returns."""
+    code = 0
+    try:
+        # Ctrl-C reaches the whole process group: the supervisor alone decides what it means.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        try:
+            process = WorkerProcess(worker_id, listen_sock, control, settings, table)
+        except (OSError, ValueError, MemoryError) as exc:
+            log.error("worker %d cannot start: %s", worker_id, exc)
+            code = EXIT_BOOT_FAILED
+            return
+        signal.signal(signal.SIGTERM, _on_stop_signal(process))
+        started = time.monotonic()
+        process.serve()
+        log.debug("worker %d drained after %.1fs", worker_id, time.monotonic() - started)
+    except BaseException:
+        log.exception("worker %d crashed", worker_id)
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
