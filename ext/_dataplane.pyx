@@ -26,6 +26,7 @@ DEF TAG_WAKE = 2
 DEF TAG_BACKEND = 1           # low bit of a connection's epoll data: the backend socket
 DEF SCAN_INTERVAL_MS = 100    # how often connect and idle timeouts are checked
 DEF EMFILE_PAUSE_MS = 100     # accept pauses this long when out of file descriptors
+DEF NO_PIPE = -3              # _pump_splice could not get a pipe
 
 cdef uint32_t CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
@@ -501,8 +502,12 @@ cdef class Worker:
         # Called without the GIL; touches no Python objects.
         cdef Buf *b = ch.buf
         cdef ssize_t n
+        cdef int r
         if ch.spliced:
-            return self._pump_splice(ch, src, sflags, dst, dflags, counter)
+            r = self._pump_splice(ch, src, sflags, dst, dflags, counter)
+            if r != NO_PIPE:
+                return r
+            ch.spliced = False  # out of file descriptors for a pipe: copy instead
         while True:
             if b != NULL and b.len > 0:
                 if not dflags[0] & CAN_WRITE:
@@ -558,7 +563,10 @@ cdef class Worker:
             b = NULL
         ch.buf = b
         if ch.spliced and b == NULL:
-            return self._pump_splice(ch, src, sflags, dst, dflags, counter)
+            r = self._pump_splice(ch, src, sflags, dst, dflags, counter)
+            if r != NO_PIPE:
+                return r
+            ch.spliced = False
         if (sflags[0] & READ_EOF) and b == NULL and not dflags[0] & WRITE_SHUT:
             propagate_eof(dst, dflags, sflags[0])
         return 0
@@ -590,7 +598,7 @@ cdef class Worker:
             if (sflags[0] & READ_EOF) or not sflags[0] & CAN_READ:
                 break
             if ch.pipe_r < 0 and self._pipe_get(ch) < 0:
-                return -1
+                return NO_PIPE
             n = splice(src, NULL, ch.pipe_w, NULL, self.buffer_size,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n > 0:
