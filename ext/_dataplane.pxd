@@ -109,6 +109,11 @@ cdef struct Conn:
     uint64_t key            # hashed client address, for the hashing algorithms
     int64_t deadline_ms     # connect deadline while connecting
     int64_t active_ms       # last time bytes moved or the connection changed state
+    # Until the backend sends its first byte, everything sent to it is still in the first
+    # buffer (replayable), so a reset (a backend that died with us in its accept queue) can be
+    # retried on the next backend. replay holds that buffer once fully sent.
+    bint replayable
+    Buf *replay
     Conn *prev              # live list (for timeouts) or free list
     Conn *next
 
@@ -164,6 +169,8 @@ cdef class Worker:
     cdef void _new_conn(self, int fd, sockaddr_storage *addr) noexcept nogil
     cdef int _connect_next(self, Conn *c) noexcept nogil
     cdef void _connect_failed(self, Conn *c) noexcept nogil
+    cdef void _drop_replay(self, Conn *c) noexcept nogil
+    cdef bint _retry_after_reset(self, Conn *c) noexcept nogil
     cdef void _handle(self, Conn *c, bint backend_side, uint32_t ev) noexcept nogil
     cdef int _pump(self, Conn *c, Channel *ch, int src, uint32_t *sflags, int dst,
                    uint32_t *dflags, uint64_t *counter) noexcept nogil

@@ -56,6 +56,15 @@ cdef inline uint32_t flags_from_events(uint32_t ev) noexcept nogil:
     return f
 
 
+cdef inline void propagate_eof(int dst, uint32_t *dflags, uint32_t sflags) noexcept nogil:
+    # The source sent FIN and everything before it went out: pass the FIN on. When dst has
+    # already sent its own FIN and we passed that on, the connection closes right after this,
+    # and close() sends the FIN: no shutdown() call needed.
+    if not (dflags[0] & READ_EOF and sflags & WRITE_SHUT):
+        shutdown(dst, SHUT_WR)
+    dflags[0] |= WRITE_SHUT
+
+
 cdef inline void set_linger_reset(int fd) noexcept nogil:
     # Closing with a zero linger time sends RST: how a reset on one side reaches the other.
     cdef linger lg
@@ -324,6 +333,8 @@ cdef class Worker:
             if self.nconns >= self.max_conn:
                 self._pause_listener(0)
                 return
+            if self.free_conns == NULL:
+                return  # slots closed in this batch free up at its end; epoll reports us again
             addrlen = sizeof(addr)
             fd = accept4(self.listen_fd, <sockaddr *>&addr, &addrlen,
                          SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -354,6 +365,8 @@ cdef class Worker:
         c.state = CONN_CONNECTING
         c.backend = -1
         c.ntried = 0
+        c.replayable = self.splice_mode != SPLICE_ALWAYS
+        c.replay = NULL
         c.key = hash_sockaddr(addr, self.hash_port) if self.table.algo.uses_key else 0
         c.active_ms = self.now_ms
         c.prev = NULL
@@ -397,7 +410,6 @@ cdef class Worker:
                 c.state = CONN_CONNECTING
                 c.deadline_ms = self.now_ms + self.connect_timeout_ms
                 b.local_active += 1
-                b.new_conns += 1
                 self.counts_changed = True
                 return 0
             close(fd)
@@ -418,6 +430,31 @@ cdef class Worker:
         if self._connect_next(c) < 0:
             self._close(c, True)
 
+    cdef void _drop_replay(self, Conn *c) noexcept nogil:
+        # The backend answered, or too much was sent to keep: no retry from here on.
+        c.replayable = False
+        if c.replay != NULL:
+            self._buf_put(c.replay)
+            c.replay = NULL
+
+    cdef bint _retry_after_reset(self, Conn *c) noexcept nogil:
+        # The backend failed before sending a byte, and all we sent it is still buffered: count
+        # a failure and send it again to the next backend. Returns False when that is not
+        # possible (the caller then closes). Called without the GIL; touches no Python objects.
+        cdef Buf *b = c.up.buf
+        if not c.replayable or c.cflags & WRITE_SHUT:
+            return False
+        if b == NULL:
+            b = c.replay
+            c.replay = NULL
+            c.up.buf = b
+        if b != NULL:
+            b.len += b.off  # the first buffer, from its start: sent and unsent bytes alike
+            b.off = 0
+        c.bflags = 0
+        self._connect_failed(c)
+        return True
+
     cdef void _release_backend(self, Conn *c) noexcept nogil:
         if c.backend >= 0:
             self.table.backends[c.backend].local_active -= 1
@@ -428,6 +465,7 @@ cdef class Worker:
         # One epoll event on one socket of a connection. Called without the GIL; touches no
         # Python objects.
         cdef Backend *b
+        cdef int r
         c.active_ms = self.now_ms
         if backend_side:
             if c.state == CONN_CONNECTING:
@@ -439,6 +477,7 @@ cdef class Worker:
                 c.state = CONN_OPEN
                 b = &self.table.backends[c.backend]
                 b.succeeded += 1
+                b.new_conns += 1
                 b.streak = 0
             c.bflags |= flags_from_events(ev)
         else:
@@ -447,12 +486,17 @@ cdef class Worker:
                 if ev & EPOLLERR:
                     self._close(c, True)
                 return  # client bytes wait in the socket until the backend is connected
+        # _pump returns -1 when its source socket failed, -2 when its destination did.
         b = &self.table.backends[c.backend]
-        if self._pump(c, &c.up, c.cfd, &c.cflags, c.bfd, &c.bflags, &b.up_bytes) < 0:
-            self._close(c, True)
+        r = self._pump(c, &c.up, c.cfd, &c.cflags, c.bfd, &c.bflags, &b.up_bytes)
+        if r < 0:
+            if not (r == -2 and self._retry_after_reset(c)):
+                self._close(c, True)
             return
-        if self._pump(c, &c.down, c.bfd, &c.bflags, c.cfd, &c.cflags, &b.down_bytes) < 0:
-            self._close(c, True)
+        r = self._pump(c, &c.down, c.bfd, &c.bflags, c.cfd, &c.cflags, &b.down_bytes)
+        if r < 0:
+            if not (r == -1 and self._retry_after_reset(c)):
+                self._close(c, True)
             return
         if (c.cflags & c.bflags & READ_EOF) and (c.cflags & c.bflags & WRITE_SHUT):
             self._close(c, False)
@@ -477,15 +521,20 @@ cdef class Worker:
                     if errno == EINTR:
                         continue
                     ch.buf = b
-                    return -1
+                    return -2
                 b.off += n
                 b.len -= n
                 counter[0] += n
                 if b.len > 0:
                     dflags[0] &= ~CAN_WRITE  # a short send means the socket buffer is full
                     break
+                if c.replayable and ch == &c.up:
+                    c.replay = b  # keep what the backend has not answered yet
+                    b = NULL
             if (sflags[0] & READ_EOF) or not sflags[0] & CAN_READ:
                 break
+            if c.replay != NULL and ch == &c.up:
+                self._drop_replay(c)  # a second chunk: more than one buffer to keep
             if b == NULL:
                 b = self._buf_get()
                 if b == NULL:
@@ -494,12 +543,15 @@ cdef class Worker:
             if n > 0:
                 b.off = 0
                 b.len = n
+                if c.replayable and ch == &c.down:
+                    self._drop_replay(c)
                 if <uint32_t>n < self.buffer_size:
                     # Short read: drained, unless a FIN is pending behind the data.
                     if not sflags[0] & PEER_RDHUP:
                         sflags[0] &= ~CAN_READ
                 elif self.splice_mode == SPLICE_AUTO:
                     ch.spliced = True  # bulk transfer: send this buffer, splice the rest
+                    self._drop_replay(c)
             elif n == 0:
                 sflags[0] = (sflags[0] | READ_EOF) & ~CAN_READ
             elif errno == EAGAIN:
@@ -514,8 +566,7 @@ cdef class Worker:
         if ch.spliced and b == NULL:
             return self._pump_splice(ch, src, sflags, dst, dflags, counter)
         if (sflags[0] & READ_EOF) and b == NULL and not dflags[0] & WRITE_SHUT:
-            shutdown(dst, SHUT_WR)
-            dflags[0] |= WRITE_SHUT
+            propagate_eof(dst, dflags, sflags[0])
         return 0
 
     cdef int _pump_splice(self, Channel *ch, int src, uint32_t *sflags, int dst,
@@ -536,7 +587,7 @@ cdef class Worker:
                         break
                     if errno == EINTR:
                         continue
-                    return -1
+                    return -2
                 ch.piped -= n
                 counter[0] += n
                 if ch.piped > 0:
@@ -561,8 +612,7 @@ cdef class Worker:
         if ch.piped == 0 and ch.pipe_r >= 0:
             self._pipe_put(ch)
         if (sflags[0] & READ_EOF) and ch.piped == 0 and not dflags[0] & WRITE_SHUT:
-            shutdown(dst, SHUT_WR)
-            dflags[0] |= WRITE_SHUT
+            propagate_eof(dst, dflags, sflags[0])
         return 0
 
     cdef void _close(self, Conn *c, bint reset) noexcept nogil:
@@ -591,6 +641,7 @@ cdef class Worker:
                     close(ch.pipe_w)
                     ch.pipe_r = ch.pipe_w = -1
                     ch.piped = 0
+        self._drop_replay(c)
         self._release_backend(c)
         if c.prev != NULL:
             c.prev.next = c.next

@@ -1,0 +1,7 @@
+"""``python -m fastlb``: the same as the ``fastlb`` command."""
+
+import sys
+
+from fastlb.cli import main
+
+sys.exit(main())

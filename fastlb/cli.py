@@ -1,0 +1,207 @@
+"""The ``fastlb`` command: ``run``, ``check`` and ``demo``.
+
+The flags of ``run`` and ``check`` come from the table in :mod:`fastlb.settings`. Every user
+error ends as one line on stderr, ``fastlb: error: ...``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import socket
+import sys
+import textwrap
+
+from fastlb import __version__, demo, settings
+from fastlb.errors import EXIT_USAGE, FastlbError
+from fastlb.settings import Settings
+from fastlb.supervisor.arbiter import Arbiter
+from fastlb.supervisor.listeners import open_listener, open_listeners
+
+log = logging.getLogger("fastlb")
+
+LOG_FORMAT = "fastlb[%(process)d]: %(levelname)s %(message)s"
+DEMO_DRAIN_TIMEOUT = "2"  # a browser's keep-alive connection should not hold Ctrl-C for long
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"fastlb: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="fastlb",
+        description="A fast L4 (TCP) load balancer: a supervisor and SO_REUSEPORT workers "
+        "running a Cython epoll data plane.",
+        epilog=_flags_summary(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fastlb {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    run = commands.add_parser(
+        "run",
+        help="run the load balancer",
+        description="Balance TCP connections on --listen over the --backend servers until "
+        "SIGTERM or SIGINT, which drain open connections first (a second one stops at once).",
+    )
+    settings.add_arguments(run)
+    run.set_defaults(handler=run_command)
+
+    check = commands.add_parser(
+        "check",
+        help="validate the flags of run and print the resolved settings",
+        description="Validate the flags of 'fastlb run' (resolving host names) and print the "
+        "settings it would use, one per line; exit status 2 on an error.",
+    )
+    settings.add_arguments(check)
+    check.set_defaults(handler=check_command)
+
+    demo_parser = commands.add_parser(
+        "demo",
+        help="try fastlb in front of three local HTTP backends",
+        description="Start three small HTTP backends on loopback and fastlb in front of them, "
+        "print how to try it, and run until Ctrl-C.",
+    )
+    demo_parser.add_argument(
+        "--listen", default="127.0.0.1:8000", metavar="HOST:PORT", help="[default: %(default)s]"
+    )
+    demo_parser.add_argument(
+        "--workers", metavar="N", help="worker processes [default: number of CPUs]"
+    )
+    demo_parser.set_defaults(handler=demo_command)
+    return parser
+
+
+def _flags_summary() -> str:
+    lines = ["run and check take these flags (details: fastlb run --help):"]
+    for option in settings.OPTIONS:
+        name = f"{option.flag} {option.metavar}" if option.metavar else option.flag
+        first = option.help.split(";")[0]
+        lines += textwrap.wrap(
+            f"{name:<26} {first}", width=100, initial_indent="  ", subsequent_indent=" " * 29
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("choose a command: run, check or demo")
+    try:
+        return args.handler(args)
+    except FastlbError as exc:
+        print(f"fastlb: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130  # before the supervisor took over the signals: nothing to clean up
+
+
+# ---- commands -------------------------------------------------------------------------------------
+
+
+def run_command(args: argparse.Namespace) -> int:
+    config = settings.parse(vars(args))
+    setup_logging(config.log_level)
+    config = fit_max_conn(config, raise_open_file_limit(), warn=args.max_conn is not None)
+    listeners, stats_socket = open_sockets(config)
+    return Arbiter(config, listeners, stats_socket).run()
+
+
+def check_command(args: argparse.Namespace) -> int:
+    config = settings.parse(vars(args))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    config, message = settings.fit_to_open_file_limit(config, _usable_limit(hard))
+    for line in settings.describe(config):
+        print(line)
+    if message:
+        print(f"fastlb: note: {message}", file=sys.stderr)
+    return 0
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    backends = demo.bind_backends(3)
+    try:
+        config = settings.parse(
+            {
+                "listen": args.listen,
+                "workers": args.workers,
+                "backends": [backend.address for backend in backends],
+                "algorithm": "roundrobin",
+                "stats": "127.0.0.1:0",
+                "drain_timeout": DEMO_DRAIN_TIMEOUT,
+            }
+        )
+        setup_logging(config.log_level)
+        config = fit_max_conn(config, raise_open_file_limit(), warn=False)
+        listeners, stats_socket = open_sockets(config)
+        stats_host, stats_port = stats_socket.getsockname()[:2]
+        text = demo.instructions(
+            f"http://{args.listen}/", f"http://{stats_host}:{stats_port}/stats", config.workers
+        )
+        demo.start_backends(backends)
+        arbiter = Arbiter(config, listeners, stats_socket, on_ready=lambda: _print_now(text))
+        return arbiter.run()
+    finally:
+        demo.stop_backends(backends)
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+def setup_logging(level: str) -> None:
+    """Logs to stderr, one line per event; set up before forking so that workers inherit it."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def _usable_limit(hard: int) -> int:
+    # An unlimited hard limit still stops at fs.nr_open.
+    if hard != resource.RLIM_INFINITY:
+        return hard
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def raise_open_file_limit() -> int:
+    """Raises the soft limit on open files to the hard limit; returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _usable_limit(hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return _usable_limit(soft)
+
+
+def fit_max_conn(config: Settings, limit: int, warn: bool) -> Settings:
+    config, message = settings.fit_to_open_file_limit(config, limit)
+    if message:
+        # Lowering the default is routine; lowering what the user asked for deserves a warning.
+        log.log(logging.WARNING if warn else logging.INFO, "%s", message)
+    return config
+
+
+def open_sockets(config: Settings) -> tuple[list[socket.socket], socket.socket | None]:
+    """The listening sockets of the workers and of the stats server; ConfigError when one
+    cannot be bound."""
+    listeners = open_listeners(config.listen, config.workers)
+    try:
+        stats_socket = open_listener(config.stats) if config.stats else None
+    except FastlbError:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners, stats_socket
+
+
+def _print_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,250 @@
+"""Statistics over HTTP, served from the supervisor's own selectors loop.
+
+``GET /stats`` answers the supervisor's snapshot as JSON::
+
+    {"pid": <supervisor pid>, "table_version": <int>,
+     "workers": [{"id": <int>, "pid": <int>, "ready": <bool>}, ...],
+     "backends": [{"address": "host:port", "weight": <int>, "backup": <bool>, "up": <bool>,
+                   "active": <open connections, all workers>, "connections": <total new>,
+                   "failed": <failed connects>, "up_bytes": <client -> backend>,
+                   "down_bytes": <backend -> client>}, ...]}
+
+``GET /metrics`` answers the same numbers in the Prometheus text format, through a
+prometheus_client collector over the snapshot on a registry of its own.
+
+The server never blocks the loop: non-blocking sockets, one HTTP/1.0 request per connection,
+closed after the response.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import selectors
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("fastlb.stats")
+
+MAX_REQUEST = 8192  # bytes of request head; larger requests are answered as they are
+CLIENT_TIMEOUT = 5.0  # a client gets this long to ask and read the answer
+MAX_CLIENTS = 128
+
+Snapshot = Callable[[], dict]
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+
+
+class StatsCollector(Collector):
+    """Prometheus metrics from the supervisor's snapshot, computed at each scrape."""
+
+    def __init__(self, snapshot: Snapshot):
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.snapshot()
+        workers = stats["workers"]
+        yield GaugeMetricFamily("fastlb_workers", "Worker processes running.", len(workers))
+        yield GaugeMetricFamily(
+            "fastlb_workers_ready",
+            "Worker processes accepting connections.",
+            sum(1 for worker in workers if worker["ready"]),
+        )
+        yield GaugeMetricFamily(
+            "fastlb_table_version",
+            "Version of the backend table sent to the workers; it grows at every up/down change.",
+            stats["table_version"],
+        )
+        label = ["backend"]
+        families = {
+            "up": GaugeMetricFamily("fastlb_backend_up", "1 if the backend is up.", labels=label),
+            "weight": GaugeMetricFamily("fastlb_backend_weight", "Weight.", labels=label),
+            "backup": GaugeMetricFamily(
+                "fastlb_backend_backup", "1 for a backup backend.", labels=label
+            ),
+            "active": GaugeMetricFamily(
+                "fastlb_backend_active_connections", "Open connections.", labels=label
+            ),
+            "connections": CounterMetricFamily(
+                "fastlb_backend_connections", "Connections established.", labels=label
+            ),
+            "failed": CounterMetricFamily(
+                "fastlb_backend_connect_failures", "Connects that failed.", labels=label
+            ),
+        }
+        transferred = CounterMetricFamily(
+            "fastlb_backend_bytes",
+            "Bytes forwarded: direction up is client to backend, down backend to client.",
+            labels=["backend", "direction"],
+        )
+        for backend in stats["backends"]:
+            for key, family in families.items():
+                family.add_metric([backend["address"]], float(backend[key]))
+            transferred.add_metric([backend["address"], "up"], backend["up_bytes"])
+            transferred.add_metric([backend["address"], "down"], backend["down_bytes"])
+        yield from families.values()
+        yield transferred
+
+
+@dataclass
+class _Client:
+    handler: Callable[[int], None]
+    deadline: float
+    request: bytearray = field(default_factory=bytearray)
+    response: memoryview | None = None  # what is left to send, once answered
+    eof: bool = False
+
+
+class StatsServer:
+    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector, snapshot: Snapshot):
+        self.sock = sock
+        self.selector = selector
+        self.snapshot = snapshot
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StatsCollector(snapshot))
+        self.clients: dict[socket.socket, _Client] = {}
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, lambda mask: self._accept())
+
+    # ---- requests and responses
+
+    def respond(self, request: bytes) -> bytes:
+        """The whole HTTP response to one request head."""
+        parts = request.split(b"\n", 1)[0].decode("latin-1").split()
+        if len(parts) < 2:
+            return _http(400, "text/plain", b"bad request\n")
+        method, path = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return _http(405, "text/plain", b"only GET and HEAD\n")
+        if path == "/stats":
+            body = json.dumps(self.snapshot()).encode() + b"\n"
+            response = _http(200, "application/json", body, head=method == "HEAD")
+        elif path == "/metrics":
+            body = generate_latest(self.registry)
+            response = _http(200, CONTENT_TYPE_LATEST, body, head=method == "HEAD")
+        else:
+            response = _http(404, "text/plain", b"not found; try /stats or /metrics\n")
+        return response
+
+    # ---- I/O, driven by the selector
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("stats: accept failed: %s", exc)
+                return
+            if len(self.clients) >= MAX_CLIENTS:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            client = _Client(
+                handler=lambda mask, conn=conn: self._on_event(conn, mask),
+                deadline=time.monotonic() + CLIENT_TIMEOUT,
+            )
+            self.clients[conn] = client
+            self.selector.register(conn, selectors.EVENT_READ, client.handler)
+
+    def _on_event(self, conn: socket.socket, mask: int) -> None:
+        client = self.clients.get(conn)
+        if client is not None and mask & selectors.EVENT_READ:
+            self._read(conn, client)
+        client = self.clients.get(conn)
+        if client is not None and client.response and mask & selectors.EVENT_WRITE:
+            self._write(conn, client)
+
+    def _read(self, conn: socket.socket, client: _Client) -> None:
+        try:
+            data = conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            client.eof = True
+            if client.response is None and client.request:
+                self._answer(conn, client)  # the client closed its side after asking
+            elif not client.response:
+                self._close(conn)
+            return
+        if client.response is not None:
+            return  # answered: discard anything more until the client closes
+        client.request += data
+        head_done = b"\r\n\r\n" in client.request or b"\n\n" in client.request
+        if head_done or len(client.request) > MAX_REQUEST:
+            self._answer(conn, client)
+
+    def _answer(self, conn: socket.socket, client: _Client) -> None:
+        client.response = memoryview(self.respond(bytes(client.request)))
+        self._write(conn, client)
+
+    def _write(self, conn: socket.socket, client: _Client) -> None:
+        try:
+            sent = conn.send(client.response)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        client.response = client.response[sent:]
+        if client.response:
+            self.selector.modify(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, client.handler)
+            return
+        if client.eof:
+            self._close(conn)
+            return
+        # Wait for the client to close first: closing with its bytes unread would send a reset
+        # that can destroy the response before it is read.
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        self.selector.modify(conn, selectors.EVENT_READ, client.handler)
+
+    def expire(self, now: float) -> None:
+        for conn, client in list(self.clients.items()):
+            if now >= client.deadline:
+                self._close(conn)
+
+    def next_deadline(self) -> float | None:
+        return min((client.deadline for client in self.clients.values()), default=None)
+
+    def _close(self, conn: socket.socket) -> None:
+        del self.clients[conn]
+        self.selector.unregister(conn)
+        conn.close()
+
+    def close(self) -> None:
+        for conn in list(self.clients):
+            self._close(conn)
+        self.selector.unregister(self.sock)
+        self.sock.close()
+
+    def close_after_fork(self) -> None:
+        """In a forked worker: closes the sockets, leaving the shared selector alone."""
+        for conn in self.clients:
+            conn.close()
+        self.clients.clear()
+        self.sock.close()
+
+
+def _http(status: int, content_type: str, body: bytes, head: bool = False) -> bytes:
+    lines = [
+        f"HTTP/1.0 {status} {_REASONS[status]}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head else body)

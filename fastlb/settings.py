@@ -1,0 +1,410 @@
+"""Every setting of fastlb, declared once.
+
+:data:`OPTIONS` is the table: for each setting its flag, type, default, parser (which validates)
+and help. The command line of ``fastlb run`` and ``fastlb check``, their ``--help``, the lines
+``fastlb check`` prints and the frozen :class:`Settings` that the supervisor and the workers read
+are all made from it; adding a setting means adding one row.
+
+Values arrive as the strings a user typed and are parsed here, so that every mistake becomes one
+line naming the flag. Host names are resolved once, here: the data plane takes numeric IPs only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastlb import _dataplane
+from fastlb.errors import ConfigError
+
+MAX_WEIGHT = 1_000_000  # the data plane rejects larger weights
+MAX_RETRIES = 15  # the data plane tries at most 16 backends for one connection
+MAX_WORKERS = 1024
+# Descriptors a worker needs besides two per connection: listener, control socket, epoll,
+# signal pipe, standard streams and the pool of splice pipes it keeps.
+FD_RESERVE = 160
+
+
+@dataclass(frozen=True)
+class Address:
+    """A numeric IP address and a port."""
+
+    host: str
+    port: int
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend server as given by ``--backend``."""
+
+    address: Address
+    weight: int = 1
+    backup: bool = False
+
+    def __str__(self) -> str:
+        text = f"{self.address},weight={self.weight}"
+        return text + ",backup" if self.backup else text
+
+
+# ---- parsers: a string as typed -> a value, or ValueError with a message for the user ----------
+
+
+def split_host_port(text: str) -> tuple[str, str]:
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ValueError("expected [IPV6]:PORT")
+        return host, rest[1:]
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        raise ValueError("expected HOST:PORT")
+    if ":" in host:
+        raise ValueError("write an IPv6 address in brackets, as in [::1]:8000")
+    return host, port
+
+
+def parse_port(text: str, allow_zero: bool) -> int:
+    if not text.isdigit():
+        raise ValueError(f"port must be a number, not {text!r}")
+    port = int(text)
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"port must be between {low} and 65535")
+    return port
+
+
+def resolve(host: str, port: int) -> Address:
+    """The first address ``host`` resolves to (a numeric IP resolves to itself)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else "invalid name"
+        raise ValueError(f"cannot resolve {host!r}: {reason}") from None
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            if "%" in sockaddr[0]:
+                raise ValueError("scoped IPv6 addresses (with %) are not supported")
+            return Address(sockaddr[0], port)
+    raise ValueError(f"{host!r} has no IPv4 or IPv6 address")
+
+
+def parse_listen(text: str) -> Address:
+    """HOST:PORT to bind; ``*`` or an empty host means every IPv4 address, port 0 a free port."""
+    host, port = split_host_port(text)
+    return resolve("0.0.0.0" if host in ("", "*") else host, parse_port(port, allow_zero=True))
+
+
+def parse_backend(text: str) -> Backend:
+    """HOST:PORT[,weight=N][,backup]."""
+    address, *extras = text.split(",")
+    host, port = split_host_port(address)
+    if not host:
+        raise ValueError("missing host")
+    weight, backup = 1, False
+    for extra in extras:
+        key, equals, value = extra.partition("=")
+        if key == "weight" and equals:
+            try:
+                weight = integer(0, MAX_WEIGHT)(value)
+            except ValueError as exc:
+                raise ValueError(f"weight {exc}") from None
+        elif extra == "backup":
+            backup = True
+        else:
+            raise ValueError(f"unknown backend option {extra!r} (expected weight=N or backup)")
+    return Backend(resolve(host, parse_port(port, allow_zero=False)), weight, backup)
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise ValueError(f"must be a whole number, not {text!r}") from None
+        if value < low or (high is not None and value > high):
+            most = "" if high is None else f" and at most {high}"
+            raise ValueError(f"must be at least {low}{most}")
+        return value
+
+    return parse
+
+
+_TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+
+
+def seconds(positive: bool = False) -> Callable[[str], float]:
+    """Seconds as a number, or with a unit: 250ms, 5s, 2m."""
+
+    def parse(text: str) -> float:
+        number, scale = text, 1.0
+        for unit, factor in _TIME_UNITS.items():
+            if text.endswith(unit) and text[: -len(unit)][-1:].isdigit():
+                number, scale = text[: -len(unit)], factor
+                break
+        try:
+            value = float(number) * scale
+        except ValueError:
+            raise ValueError("expected seconds, as in 5, 0.5, 250ms or 2m") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ValueError("must be more than 0" if positive else "must be 0 or more")
+        return value
+
+    return parse
+
+
+def balance_factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not (value == 0 or 1 <= value < math.inf):
+        raise ValueError("must be 0 (off) or at least 1")
+    return value
+
+
+class OneOf:
+    """A name from a list that is read when parsing: compiled algorithms register themselves."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]):
+        self.names = names
+
+    def __call__(self, text: str) -> str:
+        known = list(self.names())
+        if text not in known:
+            raise ValueError(f"choose from {', '.join(known)}")
+        return text
+
+
+def one_of(*names: str) -> OneOf:
+    return OneOf(lambda: names)
+
+
+# ---- the table -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute of Settings
+    flag: str
+    type: Any
+    parse: Callable[[str], Any] | None  # None: a switch without a value
+    default: Any  # a callable is called for the default at parse time
+    help: str
+    metavar: str | None = None
+    many: bool = False  # may be repeated; the value is a tuple
+    required: bool = False
+    default_text: str | None = None  # how --help shows a computed default
+
+    @property
+    def is_switch(self) -> bool:
+        return self.parse is None
+
+    def help_text(self) -> str:
+        text = self.help
+        if isinstance(self.parse, OneOf):
+            text += f" (one of: {', '.join(self.parse.names())})"
+        if self.required or self.is_switch:
+            return text
+        return f"{text} [default: {self.default_text or self.show(self.default)}]"
+
+    def show(self, value: Any) -> str:
+        if value is None:
+            return "off"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return str(value)
+
+    def value(self, raw: Any) -> Any:
+        if self.is_switch:
+            return bool(raw)
+        if raw is None:
+            return self.default() if callable(self.default) else self.default
+        if self.many:
+            return tuple(self._parse_one(text) for text in raw)
+        return self._parse_one(raw)
+
+    def _parse_one(self, text: str) -> Any:
+        try:
+            return self.parse(str(text))
+        except ValueError as exc:
+            raise ConfigError(f"{self.flag} {text}: {exc}") from None
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "listen", "--listen", Address, parse_listen, None,
+        "address to accept clients on; [::]:PORT for IPv6 (IPv6 only), *:PORT for all IPv4, "
+        "port 0 for a free port",
+        metavar="HOST:PORT", required=True,
+    ),
+    Option(
+        "backends", "--backend", tuple[Backend, ...], parse_backend, (),
+        "a backend server, repeated for each; weight=N (0 to 1000000, default 1) sets its share, "
+        "backup makes it take traffic only while no other backend is up",
+        metavar="HOST:PORT[,weight=N][,backup]", many=True, required=True,
+    ),
+    Option(
+        "algorithm", "--algorithm", str, OneOf(_dataplane.algorithm_names), "roundrobin",
+        "how each connection picks a backend", metavar="NAME",
+    ),
+    Option(
+        "workers", "--workers", int, integer(1, MAX_WORKERS), _cpu_count,
+        "worker processes, each with its own listening socket", metavar="N",
+        default_text="number of CPUs",
+    ),
+    Option(
+        "max_conn", "--max-conn", int, integer(1), 10000,
+        "client connections per worker; lowered to fit the open-file limit", metavar="N",
+    ),
+    Option(
+        "connect_timeout", "--connect-timeout", float, seconds(positive=True), 5.0,
+        "give up connecting to a backend after this long and try another", metavar="S",
+    ),
+    Option(
+        "idle_timeout", "--idle-timeout", float, seconds(), 0.0,
+        "close a connection that carried no bytes either way for this long; 0: never",
+        metavar="S",
+    ),
+    Option(
+        "retries", "--retries", int, integer(0, MAX_RETRIES), 2,
+        "other backends to try when connecting to one fails", metavar="N",
+    ),
+    Option(
+        "fall", "--fall", int, integer(1, 1000), 3,
+        "consecutive failed connects (all workers together) or checks that mark a backend down",
+        metavar="N",
+    ),
+    Option(
+        "rise", "--rise", int, integer(1, 1000), 2,
+        "consecutive successful checks that bring a down backend back", metavar="N",
+    ),
+    Option(
+        "check_interval", "--check-interval", float, seconds(positive=True), 2.0,
+        "time between two health checks (TCP connects) of a backend", metavar="S",
+    ),
+    Option(
+        "check_timeout", "--check-timeout", float, seconds(positive=True), 1.0,
+        "a health check that has not connected after this long fails", metavar="S",
+    ),
+    Option(
+        "active_checks", "--check", bool, None, False,
+        "check every backend every --check-interval; without it only backends marked down by "
+        "failed connects are checked, until they rise",
+    ),
+    Option(
+        "drain_timeout", "--drain-timeout", float, seconds(), 30.0,
+        "on SIGTERM or SIGINT, stop accepting and wait this long for open connections to "
+        "finish before closing them",
+        metavar="S",
+    ),
+    Option(
+        "buffer_size", "--buffer-size", int, integer(4096, 64 << 20), 65536,
+        "bytes buffered in each direction of a connection", metavar="BYTES",
+    ),
+    Option(
+        "splice", "--splice", str, one_of("never", "always", "auto"), "auto",
+        "forward with splice(2) inside the kernel; auto switches to it once a connection "
+        "fills a whole buffer (bulk transfers)",
+        metavar="MODE",
+    ),
+    Option(
+        "hash_key", "--hash-key", str, one_of("src-ip", "src-ip-port"), "src-ip",
+        "what the hashing algorithms hash of a client", metavar="KEY",
+    ),
+    Option(
+        "hash_balance_factor", "--hash-balance-factor", float, balance_factor, 0.0,
+        "bounded-load hashing: no backend takes more than F times the average number of active "
+        "connections; 0: off",
+        metavar="F",
+    ),
+    Option(
+        "stats", "--stats", Address | None, parse_listen, None,
+        "serve GET /stats (JSON) and GET /metrics (Prometheus) over HTTP on this address",
+        metavar="HOST:PORT",
+    ),
+    Option(
+        "log_level", "--log-level", str,
+        one_of("debug", "info", "warning", "error"), "info",
+        "least important messages to log (to stderr)", metavar="LEVEL",
+    ),
+)  # fmt: skip
+
+Settings = dataclasses.make_dataclass(
+    "Settings", [(option.name, option.type) for option in OPTIONS], frozen=True
+)
+Settings.__module__ = __name__
+Settings.__doc__ = "The resolved settings of one fastlb instance, one attribute per OPTIONS row."
+
+
+def add_arguments(parser) -> None:
+    """Adds every option to an argparse parser; values stay strings until :func:`parse`."""
+    for option in OPTIONS:
+        if option.is_switch:
+            parser.add_argument(
+                option.flag, dest=option.name, action="store_true", help=option.help_text()
+            )
+        else:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                metavar=option.metavar,
+                action="append" if option.many else "store",
+                required=option.required,
+                help=option.help_text(),
+            )
+
+
+def parse(values: Mapping[str, Any]) -> Settings:
+    """Settings from raw values by option name: strings as typed, lists of them for repeatable
+    options; a missing or None value takes the default. Raises ConfigError."""
+    settings = Settings(**{option.name: option.value(values.get(option.name)) for option in OPTIONS})
+    if settings.listen is None:
+        raise ConfigError("--listen is required")
+    if not settings.backends:
+        raise ConfigError("at least one --backend is required")
+    seen = set()
+    for backend in settings.backends:
+        if backend.address in seen:
+            raise ConfigError(f"--backend {backend.address} is given twice")
+        seen.add(backend.address)
+    return settings
+
+
+def describe(settings: Settings) -> list[str]:
+    """One line per setting (one per backend), as ``fastlb check`` prints them."""
+    width = max(len(option.flag) for option in OPTIONS) - 2
+    lines = []
+    for option in OPTIONS:
+        value = getattr(settings, option.name)
+        for item in value if option.many else (value,):
+            lines.append(f"{option.flag[2:]:<{width}} = {option.show(item)}")
+    return lines
+
+
+def fit_to_open_file_limit(settings: Settings, limit: int) -> tuple[Settings, str | None]:
+    """Lowers max_conn so that two descriptors per connection fit in ``limit``; returns the
+    settings and, when it had to, a message saying so."""
+    most = max(1, (limit - FD_RESERVE) // 2)
+    if settings.max_conn <= most:
+        return settings, None
+    message = (
+        f"--max-conn lowered from {settings.max_conn} to {most} to fit the open-file limit "
+        f"({limit}; raise it with ulimit -n or LimitNOFILE=)"
+    )
+    return dataclasses.replace(settings, max_conn=most), message

@@ -1,0 +1,1 @@
+"""The supervisor: listening sockets, the worker processes and their messages, systemd."""

@@ -1,0 +1,578 @@
+"""The supervisor's main loop: keeps the workers running and tells them which backends are up.
+
+Shaped like gunicorn's Arbiter. Signal handlers only queue the signal; ``signal.set_wakeup_fd``
+makes it wake the one ``selectors`` loop, which also watches the workers' control sockets, the
+health checks and the stats server. Each turn of the loop (:meth:`Arbiter.run`):
+
+1. waits for I/O and handles it (worker messages, health checks, stats requests);
+2. handles the queued signals by name: ``handle_term``, ``handle_int``, ``handle_hup``,
+   ``handle_chld``;
+3. does the housekeeping: reaps dead workers, spawns missing ones, starts due health checks,
+   sends a new backend table if health changed and the global connection counts if they changed.
+
+The live state is ``self.workers``, ``{pid: WorkerHandle}``, and ``self.backends``.
+
+Exit codes: 0 after a drain, 1 when stopped at once by a second signal, 3 when a worker could
+not boot (respawning it would only loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastlb import worker as worker_process
+from fastlb.errors import EXIT_BOOT_FAILED, EXIT_FORCED, EXIT_OK
+from fastlb.health.checker import Checker
+from fastlb.health.state import FailureRun, HealthState
+from fastlb.metrics import StatsServer
+from fastlb.protocol import messages as msg
+from fastlb.settings import Backend, Settings
+from fastlb.supervisor import systemd
+
+log = logging.getLogger("fastlb.supervisor")
+
+MAX_SLEEP = 1.0  # the loop runs its housekeeping at least this often
+QUICK_DEATH = 1.0  # a worker that dies sooner than this after starting is crash-looping
+RESPAWN_DELAY = 0.1  # delay before the second quick respawn; it doubles each time after
+MAX_RESPAWN_DELAY = 5.0
+MAX_PENDING = 1 << 20  # past this many unsent bytes to a worker, counts are dropped
+
+SIGNALS = {
+    signal.SIGTERM: "term",
+    signal.SIGINT: "int",
+    signal.SIGHUP: "hup",
+    signal.SIGCHLD: "chld",
+}
+
+
+@dataclass
+class WorkerHandle:
+    """The supervisor's side of one worker process."""
+
+    worker_id: int
+    pid: int
+    control: socket.socket
+    started: float
+    decoder: msg.Decoder = field(default_factory=msg.Decoder)
+    outgoing: bytearray = field(default_factory=bytearray)
+    events: int = selectors.EVENT_READ
+    connected: bool = True  # the control socket is open
+    ready: bool = False  # it said hello: it is accepting
+    active: list[int] = field(default_factory=list)  # from its last report
+
+
+@dataclass
+class BackendState:
+    """What the supervisor knows of one backend: health and totals over all workers."""
+
+    spec: Backend
+    health: HealthState
+    failures: FailureRun
+    next_check: float = 0.0
+    connections: int = 0
+    failed: int = 0
+    up_bytes: int = 0
+    down_bytes: int = 0
+
+    @property
+    def up(self) -> bool:
+        return self.health.up
+
+
+class Arbiter:
+    def __init__(
+        self,
+        settings: Settings,
+        listeners: list[socket.socket],
+        stats_socket: socket.socket | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ):
+        self.settings = settings
+        self.listeners = listeners
+        self.on_ready = on_ready
+        self.workers: dict[int, WorkerHandle] = {}
+        self.backends = [
+            BackendState(spec, HealthState(settings.rise, settings.fall), FailureRun(settings.fall))
+            for spec in settings.backends
+        ]
+        self.table_version = 1
+        self.table_changed = False
+        self.counts_changed = False
+        self.signal_queue: list[int] = []
+        self.saved_handlers: dict[int, object] = {}  # restored on the way out
+        self.saved_wakeup_fd = -1
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, lambda mask: self.read_wakeups())
+        self.checker = Checker(self.selector, settings.check_timeout, self.on_check)
+        self.stats = StatsServer(stats_socket, self.selector, self.snapshot) if stats_socket else None
+        self.respawn_at: dict[int, float] = {}  # worker id -> when it may be spawned again
+        self.crashes: dict[int, int] = {}  # worker id -> quick deaths in a row
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.exit_code: int | None = None  # set: the loop ends with it
+        self.drain_exit_code = EXIT_OK
+        self.announced_ready = False
+        self.address = _host_port(*listeners[0].getsockname()[:2])
+
+    # ---- the main loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.init_signals()
+        log.info(
+            "listening on %s with %d workers, %s over %d backends",
+            self.address,
+            self.settings.workers,
+            self.settings.algorithm,
+            len(self.backends),
+        )
+        if self.stats:
+            host, port = self.stats.sock.getsockname()[:2]
+            log.info("stats on http://%s/stats and /metrics", _host_port(host, port))
+        try:
+            while self.exit_code is None:
+                self.sleep()
+                while self.signal_queue:
+                    name = SIGNALS[self.signal_queue.pop(0)]
+                    getattr(self, f"handle_{name}")()
+                self.reap_workers()
+                self.housekeeping()
+            return self.exit_code
+        finally:
+            self.shutdown()
+
+    def sleep(self) -> None:
+        """Waits for I/O (a signal counts) or the next deadline, and handles what came."""
+        deadlines = [self.checker.next_deadline(), time.monotonic() + MAX_SLEEP]
+        if self.stats:
+            deadlines.append(self.stats.next_deadline())
+        if self.draining:
+            deadlines.append(self.drain_deadline)
+        else:
+            deadlines += [backend.next_check for backend in self.backends if self.wants_check(backend)]
+            missing = self.missing_worker_ids()
+            deadlines += [self.respawn_at.get(worker_id, 0.0) for worker_id in missing]
+        timeout = max(0.0, min(d for d in deadlines if d is not None) - time.monotonic())
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
+
+    def housekeeping(self) -> None:
+        if self.exit_code is not None:
+            return
+        now = time.monotonic()
+        self.checker.expire(now)
+        if self.stats:
+            self.stats.expire(now)
+        if self.draining:
+            if not self.workers:
+                log.info("all workers have exited")
+                self.exit_code = self.drain_exit_code
+            elif now >= self.drain_deadline:
+                log.warning(
+                    "drain timeout: killing %d workers with open connections", len(self.workers)
+                )
+                self.kill_workers(signal.SIGKILL)
+                self.exit_code = self.drain_exit_code
+        else:
+            self.spawn_workers()
+            self.run_checks(now)
+        self.publish()
+        if not self.announced_ready and not self.draining:
+            ready = sum(1 for worker in self.workers.values() if worker.ready)
+            if ready == self.settings.workers:
+                self.announce_ready()
+
+    def announce_ready(self) -> None:
+        self.announced_ready = True
+        log.info("ready: %d workers accepting on %s", self.settings.workers, self.address)
+        systemd.notify("READY=1")
+        if self.on_ready:
+            self.on_ready()
+
+    # ---- signals -------------------------------------------------------------------------------
+
+    def init_signals(self) -> None:
+        self.saved_wakeup_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for signum in SIGNALS:
+            self.saved_handlers[signum] = signal.signal(signum, self.signal_received)
+
+    def signal_received(self, signum, frame) -> None:
+        self.signal_queue.append(signum)  # nothing else here: the main loop acts on it
+
+    def read_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_term(self) -> None:
+        if self.draining:
+            log.warning("second stop signal: killing the workers now")
+            self.kill_workers(signal.SIGKILL)
+            self.exit_code = EXIT_FORCED
+        else:
+            self.drain(EXIT_OK)
+
+    handle_int = handle_term
+
+    def handle_hup(self) -> None:
+        log.warning("SIGHUP: reloading is not supported; restart fastlb to change its settings")
+
+    def handle_chld(self) -> None:
+        pass  # every turn of the loop reaps
+
+    # ---- the worker set ------------------------------------------------------------------------
+
+    def missing_worker_ids(self) -> list[int]:
+        running = {worker.worker_id for worker in self.workers.values()}
+        return [i for i in range(self.settings.workers) if i not in running]
+
+    def spawn_workers(self) -> None:
+        now = time.monotonic()
+        for worker_id in self.missing_worker_ids():
+            if now >= self.respawn_at.get(worker_id, 0.0):
+                self.spawn_worker(worker_id)
+
+    def spawn_worker(self, worker_id: int) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        table = self.table()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                parent_end.close()
+                self.close_after_fork(keep=worker_id)
+                worker_process.run(worker_id, self.listeners[worker_id], child_end, self.settings, table)
+            finally:
+                os._exit(EXIT_FORCED)
+        child_end.close()
+        parent_end.setblocking(False)
+        worker = WorkerHandle(worker_id, pid, parent_end, time.monotonic())
+        self.workers[pid] = worker
+        self.selector.register(parent_end, worker.events, lambda mask: self.on_worker_io(worker, mask))
+        log.debug("worker %d started (pid %d)", worker_id, pid)
+
+    def close_after_fork(self, keep: int) -> None:
+        """In the new worker: closes what belongs to the supervisor and the other workers.
+
+        The selector's epoll instance is shared with the supervisor, so it is closed without
+        unregistering anything."""
+        signal.set_wakeup_fd(-1)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        for worker_id, sock in enumerate(self.listeners):
+            if worker_id != keep:
+                sock.close()
+        for worker in self.workers.values():
+            worker.control.close()
+        self.checker.close_after_fork()
+        if self.stats:
+            self.stats.close_after_fork()
+        self.selector.close()
+
+    def reap_workers(self) -> None:
+        # Reap our workers by PID only: an embedding program (fastlb demo) has other children.
+        for worker in list(self.workers.values()):
+            try:
+                pid, status = os.waitpid(worker.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = worker.pid, 0
+            if pid:
+                self.worker_exited(worker, os.waitstatus_to_exitcode(status))
+
+    def worker_exited(self, worker: WorkerHandle, code: int) -> None:
+        del self.workers[worker.pid]
+        self.disconnect(worker)
+        if code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        if self.draining:
+            log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, how)
+            return
+        if code == EXIT_BOOT_FAILED:
+            log.error("worker %d could not start: stopping", worker.worker_id)
+            self.drain(EXIT_BOOT_FAILED)
+            return
+        crashes = self.crashes.get(worker.worker_id, 0)
+        if time.monotonic() - worker.started >= QUICK_DEATH:
+            crashes = 0
+        delay = 0.0 if crashes == 0 else min(MAX_RESPAWN_DELAY, RESPAWN_DELAY * 2 ** (crashes - 1))
+        self.crashes[worker.worker_id] = crashes + 1
+        self.respawn_at[worker.worker_id] = time.monotonic() + delay
+        if delay:
+            log.warning(
+                "worker %d (pid %d) %s again; restarting it in %.1fs",
+                worker.worker_id,
+                worker.pid,
+                how,
+                delay,
+            )
+        else:
+            log.warning("worker %d (pid %d) %s; restarting it", worker.worker_id, worker.pid, how)
+
+    def kill_workers(self, signum: int) -> None:
+        for worker in self.workers.values():
+            self.kill_worker(worker, signum)
+
+    def kill_worker(self, worker: WorkerHandle, signum: int) -> None:
+        try:
+            os.kill(worker.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def drain(self, exit_code: int) -> None:
+        """Stops accepting, asks every worker to finish its connections, and ends the loop with
+        ``exit_code`` when they all have (or at the drain timeout)."""
+        self.draining = True
+        self.drain_exit_code = exit_code
+        self.drain_deadline = time.monotonic() + self.settings.drain_timeout
+        systemd.notify("STOPPING=1")
+        log.info(
+            "draining: accepting no more connections, waiting up to %gs for open ones",
+            self.settings.drain_timeout,
+        )
+        for sock in self.listeners:
+            sock.close()
+        for worker in self.workers.values():
+            if worker.connected:
+                self.send(worker, msg.Drain())
+            else:
+                self.kill_worker(worker, signal.SIGTERM)
+
+    def shutdown(self) -> None:
+        """Leaves nothing behind: kills and reaps the workers still running, closes sockets."""
+        self.kill_workers(signal.SIGKILL)
+        for worker in list(self.workers.values()):
+            try:
+                os.waitpid(worker.pid, 0)
+            except ChildProcessError:
+                pass
+            self.disconnect(worker)
+        self.workers.clear()
+        self.checker.close()
+        if self.stats:
+            self.stats.close()
+        for sock in self.listeners:
+            sock.close()
+        self.selector.close()
+        for signum, handler in self.saved_handlers.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self.saved_wakeup_fd)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    # ---- messages ------------------------------------------------------------------------------
+
+    def on_worker_io(self, worker: WorkerHandle, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self.read_messages(worker)
+        if worker.connected and mask & selectors.EVENT_WRITE:
+            self.flush(worker)
+
+    def read_messages(self, worker: WorkerHandle) -> None:
+        try:
+            data = worker.control.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # The worker closed its end: it is exiting or dead. Make sure, then reap it.
+            self.disconnect(worker)
+            self.kill_worker(worker, signal.SIGKILL)
+            return
+        for message in worker.decoder.feed(data):
+            self.handle_message(worker, message)
+
+    def handle_message(self, worker: WorkerHandle, message: msg.Message | msg.Invalid) -> None:
+        match message:
+            case msg.Report():
+                self.handle_report(worker, message)
+            case msg.Hello():
+                self.handle_hello(worker, message)
+            case msg.Invalid(reason=reason):
+                log.warning("worker %d: ignoring a bad message: %s", worker.worker_id, reason)
+            case _:
+                log.warning(
+                    "worker %d: ignoring unexpected %s", worker.worker_id, type(message).__name__
+                )
+
+    def handle_hello(self, worker: WorkerHandle, hello: msg.Hello) -> None:
+        if hello.v != msg.PROTOCOL_VERSION:
+            log.warning(
+                "worker %d speaks protocol %d, not %d", worker.worker_id, hello.v, msg.PROTOCOL_VERSION
+            )
+        worker.ready = True
+        log.info("worker %d (pid %d) is accepting", worker.worker_id, worker.pid)
+
+    def handle_report(self, worker: WorkerHandle, report: msg.Report) -> None:
+        if len(report.active) != len(self.backends):
+            log.warning(
+                "worker %d: ignoring a report on %d backends, not %d",
+                worker.worker_id,
+                len(report.active),
+                len(self.backends),
+            )
+            return
+        for i, backend in enumerate(self.backends):
+            backend.connections += report.new[i]
+            backend.failed += report.failed[i]
+            backend.up_bytes += report.up_bytes[i]
+            backend.down_bytes += report.down_bytes[i]
+        if report.active != worker.active:
+            worker.active = report.active
+            self.counts_changed = True
+        if report.table != self.table_version:
+            return  # counted against an older table: its failures may predate the last change
+        for i, backend in enumerate(self.backends):
+            reached = backend.failures.report(report.failed[i], report.succeeded[i], report.streak[i])
+            if reached and backend.up:
+                self.mark_down(i, f"{backend.failures.count} connects failed in a row")
+
+    def send(self, worker: WorkerHandle, message: msg.Message) -> None:
+        if not worker.connected:
+            return
+        if isinstance(message, msg.Counts) and len(worker.outgoing) > MAX_PENDING:
+            return  # the worker is not reading; newer counts will replace these anyway
+        worker.outgoing += msg.encode(message)
+        self.flush(worker)
+
+    def flush(self, worker: WorkerHandle) -> None:
+        if worker.outgoing:
+            try:
+                sent = worker.control.send(worker.outgoing)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.disconnect(worker)
+                return
+            del worker.outgoing[:sent]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.outgoing else 0)
+        if events != worker.events:
+            worker.events = events
+            self.selector.modify(worker.control, events, self.selector.get_key(worker.control).data)
+
+    def disconnect(self, worker: WorkerHandle) -> None:
+        """Closes the control socket of a worker that exited or is about to."""
+        if not worker.connected:
+            return
+        worker.connected = False
+        worker.ready = False
+        self.selector.unregister(worker.control)
+        worker.control.close()
+        worker.outgoing.clear()
+        if any(worker.active):
+            self.counts_changed = True
+        worker.active = []
+
+    def publish(self) -> None:
+        """Sends the workers what changed during this turn: the table, then the counts."""
+        if self.table_changed:
+            self.table_changed = False
+            self.table_version += 1
+            self.counts_changed = True
+            table = self.table()
+            for worker in self.workers.values():
+                self.send(worker, table)
+        if self.counts_changed:
+            self.counts_changed = False
+            totals = self.active_totals()
+            for worker in self.workers.values():
+                own = worker.active or [0] * len(totals)
+                others = [total - mine for total, mine in zip(totals, own, strict=True)]
+                self.send(worker, msg.Counts(table=self.table_version, others=others))
+
+    def table(self) -> msg.Table:
+        return msg.Table(
+            version=self.table_version,
+            backends=[
+                msg.BackendEntry(
+                    backend.spec.address.host,
+                    backend.spec.address.port,
+                    backend.spec.weight,
+                    backend.up,
+                    backend.spec.backup,
+                )
+                for backend in self.backends
+            ],
+        )
+
+    def active_totals(self) -> list[int]:
+        totals = [0] * len(self.backends)
+        for worker in self.workers.values():
+            for i, count in enumerate(worker.active):
+                totals[i] += count
+        return totals
+
+    # ---- health ---------------------------------------------------------------------------------
+
+    def wants_check(self, backend: BackendState) -> bool:
+        return self.settings.active_checks or not backend.up
+
+    def run_checks(self, now: float) -> None:
+        for i, backend in enumerate(self.backends):
+            if self.wants_check(backend) and now >= backend.next_check and not self.checker.busy(i):
+                backend.next_check = now + self.settings.check_interval
+                self.checker.check(i, backend.spec.address)
+
+    def on_check(self, index: int, ok: bool) -> None:
+        backend = self.backends[index]
+        transition = backend.health.observe(ok)
+        if transition == "down":
+            self.mark_down(index, f"{self.settings.fall} checks failed in a row")
+        elif transition == "up":
+            self.mark_up(index)
+
+    def mark_down(self, index: int, why: str) -> None:
+        backend = self.backends[index]
+        backend.health = HealthState(self.settings.rise, self.settings.fall, up=False)
+        backend.failures.reset()
+        backend.next_check = time.monotonic() + self.settings.check_interval
+        self.table_changed = True
+        log.warning("backend %s is down: %s", backend.spec.address, why)
+
+    def mark_up(self, index: int) -> None:
+        backend = self.backends[index]
+        backend.failures.reset()
+        self.table_changed = True
+        log.info(
+            "backend %s is up: %d checks passed in a row", backend.spec.address, self.settings.rise
+        )
+
+    # ---- stats ----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        totals = self.active_totals()
+        return {
+            "pid": os.getpid(),
+            "workers": [
+                {"id": worker.worker_id, "pid": worker.pid, "ready": worker.ready}
+                for worker in sorted(self.workers.values(), key=lambda w: w.worker_id)
+            ],
+            "table_version": self.table_version,
+            "backends": [
+                {
+                    "address": str(backend.spec.address),
+                    "weight": backend.spec.weight,
+                    "backup": backend.spec.backup,
+                    "up": backend.up,
+                    "active": totals[i],
+                    "connections": backend.connections,
+                    "failed": backend.failed,
+                    "up_bytes": backend.up_bytes,
+                    "down_bytes": backend.down_bytes,
+                }
+                for i, backend in enumerate(self.backends)
+            ],
+        }
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,92 @@
+"""The listening sockets: one per worker, in one SO_REUSEPORT group, made before forking.
+
+The supervisor keeps every socket open for as long as it runs. A worker only ever uses its
+own, so when it dies its socket and the connections queued on it stay, and its replacement
+inherits both: clients are never refused while a worker restarts.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from fastlb.errors import ConfigError
+from fastlb.settings import Address
+
+MAX_BACKLOG = 65535
+
+
+def backlog() -> int:
+    """The longest accept queue the kernel allows (net.core.somaxconn), at most 65535."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return min(MAX_BACKLOG, int(f.read()))
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+def open_listeners(address: Address, count: int) -> list[socket.socket]:
+    """``count`` non-blocking listening sockets on ``address``. Port 0 picks one free port for
+    all of them. Raises ConfigError (one line) when the address cannot be bound."""
+    _check_free(address)
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = _listener(address, reuse_port=True)
+            sockets.append(sock)
+            if address.port == 0:
+                address = Address(address.host, sock.getsockname()[1])
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    return sockets
+
+
+def open_listener(address: Address) -> socket.socket:
+    """One non-blocking listening socket, for the stats server. Raises ConfigError."""
+    try:
+        return _listener(address, reuse_port=False)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+
+
+def bound_address(sock: socket.socket) -> Address:
+    host, port = sock.getsockname()[:2]
+    return Address(host, port)
+
+
+def _check_free(address: Address) -> None:
+    # SO_REUSEPORT would let us join the group of another process of the same user (another
+    # fastlb on the same port) and share its clients. A socket without it fails to bind there.
+    if address.port == 0:
+        return
+    try:
+        with socket.socket(address.family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _v6only(probe, address)
+            probe.bind((address.host, address.port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+
+
+def _v6only(sock: socket.socket, address: Address) -> None:
+    if address.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+
+def _listener(address: Address, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _v6only(sock, address)
+        # Accepted sockets inherit TCP_NODELAY from the listener: no setsockopt per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(backlog())
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,512 @@
+"""Side-by-side benchmark: fastlb against HAProxy and nginx, with no balancer as the physical limit.
+
+The same local HTTP backends serve every run; each balancer in turn listens on the same port and
+wrk drives four workloads through it:
+
+  keepalive  small HTTP requests over keep-alive connections         requests/s, p50/p99 latency
+  newconn    a new TCP connection per request (Connection: close)    connections/s
+  bulk       1 MiB responses                                         MB/s
+  paced      small requests at the same, moderate load for everyone  p99 latency
+
+Rounds are interleaved (every balancer once per round, then the next round) and the table gives
+medians with min and max, the ratio of each median to fastlb's and to direct's, and the balancer's
+CPU time (user + system of all its processes, children included) per request. Results go to a JSON
+file and a bar chart next to it.
+
+    python loadtests/compare.py                   # full run, about 5 minutes on 2 cores
+    python loadtests/compare.py --quick           # about 1 minute sanity run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from backend import BULK_PATH, BULK_SIZE, Backends, small_body, start_http_backends
+from harness import (
+    HERE,
+    INSTALL_HINT,
+    LOOPBACK,
+    HarnessError,
+    Processes,
+    Running,
+    cpu_seconds,
+    environment,
+    fastlb_missing,
+    free_port,
+    haproxy_missing,
+    log_tail,
+    nginx_missing,
+    run_wrk,
+    start_fastlb,
+    start_haproxy,
+    start_nginx_stream,
+    write_wrk_script,
+    wrk_command,
+)
+from rich.console import Console
+from rich.table import Table
+
+BALANCERS = ["direct", "fastlb", "haproxy", "haproxy-splice", "nginx"]
+BASELINE = "fastlb"
+# A fixed width when piped keeps the tables readable in logs and notes.
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    path: str
+    metric: str  # the headline figure's unit
+    close: bool = False
+    paced: bool = False
+
+    def headline(self, run: dict) -> float:
+        if self.metric == "MB/s":
+            return run["megabytes_per_s"]
+        if self.paced:
+            return run["p99_ms"]
+        return run["requests_per_s"]
+
+    @property
+    def higher_is_better(self) -> bool:
+        return not self.paced
+
+
+WORKLOADS = {
+    w.name: w
+    for w in [
+        Workload("keepalive", "small requests, keep-alive", "/", "req/s"),
+        Workload("newconn", "new connection per request", "/", "conn/s", close=True),
+        Workload("bulk", "1 MiB responses", BULK_PATH, "MB/s"),
+        Workload("paced", "p99 latency at the same load", "/", "p99 ms", paced=True),
+    ]
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workers", type=int, default=1, help="workers/threads for every balancer")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--paced-duration", type=int, default=3, help="seconds per paced run")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per start")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections")
+    parser.add_argument("--bulk-connections", type=int, default=8, help="wrk connections, bulk")
+    parser.add_argument("--paced-connections", type=int, default=20, help="wrk connections, paced")
+    parser.add_argument(
+        "--paced-delay-ms", type=int, default=5, help="pause before each paced request"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--backends", type=int, default=2, help="number of backends")
+    parser.add_argument("--backend-kind", choices=["auto", "nginx", "python"], default="auto")
+    parser.add_argument(
+        "--balancers", default=",".join(BALANCERS), help=f"comma-separated, from {BALANCERS}"
+    )
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {list(WORKLOADS)}"
+    )
+    parser.add_argument(
+        "--fastlb-args", default="", help="extra `fastlb run` flags, e.g. '--splice always'"
+    )
+    parser.add_argument("--out", type=Path, help="result folder (default loadtests/results/...)")
+    parser.add_argument(
+        "--quick", action="store_true", help="sanity run: 1 round of 2 s runs, about 1 minute"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.paced_duration, args.warmup = 1, 2, 2, 1
+    args.balancers = [b.strip() for b in args.balancers.split(",") if b.strip()]
+    args.workloads = [WORKLOADS[w.strip()] for w in args.workloads.split(",") if w.strip()]
+    unknown = set(args.balancers) - set(BALANCERS)
+    if unknown:
+        parser.error(f"unknown balancers: {', '.join(sorted(unknown))}")
+    if args.out is None:
+        args.out = HERE / "results" / time.strftime("compare-%Y%m%d-%H%M%S")
+    return args
+
+
+def available_balancers(names: list[str]) -> list[str]:
+    checks = {
+        "fastlb": fastlb_missing,
+        "haproxy": haproxy_missing,
+        "haproxy-splice": haproxy_missing,
+        "nginx": nginx_missing,
+    }
+    kept = []
+    for name in names:
+        missing = checks[name]() if name in checks else None
+        if missing:
+            console.print(f"[yellow]skipping {name}: {missing}[/]")
+        else:
+            kept.append(name)
+    return kept
+
+
+def start_balancer(
+    name: str, procs: Processes, port: int, backends: Backends, args, tmp: Path
+) -> Running:
+    if name == "direct":
+        return Running("direct", backends.ports[0])
+    if name == "fastlb":
+        return start_fastlb(
+            procs, port, backends.ports, args.workers, extra_args=shlex.split(args.fastlb_args)
+        )
+    if name in ("haproxy", "haproxy-splice"):
+        splice = name == "haproxy-splice"
+        return start_haproxy(procs, port, backends.ports, args.workers, tmp, splice=splice)
+    return start_nginx_stream(procs, port, backends.ports, args.workers, tmp)
+
+
+def check_responses(port: int, backends: Backends) -> str | None:
+    """Fetch / and the 1 MiB file through the balancer; return what is wrong, if anything."""
+    expected = {small_body(i) for i in range(1, len(backends.ports) + 1)}
+    base = f"http://{LOOPBACK}:{port}"
+    try:
+        for _ in range(len(backends.ports)):
+            with urllib.request.urlopen(base + "/", timeout=5) as reply:
+                body = reply.read()
+            if body not in expected:
+                return f"GET / returned {body[:80]!r}, expected one of {sorted(expected)}"
+        with urllib.request.urlopen(base + BULK_PATH, timeout=10) as reply:
+            size = len(reply.read())
+        if size != BULK_SIZE:
+            return f"GET {BULK_PATH} returned {size} bytes, expected {BULK_SIZE}"
+    except OSError as exc:
+        return f"request through the balancer failed: {exc}"
+    return None
+
+
+class Benchmark:
+    def __init__(self, args, procs: Processes, backends: Backends, tmp: Path):
+        self.args = args
+        self.procs = procs
+        self.backends = backends
+        self.tmp = tmp
+        self.port = free_port()
+        self.plain_script = write_wrk_script(tmp, delay=False)
+        self.delay_script = write_wrk_script(tmp, delay=True)
+        self.runs: list[dict] = []
+        self.problems: list[str] = []
+
+    def wrk_for(self, workload: Workload, port: int, duration: float) -> list[str]:
+        a = self.args
+        url = f"http://{LOOPBACK}:{port}{workload.path}"
+        if workload.paced:
+            return wrk_command(
+                url, duration, a.paced_connections, a.threads, self.delay_script,
+                delay_ms=a.paced_delay_ms,
+            )  # fmt: skip
+        connections = a.bulk_connections if workload.metric == "MB/s" else a.connections
+        return wrk_command(
+            url, duration, connections, a.threads, self.plain_script, close=workload.close
+        )
+
+    def problem(self, text: str, running: Running | None = None) -> None:
+        if running is not None and running.proc is not None:
+            text += f"\n  command: {shlex.join(running.proc.args)}\n  log tail:\n"
+            text += "\n".join("    " + line for line in log_tail(running.proc).splitlines())
+        self.problems.append(text)
+        console.print(f"[red]{text}[/]")
+
+    def round(self, number: int, balancers: list[str]) -> None:
+        for name in balancers:
+            try:
+                running = start_balancer(
+                    name, self.procs, self.port, self.backends, self.args, self.tmp
+                )
+            except HarnessError as exc:
+                self.problem(f"round {number}: {name} did not start: {exc}")
+                continue
+            try:
+                wrong = check_responses(running.port, self.backends)
+                if wrong:
+                    self.problem(f"round {number}: {name}: {wrong}", running)
+                    continue
+                if self.args.warmup > 0:
+                    warmup = self.wrk_for(WORKLOADS["keepalive"], running.port, self.args.warmup)
+                    run_wrk(warmup, timeout=self.args.warmup + 30)
+                for workload in self.args.workloads:
+                    self.measure(number, running, workload)
+                    if running.proc is not None and running.proc.poll() is not None:
+                        self.problem(
+                            f"round {number}: {name} exited with status "
+                            f"{running.proc.returncode} during {workload.name}",
+                            running,
+                        )
+                        break
+            finally:
+                if running.proc is not None:
+                    self.procs.stop(running.proc)
+
+    def measure(self, number: int, running: Running, workload: Workload) -> None:
+        duration = self.args.paced_duration if workload.paced else self.args.duration
+        cmd = self.wrk_for(workload, running.port, duration)
+        pids_before = running.refresh_pids()
+        cpu_before = cpu_seconds(pids_before)
+        try:
+            result = run_wrk(cmd, timeout=duration + 60)
+        except HarnessError as exc:
+            self.problem(f"round {number}: {running.name} {workload.name}: {exc}", running)
+            return
+        pids_after = running.refresh_pids()
+        cpu_after = cpu_seconds(pids_after)
+        cpu = sum(t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items())
+        run = {
+            "round": number,
+            "balancer": running.name,
+            "workload": workload.name,
+            "requests": result.requests,
+            "bytes": result.bytes,
+            "duration_s": result.duration_s,
+            "requests_per_s": result.requests_per_s,
+            "megabytes_per_s": result.megabytes_per_s,
+            "p50_ms": result.p50_ms,
+            "p99_ms": result.p99_ms,
+            "max_ms": result.max_ms,
+            "errors": result.errors,
+            "cpu_s": cpu if running.proc else None,
+            "cpu_us_per_request": cpu / result.requests * 1e6
+            if running.proc and result.requests
+            else None,
+        }
+        run["value"] = workload.headline(run)
+        self.runs.append(run)
+        cpu_text = (
+            f"{run['cpu_us_per_request']:.1f} µs CPU/req" if run["cpu_us_per_request"] else ""
+        )
+        console.print(
+            f"  round {number} {running.name:<15} {workload.name:<10} "
+            f"{run['value']:>10,.1f} {workload.metric:<7} p50 {result.p50_ms:6.2f} ms "
+            f"p99 {result.p99_ms:6.2f} ms  {cpu_text}"
+        )
+        if result.errors:
+            self.problem(
+                f"round {number}: {running.name} {workload.name}: wrk errors {result.errors} "
+                f"in {result.requests} requests\n  wrk: {shlex.join(cmd)}",
+                running,
+            )
+        if set(pids_before) - set(pids_after):
+            self.problem(
+                f"round {number}: {running.name} {workload.name}: processes "
+                f"{sorted(set(pids_before) - set(pids_after))} exited during the run",
+                running,
+            )
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(runs: list[dict], balancers: list[str], workloads: list[Workload]) -> dict:
+    summary: dict = {}
+    for workload in workloads:
+        rows = {}
+        for name in balancers:
+            mine = [r for r in runs if r["balancer"] == name and r["workload"] == workload.name]
+            if not mine:
+                continue
+            cpu = [r["cpu_us_per_request"] for r in mine if r["cpu_us_per_request"] is not None]
+            rows[name] = {
+                "value": spread([r["value"] for r in mine]),
+                "requests_per_s": spread([r["requests_per_s"] for r in mine]),
+                "p50_ms": spread([r["p50_ms"] for r in mine]),
+                "p99_ms": spread([r["p99_ms"] for r in mine]),
+                "cpu_us_per_request": spread(cpu) if cpu else None,
+                "errors": sum(sum(r["errors"].values()) for r in mine),
+                "runs": len(mine),
+            }
+        for reference in (BASELINE, "direct"):
+            if reference in rows:
+                base = rows[reference]["value"]["median"]
+                for row in rows.values():
+                    row[f"ratio_to_{reference}"] = row["value"]["median"] / base if base else None
+        summary[workload.name] = rows
+    return summary
+
+
+def versus_haproxy(summary: dict, workloads: list[Workload]) -> list[dict]:
+    """fastlb against the better of HAProxy's copy and splice modes, per workload."""
+    verdicts = []
+    for workload in workloads:
+        rows = summary.get(workload.name, {})
+        peers = [rows[n] for n in ("haproxy", "haproxy-splice") if n in rows]
+        if BASELINE not in rows or not peers:
+            continue
+        pick = max if workload.higher_is_better else min
+        best = pick(peers, key=lambda row: row["value"]["median"])
+        mine = rows[BASELINE]
+        value_ratio = mine["value"]["median"] / best["value"]["median"]
+        cpu_ratio = None
+        if mine["cpu_us_per_request"] and best["cpu_us_per_request"]:
+            cpu_ratio = mine["cpu_us_per_request"]["median"] / best["cpu_us_per_request"]["median"]
+        verdicts.append(
+            {
+                "workload": workload.name,
+                "metric": workload.metric,
+                "fastlb_to_best_haproxy": value_ratio,
+                "met": value_ratio >= 1.0 if workload.higher_is_better else value_ratio <= 1.0,
+                "cpu_per_request_to_best_haproxy": cpu_ratio,
+                "p99_to_best_haproxy": mine["p99_ms"]["median"] / best["p99_ms"]["median"],
+            }
+        )
+    return verdicts
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def print_tables(summary: dict, workloads: list[Workload], verdicts: list[dict]) -> None:
+    for workload in workloads:
+        rows = summary.get(workload.name)
+        if not rows:
+            continue
+        digits = 2 if workload.paced else (0 if workload.metric != "MB/s" else 1)
+        table = Table(
+            title=f"{workload.name}: {workload.title} ({workload.metric}, median of runs)"
+        )
+        for column in ("balancer", workload.metric, "min – max", "× fastlb", "× direct"):
+            table.add_column(column, justify="left" if column == "balancer" else "right")
+        for column in ("CPU µs/req", "p50 ms", "p99 ms", "errors"):
+            table.add_column(column, justify="right")
+        for name, row in rows.items():
+            cpu = row["cpu_us_per_request"]
+            table.add_row(
+                name,
+                fmt(row["value"]["median"], digits),
+                f"{fmt(row['value']['min'], digits)} – {fmt(row['value']['max'], digits)}",
+                fmt(row.get("ratio_to_fastlb"), 2),
+                fmt(row.get("ratio_to_direct"), 2),
+                fmt(cpu["median"] if cpu else None),
+                fmt(row["p50_ms"]["median"], 2),
+                fmt(row["p99_ms"]["median"], 2),
+                str(row["errors"]),
+                style="bold" if name == BASELINE else None,
+            )
+        console.print(table)
+    if verdicts:
+        table = Table(title="fastlb against the better of haproxy and haproxy-splice (medians)")
+        for column in ("workload", "fastlb / haproxy", "target", "CPU/req ratio", "p99 ratio"):
+            table.add_column(column, justify="left" if column == "workload" else "right")
+        for v in verdicts:
+            table.add_row(
+                v["workload"],
+                fmt(v["fastlb_to_best_haproxy"], 2),
+                "[green]met[/]" if v["met"] else "[red]missed[/]",
+                fmt(v["cpu_per_request_to_best_haproxy"], 2),
+                fmt(v["p99_to_best_haproxy"], 2),
+            )
+        console.print(table)
+
+
+def plot(summary: dict, workloads: list[Workload], path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        console.print("[yellow]no chart: matplotlib is missing (pip install matplotlib)[/]")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [w for w in workloads if summary.get(w.name)]
+    fig, axes = plt.subplots(2, len(shown), figsize=(4.2 * len(shown), 7), squeeze=False)
+    for column, workload in enumerate(shown):
+        rows = summary[workload.name]
+        for row_index, key, label in (
+            (0, "value", workload.metric),
+            (1, "cpu_us_per_request", "CPU µs per request"),
+        ):
+            ax = axes[row_index][column]
+            names = [n for n, r in rows.items() if r[key]]
+            medians = [rows[n][key]["median"] for n in names]
+            below = [m - rows[n][key]["min"] for n, m in zip(names, medians, strict=True)]
+            above = [rows[n][key]["max"] - m for n, m in zip(names, medians, strict=True)]
+            colors = ["tab:orange" if n == BASELINE else "tab:blue" for n in names]
+            ax.bar(names, medians, yerr=[below, above], capsize=3, color=colors)
+            ax.set_ylabel(label)
+            ax.tick_params(axis="x", labelrotation=30)
+            if row_index == 0:
+                better = "higher" if workload.higher_is_better else "lower"
+                ax.set_title(f"{workload.title}\n({better} is better)")
+    fig.suptitle("fastlb vs HAProxy vs nginx: medians, bars span min–max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main() -> int:
+    args = parse_args()
+    if not shutil.which("wrk"):
+        console.print(f"[red]compare.py needs wrk ({INSTALL_HINT})[/]")
+        return 2
+    balancers = available_balancers(args.balancers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fastlb-compare-") as tmp_name:
+        tmp = Path(tmp_name)
+        logs = args.out / "logs"
+        logs.mkdir(exist_ok=True)
+        with Processes(logs) as procs:
+            backends = start_http_backends(procs, args.backends, tmp, args.backend_kind)
+            console.print(
+                f"{backends.kind} backends on ports {backends.ports}; balancers on port "
+                f"{LOOPBACK}:<free port>; {args.workers} worker(s) each; "
+                f"{args.rounds} round(s) of {', '.join(w.name for w in args.workloads)}"
+            )
+            if backends.kind != "nginx":
+                console.print(
+                    "[yellow]the Python backend may be the bottleneck; install nginx for "
+                    "meaningful numbers[/]"
+                )
+            bench = Benchmark(args, procs, backends, tmp)
+            for number in range(1, args.rounds + 1):
+                console.print(f"round {number}/{args.rounds}")
+                bench.round(number, balancers)
+    summary = summarize(bench.runs, balancers, args.workloads)
+    verdicts = versus_haproxy(summary, args.workloads)
+    print_tables(summary, args.workloads, verdicts)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "workloads")}
+    settings["workloads"] = [w.name for w in args.workloads]
+    record = {
+        "environment": env,
+        "settings": settings,
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "backend": backends.kind,
+        "workloads": {w.name: asdict(w) for w in args.workloads},
+        "summary": summary,
+        "versus_haproxy": verdicts,
+        "problems": bench.problems,
+        "runs": bench.runs,
+        "elapsed_s": time.monotonic() - started,
+    }
+    json_path = args.out / "compare.json"
+    json_path.write_text(json.dumps(record, indent=2, default=str))
+    chart = args.out / "compare.png"
+    console.print(f"results: {json_path}")
+    if plot(summary, args.workloads, chart):
+        console.print(f"chart:   {chart}")
+    if bench.problems:
+        console.print(f"[red]{len(bench.problems)} problem(s); see above and {json_path}[/]")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

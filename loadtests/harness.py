@@ -1,0 +1,507 @@
+"""Process plumbing shared by the load-test scripts: free ports, readiness, balancers, cleanup.
+
+Every process is started through :class:`Processes`, which stops each one (and the children it
+forked) by PID when the ``with`` block ends, whatever happened inside it. Everything listens on
+loopback, on ports picked free at runtime, and readiness is a port that accepts, never a sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+LOOPBACK = "127.0.0.1"
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+INSTALL_HINT = "apt-get install haproxy libnginx-mod-stream wrk"
+
+
+class HarnessError(Exception):
+    """A process did not start or did not become ready; the message says which and why."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def raise_nofile_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def nofile_hard_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+class NamedProcess(subprocess.Popen):
+    """A child process with a name and a log file that holds its stdout and stderr."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path, **kwargs):
+        self.name = name
+        self.log_path = log_path
+        self.log_file = open(log_path, "ab")  # closed by Processes.stop()
+        super().__init__(
+            cmd, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT, **kwargs
+        )
+
+
+class Processes:
+    """Starts processes and stops all of them, by PID, when the ``with`` block ends."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.running: list[NamedProcess] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(self.running[:]):
+            self.stop(proc)
+
+    def start(self, name: str, cmd: list[str], **kwargs) -> NamedProcess:
+        proc = NamedProcess(name, cmd, self.logdir / f"{name}.log", **kwargs)
+        self.running.append(proc)
+        return proc
+
+    def stop(self, proc: NamedProcess, timeout: float = 10.0) -> None:
+        """SIGTERM the process, SIGKILL it after ``timeout``, then kill any child it left behind."""
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for child in children:
+            try:
+                child.wait(timeout=2)
+            except psutil.TimeoutExpired:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.log_file.close()
+        if proc in self.running:
+            self.running.remove(proc)
+
+
+def log_tail(proc: NamedProcess, lines: int = 15) -> str:
+    try:
+        text = Path(proc.log_path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for_port(
+    port: int, proc: NamedProcess | None = None, timeout: float = 15.0, host: str = LOOPBACK
+) -> None:
+    """Return once ``host:port`` accepts a connection; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise HarnessError(
+                f"{proc.name} exited with status {proc.returncode} before listening on port "
+                f"{port}:\n{log_tail(proc)}"
+            )
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise HarnessError(
+                    f"nothing accepts on {host}:{port} after {timeout:.0f} s"
+                ) from None
+            time.sleep(0.02)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU time of each live process in ``pids``."""
+    times = {}
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        times[pid] = t.user + t.system
+    return times
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+# --- balancers -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """A started balancer: where clients connect and which processes do its work."""
+
+    name: str
+    port: int
+    proc: NamedProcess | None = None
+    pids: list[int] = field(default_factory=list)
+
+    def refresh_pids(self) -> list[int]:
+        if self.proc is not None:
+            self.pids = [p.pid for p in process_tree(self.proc.pid)]
+        return self.pids
+
+
+def fastlb_command() -> list[str]:
+    return [sys.executable, "-m", "fastlb"]
+
+
+def fastlb_missing() -> str | None:
+    try:
+        done = subprocess.run(
+            [*fastlb_command(), "run", "--help"], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        return "`python -m fastlb run --help` did not finish in 30 s"
+    if done.returncode != 0:
+        last = ((done.stderr or done.stdout).strip().splitlines() or [""])[-1]
+        reason = last.split(": ", 1)[-1]
+        return f"`python -m fastlb run --help` fails ({reason}); `pip install -e .` in {ROOT}"
+    return None
+
+
+def haproxy_missing() -> str | None:
+    return None if shutil.which("haproxy") else f"haproxy is not installed ({INSTALL_HINT})"
+
+
+def nginx_missing() -> str | None:
+    if not shutil.which("nginx"):
+        return f"nginx is not installed ({INSTALL_HINT})"
+    if not NGINX_STREAM_MODULE.exists():
+        return f"nginx's stream module is not installed ({INSTALL_HINT})"
+    return None
+
+
+def wait_for_fastlb_stats(stats_port: int, proc: NamedProcess, timeout: float = 15.0) -> None:
+    """Return once fastlb's /stats lists every worker as ready."""
+    deadline = time.monotonic() + timeout
+    url = f"http://{LOOPBACK}:{stats_port}/stats"
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise HarnessError(f"fastlb exited with status {proc.returncode}:\n{log_tail(proc)}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                stats = json.load(reply)
+            workers = stats.get("workers", [])
+            if workers and all(w.get("ready") for w in workers):
+                return
+            last_error = f"workers not ready: {workers}"
+        except (OSError, ValueError) as exc:
+            last_error = str(exc)
+        time.sleep(0.05)
+    raise HarnessError(f"fastlb not ready after {timeout:.0f} s ({last_error}):\n{log_tail(proc)}")
+
+
+def start_fastlb(
+    procs: Processes,
+    port: int,
+    backends: list[int],
+    workers: int,
+    max_conn: int | None = None,
+    extra_args: list[str] = (),
+) -> Running:
+    stats_port = free_port()
+    cmd = [*fastlb_command(), "run", "--listen", f"{LOOPBACK}:{port}"]
+    for backend in backends:
+        cmd += ["--backend", f"{LOOPBACK}:{backend}"]
+    cmd += ["--workers", str(workers), "--stats", f"{LOOPBACK}:{stats_port}"]
+    if max_conn is not None:
+        cmd += ["--max-conn", str(max_conn)]
+    cmd += list(extra_args)
+    proc = procs.start("fastlb", cmd)
+    wait_for_fastlb_stats(stats_port, proc)
+    wait_for_port(port, proc)
+    running = Running("fastlb", port, proc)
+    running.refresh_pids()
+    return running
+
+
+# HAProxy 2.6's `option splice-auto` never splices these workloads (perf counts zero splice(2)
+# calls), so its zero-copy mode here is splice in both directions, always.
+SPLICE_OPTIONS = "    option splice-request\n    option splice-response"
+
+
+def haproxy_config(
+    port: int, backends: list[int], threads: int, splice: bool, maxconn: int, tmp: Path
+) -> str:
+    servers = "\n".join(f"    server s{i} {LOOPBACK}:{b}" for i, b in enumerate(backends))
+    return f"""\
+global
+    nbthread {threads}
+    maxconn {maxconn}
+    pidfile {tmp}/haproxy.pid
+
+defaults
+    mode tcp
+    balance roundrobin
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+{SPLICE_OPTIONS if splice else ""}
+
+frontend bench
+    bind {LOOPBACK}:{port}
+    default_backend servers
+
+backend servers
+{servers}
+"""
+
+
+def start_haproxy(
+    procs: Processes,
+    port: int,
+    backends: list[int],
+    workers: int,
+    tmp: Path,
+    splice: bool = False,
+    maxconn: int = 4096,
+) -> Running:
+    name = "haproxy-splice" if splice else "haproxy"
+    config = tmp / f"{name}.cfg"
+    config.write_text(haproxy_config(port, backends, workers, splice, maxconn, tmp))
+    proc = procs.start(name, ["haproxy", "-db", "-f", str(config)])
+    wait_for_port(port, proc)
+    running = Running(name, port, proc)
+    running.refresh_pids()
+    return running
+
+
+def nginx_stream_config(
+    port: int, backends: list[int], workers: int, connections: int, tmp: Path
+) -> str:
+    servers = "\n".join(f"        server {LOOPBACK}:{b};" for b in backends)
+    return f"""\
+load_module {NGINX_STREAM_MODULE};
+worker_processes {workers};
+worker_rlimit_nofile {nofile_hard_limit()};
+pid {tmp}/nginx-stream.pid;
+error_log {tmp}/nginx-stream.error.log warn;
+
+events {{
+    worker_connections {connections};
+}}
+
+stream {{
+    upstream servers {{
+{servers}
+    }}
+    server {{
+        listen {LOOPBACK}:{port} reuseport;
+        proxy_pass servers;
+        proxy_connect_timeout 5s;
+        proxy_timeout 120s;
+    }}
+}}
+"""
+
+
+def start_nginx_stream(
+    procs: Processes,
+    port: int,
+    backends: list[int],
+    workers: int,
+    tmp: Path,
+    connections: int = 8192,
+) -> Running:
+    prefix = tmp / "nginx-stream"
+    prefix.mkdir(exist_ok=True)
+    config = prefix / "nginx.conf"
+    config.write_text(nginx_stream_config(port, backends, workers, connections, prefix))
+    cmd = ["nginx", "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
+    proc = procs.start("nginx-stream", [*cmd, "-g", "daemon off;"])
+    wait_for_port(port, proc)
+    running = Running("nginx", port, proc)
+    # Wait for all workers: the master listens before it forks them.
+    deadline = time.monotonic() + 10
+    while len(running.refresh_pids()) < workers + 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return running
+
+
+# --- versions ------------------------------------------------------------------------------------
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    return ((done.stdout or done.stderr).strip().splitlines() or ["?"])[0]
+
+
+def environment() -> dict:
+    """Machine and versions, for the record that goes with a result."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        fastlb_version = version("fastlb")
+    except Exception:
+        fastlb_version = "not installed"
+    git = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "fastlb": fastlb_version,
+        "git": git.stdout.strip() or "unknown",
+        "haproxy": _first_line(["haproxy", "-v"]),
+        "nginx": _first_line(["nginx", "-v"]),
+        "wrk": _first_line(["wrk", "-v"]),
+    }
+
+
+# --- wrk -----------------------------------------------------------------------------------------
+
+WRK_REPORT = """\
+done = function(summary, latency, requests)
+    local e = summary.errors
+    io.write(string.format(
+        'WRK-RESULT {"duration_us": %d, "requests": %d, "bytes": %d, "connect": %d, '
+        .. '"read": %d, "write": %d, "status": %d, "timeout": %d, '
+        .. '"p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\\n',
+        summary.duration, summary.requests, summary.bytes, e.connect, e.read, e.write,
+        e.status, e.timeout, latency:percentile(50), latency:percentile(90),
+        latency:percentile(99), latency.max))
+end
+"""
+# Only a script that defines delay() makes wrk pause before each request (and costs a timer).
+WRK_DELAY = """\
+local delay_ms = 0
+init = function(args) delay_ms = tonumber(args[1]) end
+delay = function() return delay_ms end
+"""
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    bytes: int
+    duration_s: float
+    errors: dict[str, int]
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.duration_s
+
+    @property
+    def megabytes_per_s(self) -> float:
+        return self.bytes / self.duration_s / 1e6
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def wrk_command(
+    url: str,
+    duration: int,
+    connections: int,
+    threads: int,
+    script: Path,
+    close: bool = False,
+    delay_ms: int = 0,
+) -> list[str]:
+    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s"]
+    cmd += ["--timeout", "10s", "-s", str(script)]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    cmd.append(url)
+    if delay_ms:
+        cmd += ["--", str(delay_ms)]
+    return cmd
+
+
+def write_wrk_script(tmp: Path, delay: bool) -> Path:
+    path = tmp / ("wrk-delay.lua" if delay else "wrk-report.lua")
+    path.write_text((WRK_DELAY if delay else "") + WRK_REPORT)
+    return path
+
+
+def run_wrk(cmd: list[str], timeout: float) -> WrkResult:
+    return wrk_result(subprocess.run(cmd, capture_output=True, text=True, timeout=timeout), cmd)
+
+
+def wrk_result(done: subprocess.CompletedProcess, cmd: list[str]) -> WrkResult:
+    """The result line that WRK_REPORT makes wrk print, parsed."""
+    for line in done.stdout.splitlines():
+        if line.startswith("WRK-RESULT "):
+            r = json.loads(line.removeprefix("WRK-RESULT "))
+            return WrkResult(
+                requests=r["requests"],
+                bytes=r["bytes"],
+                duration_s=r["duration_us"] / 1e6,
+                errors={k: r[k] for k in ("connect", "read", "write", "status", "timeout") if r[k]},
+                p50_ms=r["p50_us"] / 1e3,
+                p90_ms=r["p90_us"] / 1e3,
+                p99_ms=r["p99_us"] / 1e3,
+                max_ms=r["max_us"] / 1e3,
+            )
+    raise HarnessError(
+        f"wrk gave no result (status {done.returncode}): {shlex.join(cmd)}\n"
+        f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+    )

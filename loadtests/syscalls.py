@@ -1,0 +1,254 @@
+"""System calls per request, fastlb and HAProxy side by side.
+
+A balancer here spends most of its CPU time in the kernel, so the number of system calls per
+request is the figure to bring down. For each balancer this script runs a short fixed wrk workload
+(keep-alive requests, a new connection per request, 1 MiB responses) while counting the system
+calls of all the balancer's processes, and prints calls per request, per system call.
+
+``--tool strace`` (default) runs ``strace -c -f -p PID...``: it slows the balancer down a lot,
+which changes throughput and can change how many events one ``epoll_wait`` returns, but the
+per-request counts of the other calls stay meaningful. ``--tool perf`` counts the
+``syscalls:sys_enter_*`` tracepoints instead, at almost no cost.
+
+    python loadtests/syscalls.py
+    python loadtests/syscalls.py --tool perf --balancers fastlb,haproxy,haproxy-splice,nginx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from backend import BULK_PATH, start_http_backends
+from harness import (
+    HERE,
+    INSTALL_HINT,
+    LOOPBACK,
+    HarnessError,
+    Processes,
+    Running,
+    environment,
+    fastlb_missing,
+    free_port,
+    haproxy_missing,
+    nginx_missing,
+    run_wrk,
+    start_fastlb,
+    start_haproxy,
+    start_nginx_stream,
+    write_wrk_script,
+    wrk_command,
+    wrk_result,
+)
+from rich.console import Console
+from rich.table import Table
+
+BALANCERS = ["fastlb", "haproxy", "haproxy-splice", "nginx"]
+DEFAULT_BALANCERS = ["fastlb", "haproxy", "haproxy-splice"]
+# name: (title, path, Connection: close, wrk connections)
+WORKLOADS = {
+    "keepalive": ("small requests, keep-alive", "/", False, 50),
+    "newconn": ("new connection per request", "/", True, 50),
+    "bulk": ("1 MiB responses", BULK_PATH, False, 8),
+}
+TOP = 8  # system calls listed per workload, by count
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+def parse_strace_summary(text: str) -> dict[str, dict[str, int]]:
+    """``{syscall: {"calls": n, "errors": n}}`` from the table that ``strace -c`` writes."""
+    counts = {}
+    for line in text.splitlines():
+        tokens = line.split()
+        if len(tokens) not in (5, 6) or not re.fullmatch(r"[\d.]+", tokens[0]):
+            continue
+        name = tokens[-1]
+        if name == "total":
+            continue
+        counts[name] = {
+            "calls": int(tokens[3]),
+            "errors": int(tokens[4]) if len(tokens) == 6 else 0,
+        }
+    return counts
+
+
+def parse_perf_csv(text: str) -> dict[str, dict[str, int]]:
+    """``{syscall: {"calls": n}}`` from ``perf stat -x,`` output for syscalls:sys_enter_*."""
+    counts = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) < 3 or not fields[2].startswith("syscalls:sys_enter_"):
+            continue
+        if fields[0].strip().isdigit() and int(fields[0]) > 0:
+            counts[fields[2].removeprefix("syscalls:sys_enter_")] = {"calls": int(fields[0])}
+    return counts
+
+
+def traced_with_strace(pids: list[int], wrk: list[str], duration: int, tmp: Path) -> tuple:
+    summary = tmp / "strace.txt"
+    cmd = ["strace", "-c", "-f", "-o", str(summary)]
+    for pid in pids:
+        cmd += ["-p", str(pid)]
+    strace = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        # strace says "Process N attached" for every process (and thread) it traces.
+        waiting = set(pids)
+        while waiting:
+            line = strace.stderr.readline()
+            if not line:
+                raise HarnessError(f"strace stopped before attaching: {shlex.join(cmd)}")
+            match = re.search(r"Process (\d+) attached", line)
+            if match:
+                waiting.discard(int(match.group(1)))
+        result = run_wrk(wrk, timeout=duration + 120)
+    finally:
+        strace.send_signal(signal.SIGINT)
+        try:
+            strace.wait(30)
+        except subprocess.TimeoutExpired:
+            strace.kill()
+            strace.wait()
+        strace.stderr.close()
+    return result, parse_strace_summary(summary.read_text())
+
+
+def traced_with_perf(pids: list[int], wrk: list[str], duration: int, tmp: Path) -> tuple:
+    # With a command after --, perf counts the -p targets exactly while that command runs.
+    output = tmp / "perf.csv"
+    cmd = ["perf", "stat", "-x,", "-o", str(output), "-e", "syscalls:sys_enter_*"]
+    cmd += ["-p", ",".join(map(str, pids)), "--", *wrk]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+    return wrk_result(done, cmd), parse_perf_csv(output.read_text())
+
+
+def start(name: str, procs: Processes, port: int, backends: list[int], tmp: Path) -> Running:
+    if name == "fastlb":
+        return start_fastlb(procs, port, backends, workers=1)
+    if name in ("haproxy", "haproxy-splice"):
+        return start_haproxy(procs, port, backends, 1, tmp, splice=name == "haproxy-splice")
+    return start_nginx_stream(procs, port, backends, 1, tmp)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--balancers", default=",".join(DEFAULT_BALANCERS), help=f"from {BALANCERS}"
+    )
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"from {list(WORKLOADS)}")
+    parser.add_argument("--duration", type=int, default=3, help="seconds of wrk per workload")
+    parser.add_argument("--tool", choices=["strace", "perf"], default="strace")
+    parser.add_argument("--out", type=Path, help="JSON result (default loadtests/results/...)")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.balancers.split(",") if n.strip()]
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if set(names) - set(BALANCERS) or set(workloads) - set(WORKLOADS):
+        parser.error("unknown balancer or workload")
+    for tool in ("wrk", args.tool):
+        if not shutil.which(tool):
+            console.print(f"[red]syscalls.py needs {tool} ({INSTALL_HINT} {args.tool})[/]")
+            return 2
+    missing = {
+        "fastlb": fastlb_missing,
+        "haproxy": haproxy_missing,
+        "haproxy-splice": haproxy_missing,
+        "nginx": nginx_missing,
+    }
+    trace = traced_with_strace if args.tool == "strace" else traced_with_perf
+    results: dict[str, dict[str, dict]] = {w: {} for w in workloads}
+    problems = []
+    with tempfile.TemporaryDirectory(prefix="fastlb-syscalls-") as tmp_name:
+        tmp = Path(tmp_name)
+        script = write_wrk_script(tmp, delay=False)
+        with Processes(tmp) as procs:
+            backends = start_http_backends(procs, 2, tmp)
+            port = free_port()
+            for name in names:
+                reason = missing[name]()
+                if reason:
+                    console.print(f"[yellow]skipping {name}: {reason}[/]")
+                    continue
+                running = start(name, procs, port, backends.ports, tmp)
+                try:
+                    for workload in workloads:
+                        _, path, close, connections = WORKLOADS[workload]
+                        url = f"http://{LOOPBACK}:{port}{path}"
+                        wrk = wrk_command(url, args.duration, connections, 1, script, close=close)
+                        result, counts = trace(running.refresh_pids(), wrk, args.duration, tmp)
+                        if result.errors:
+                            problems.append(f"{name} {workload}: wrk errors {result.errors}")
+                        total = sum(c["calls"] for c in counts.values())
+                        per_request = total / result.requests if result.requests else 0.0
+                        results[workload][name] = {
+                            "requests": result.requests,
+                            "requests_per_s": result.requests_per_s,
+                            "syscalls": counts,
+                            "total_per_request": per_request,
+                        }
+                        console.print(
+                            f"  {name:<15} {workload:<10} {result.requests:>8,} requests "
+                            f"{per_request:8.2f} system calls per request"
+                        )
+                finally:
+                    procs.stop(running.proc)
+
+    print_tables(results, names)
+    out = args.out or HERE / "results" / time.strftime("syscalls-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "environment": environment(),
+        "tool": args.tool,
+        "duration_s": args.duration,
+        "results": results,
+        "problems": problems,
+    }
+    out.write_text(json.dumps(record, indent=2))
+    console.print(f"results: {out}")
+    for problem in problems:
+        console.print(f"[red]{problem}[/]")
+    return 1 if problems else 0
+
+
+def print_tables(results: dict, names: list[str]) -> None:
+    for workload, by_balancer in results.items():
+        shown = [n for n in names if n in by_balancer]
+        if not shown:
+            continue
+        title, *_ = WORKLOADS[workload]
+        table = Table(title=f"{workload}: {title} — system calls per request")
+        table.add_column("system call")
+        for name in shown:
+            table.add_column(name, justify="right")
+        totals: dict[str, float] = {}
+        for name in shown:
+            row = by_balancer[name]
+            for call, count in row["syscalls"].items():
+                totals[call] = totals.get(call, 0.0) + count["calls"] / max(row["requests"], 1)
+        top = sorted(totals, key=totals.get, reverse=True)[:TOP]
+        for call in top:
+            cells = []
+            for name in shown:
+                row = by_balancer[name]
+                count = row["syscalls"].get(call)
+                cells.append(f"{count['calls'] / max(row['requests'], 1):.2f}" if count else "-")
+            table.add_row(call, *cells)
+        table.add_row(
+            "[bold]all[/]",
+            *(f"[bold]{by_balancer[n]['total_per_request']:.2f}[/]" for n in shown),
+        )
+        table.add_row("requests", *(f"{by_balancer[n]['requests']:,}" for n in shown))
+        console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""A fake TCP backend for the black-box tests, run as its own process (like HAProxy vtest servers).
+
+    python backends.py MODE [--name NAME] [--bytes N] [--port PORT] [--lifetime S]
+
+It listens on 127.0.0.1 (port 0 picks a free one), prints the port on the first line of stdout
+once it accepts connections, then one JSON line per connection event:
+``{"event": "open", "peer": ...}`` when a connection is accepted and ``{"event": "closed",
+"peer", "received", "sent", "sha256_in", "sha256_out", "error"}`` when it is done (error is an
+errno name such as ``"ECONNRESET"``, or null).
+
+Modes, one thread per connection:
+  name       send NAME + "\\n", echo everything until EOF, then shut down writing and close
+  hold       the same as name; the tests that keep connections open say so by its name
+  echo       echo everything; after EOF finish echoing, then shut down writing and close
+  source     send --bytes bytes of a random pattern, then close (sha256_out says what was sent)
+  sink       read until EOF, send back the sha256 hex digest of what was read, then close
+  halfclose  send NAME + "\\n", shut down writing, then read until EOF (sha256_in says what)
+  reset      send NAME + "\\n", wait for one byte from the client, then close with a reset (RST)
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+
+RECV_SIZE = 1 << 20
+# Not a multiple of any buffer size, so chunks a proxy dropped, repeated or swapped change the
+# stream even though the pattern repeats.
+PATTERN_PERIOD = (1 << 20) + 13
+
+_print_lock = threading.Lock()
+
+
+def report(**event) -> None:
+    line = json.dumps(event)
+    with _print_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def pattern_chunks(total: int, block: bytes):
+    """``total`` bytes of ``block`` repeated, as memoryviews of at most one block each."""
+    view = memoryview(block)
+    sent = 0
+    while sent < total:
+        chunk = view[: min(len(view), total - sent)]
+        sent += len(chunk)
+        yield chunk
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, peer: str, args: argparse.Namespace):
+        self.sock = sock
+        self.peer = peer
+        self.args = args
+        self.received = 0
+        self.sent = 0
+        self.digest_in = hashlib.sha256()
+        self.digest_out = hashlib.sha256()
+        self.buf = bytearray(RECV_SIZE)
+
+    def send(self, data) -> None:
+        self.sock.sendall(data)
+        self.sent += len(data)
+        self.digest_out.update(data)
+
+    def recv(self) -> memoryview:
+        """The next bytes read; empty at EOF."""
+        n = self.sock.recv_into(self.buf)
+        self.received += n
+        data = memoryview(self.buf)[:n]
+        self.digest_in.update(data)
+        return data
+
+    def name_line(self) -> bytes:
+        return self.args.name.encode() + b"\n"
+
+    def echo_until_eof(self) -> None:
+        while data := self.recv():
+            self.send(data)
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def serve_name(self) -> None:
+        self.send(self.name_line())
+        self.echo_until_eof()
+
+    def serve_echo(self) -> None:
+        self.echo_until_eof()
+
+    def serve_source(self) -> None:
+        for chunk in pattern_chunks(self.args.bytes, os.urandom(PATTERN_PERIOD)):
+            self.send(chunk)
+
+    def serve_sink(self) -> None:
+        while self.recv():
+            pass
+        self.send(self.digest_in.hexdigest().encode())
+
+    def serve_halfclose(self) -> None:
+        self.send(self.name_line())
+        self.sock.shutdown(socket.SHUT_WR)
+        while self.recv():
+            pass
+
+    def serve_reset(self) -> None:
+        self.send(self.name_line())
+        self.recv()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def run(self) -> None:
+        error = None
+        report(event="open", peer=self.peer)
+        try:
+            MODES[self.args.mode](self)
+        except OSError as exc:
+            error = errno.errorcode.get(exc.errno, str(exc))
+        finally:
+            self.sock.close()
+        report(
+            event="closed",
+            peer=self.peer,
+            received=self.received,
+            sent=self.sent,
+            sha256_in=self.digest_in.hexdigest(),
+            sha256_out=self.digest_out.hexdigest(),
+            error=error,
+        )
+
+
+MODES = {
+    "name": Connection.serve_name,
+    "hold": Connection.serve_name,
+    "echo": Connection.serve_echo,
+    "source": Connection.serve_source,
+    "sink": Connection.serve_sink,
+    "halfclose": Connection.serve_halfclose,
+    "reset": Connection.serve_reset,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument("--name", default="backend")
+    parser.add_argument("--bytes", type=int, default=0, help="what source sends")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--lifetime", type=float, default=600.0, help="exit after this long")
+    args = parser.parse_args()
+
+    # Never outlive a test run that lost track of us.
+    lifetime = threading.Timer(args.lifetime, os._exit, (0,))
+    lifetime.daemon = True
+    lifetime.start()
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", args.port))
+    listener.listen(1024)
+    sys.stdout.write(f"{listener.getsockname()[1]}\n")
+    sys.stdout.flush()
+    while True:
+        sock, (host, port) = listener.accept()
+        conn = Connection(sock, f"{host}:{port}", args)
+        threading.Thread(target=conn.run, daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Fixtures for the black-box tests: fake backend processes with the real ``fastlb run`` in front.
+
+The backends are ``tests/backends.py`` processes; the balancer is ``python -m fastlb run`` with a
+``--stats`` endpoint that tells when every worker is ready. Both are started on free loopback
+ports, waited for by reading a message from them (never by sleeping), and killed by PID at
+teardown. The balancer's stderr goes to a file that is attached to the report of a failed test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+BACKENDS_PROGRAM = Path(__file__).resolve().parent / "backends.py"
+START_TIMEOUT = 20.0  # generous: the suite shares two cores with whatever else runs
+STOP_TIMEOUT = 15.0
+CLIENT_TIMEOUT = 10.0
+TEST_TIMEOUT = 120  # per test, when pytest-timeout is installed
+
+
+def pytest_report_header(config):
+    import fastlb
+
+    return f"fastlb: {fastlb.__file__}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.pluginmanager.hasplugin("timeout"):
+        for item in items:
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(TEST_TIMEOUT))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        for balancer in getattr(item, "fastlb_balancers", ()):
+            report.sections.append((f"fastlb stderr (pid {balancer.pid})", balancer.log()))
+    return report
+
+
+# ---- helpers for clients ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Polls ``predicate`` until it returns something true, which is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def recv_line(sock: socket.socket) -> str:
+    """The first line the peer sends; raises EOFError if it closes before a whole line."""
+    data = b""
+    while b"\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise EOFError(f"connection closed after {data!r}")
+        data += chunk
+    return data.split(b"\n", 1)[0].decode()
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    """Everything the peer sends until EOF."""
+    data = bytearray()
+    while chunk := sock.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
+def recv_until_eof(sock: socket.socket) -> tuple[int, str]:
+    """Reads until EOF; returns (bytes read, sha256 hex digest)."""
+    digest = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    total = 0
+    while n := sock.recv_into(buf):
+        digest.update(view[:n])
+        total += n
+    return total, digest.hexdigest()
+
+
+class ClientLoop:
+    """Threads that keep opening connections, each reading the backend's name and closing."""
+
+    def __init__(self, lb, threads: int = 4):
+        self.lb = lb
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.results: list[tuple[float, float, str | None, str | None]] = []
+        self.threads = [threading.Thread(target=self.run) for _ in range(threads)]
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                name, error = self.lb.ask_name(), None
+            except (OSError, EOFError) as exc:
+                name, error = None, repr(exc)  # e.g. ConnectionRefusedError(111, ...)
+            with self.lock:
+                self.results.append((started, time.monotonic(), name, error))
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.results)
+
+    def wait_for_more(self, n: int, timeout: float = 20.0) -> None:
+        target = self.count() + n
+        wait_until(lambda: self.count() >= target, timeout, f"{n} more client connections")
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+    def failures(self, started_after: float = 0.0) -> list:
+        return [r for r in self.results if r[3] is not None and r[0] >= started_after]
+
+
+# ---- fake backends ------------------------------------------------------------------------------
+
+
+class Backend:
+    """One ``backends.py`` process; ``events`` receives its JSON event lines."""
+
+    def __init__(self, mode: str, name: str, nbytes: int = 0, port: int = 0):
+        self.mode = mode
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BACKENDS_PROGRAM), mode, "--name", name]
+            + ["--bytes", str(nbytes), "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        self.pid = self.proc.pid
+        lines: queue.Queue = queue.Queue()
+        self.events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, args=(lines,), daemon=True).start()
+        try:
+            self.port = int(lines.get(timeout=START_TIMEOUT))
+        except queue.Empty:
+            self.kill()
+            raise AssertionError(f"backend {name} ({mode}) did not start") from None
+
+    def _read(self, lines: queue.Queue) -> None:
+        first = True
+        for line in self.proc.stdout:
+            if first:
+                lines.put(line)
+                first = False
+            else:
+                self.events.put(json.loads(line))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def next_event(self, kind: str = "closed", timeout: float = CLIENT_TIMEOUT) -> dict:
+        """The next event of this kind (earlier events of other kinds are dropped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"backend {self.name}: no {kind!r} event") from None
+            if event["event"] == kind:
+                return event
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=STOP_TIMEOUT)
+
+
+@pytest.fixture
+def backends():
+    """``backends(mode, name=..., nbytes=..., port=...)`` starts one fake backend process."""
+    started: list[Backend] = []
+    counter = iter(range(1, 1000))
+
+    def start(mode: str = "name", name: str | None = None, nbytes: int = 0, port: int = 0):
+        backend = Backend(mode, name or f"{mode}{next(counter)}", nbytes, port)
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.kill()
+
+
+# ---- the balancer -------------------------------------------------------------------------------
+
+
+class Balancer:
+    """A running ``fastlb run``; its client port is ``port``."""
+
+    def __init__(self, backends: list, args: tuple[str, ...], workers: int, logdir: Path):
+        self.port = free_port()
+        self.stats_port = free_port()
+        self.workers = workers
+        self.stopped_by_test = False
+        specs = []
+        for backend in backends:
+            specs += ["--backend", backend.address if isinstance(backend, Backend) else backend]
+        self.argv = [sys.executable, "-m", "fastlb", "run", "--listen", f"127.0.0.1:{self.port}"]
+        self.argv += ["--stats", f"127.0.0.1:{self.stats_port}", "--workers", str(workers)]
+        self.argv += specs + list(args)
+        self.log_path = logdir / f"fastlb-{self.port}.log"
+        with open(self.log_path, "wb") as log:
+            # cwd away from the source tree: "-m" must import the installed package.
+            self.proc = subprocess.Popen(
+                self.argv, cwd=logdir, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        self.pid = self.proc.pid
+        self.descendants: dict[int, psutil.Process] = {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def fail(self, message: str):
+        raise AssertionError(f"{message}\ncommand: {' '.join(self.argv)}\nstderr:\n{self.log()}")
+
+    # -- state
+
+    def stats(self) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.stats_port, timeout=CLIENT_TIMEOUT)
+        try:
+            conn.request("GET", "/stats")
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == 200, f"GET /stats: {response.status} {body!r}"
+            return json.loads(body)
+        finally:
+            conn.close()
+
+    def backend(self, backend, stats: dict | None = None) -> dict:
+        """The /stats entry of one backend (a Backend or a "host:port")."""
+        address = backend.address if isinstance(backend, Backend) else backend
+        for entry in (stats or self.stats())["backends"]:
+            if entry["address"] == address:
+                return entry
+        raise AssertionError(f"{address} not in /stats")
+
+    def active(self) -> int:
+        return sum(entry["active"] for entry in self.stats()["backends"])
+
+    def worker_pids(self) -> list[int]:
+        return [worker["pid"] for worker in self.stats()["workers"]]
+
+    def wait_for(self, predicate, timeout: float = 10.0, what: str = "a /stats condition"):
+        """Polls /stats until ``predicate(stats)`` holds; returns those stats."""
+        last = {}
+
+        def check():
+            last["stats"] = self.stats()
+            return predicate(last["stats"])
+
+        try:
+            wait_until(check, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last /stats: {last.get('stats')}") from None
+        return last["stats"]
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                self.fail(f"fastlb exited with {self.proc.returncode} while starting")
+            try:
+                workers = self.stats()["workers"]
+                if len(workers) == self.workers and all(w["ready"] for w in workers):
+                    break
+            except (OSError, http.client.HTTPException):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                self.fail(f"fastlb not ready after {START_TIMEOUT}s")
+            time.sleep(0.02)
+        self.track_descendants()
+
+    def track_descendants(self) -> None:
+        for child in psutil.Process(self.pid).children(recursive=True):
+            self.descendants.setdefault(child.pid, child)
+
+    # -- clients
+
+    def connect(self, source: str | None = None, timeout: float = CLIENT_TIMEOUT) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        if source:
+            sock.bind((source, 0))
+        try:
+            sock.connect(("127.0.0.1", self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def ask_name(self, source: str | None = None) -> str:
+        """Connects, reads the backend's name line and closes."""
+        with self.connect(source) as sock:
+            return recv_line(sock)
+
+    # -- stopping
+
+    def signal(self, signum: int) -> None:
+        """Sends a signal; the test then owns how it exits (see wait_exit)."""
+        self.track_descendants()
+        self.stopped_by_test = True
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail(f"fastlb still running after {timeout}s")
+
+    def cleanup(self) -> None:
+        """Stops it if still running, kills what is left, then checks nothing was left."""
+        problems = []
+        if self.proc.poll() is None:
+            self.track_descendants()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout=STOP_TIMEOUT)
+                if code != 0:
+                    problems.append(f"exit status {code} after SIGTERM")
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=STOP_TIMEOUT)
+                problems.append(f"still running {STOP_TIMEOUT}s after SIGTERM")
+        elif not self.stopped_by_test:
+            problems.append(f"exited by itself with status {self.proc.returncode}")
+
+        def leftovers():
+            alive = []
+            for proc in self.descendants.values():
+                try:
+                    if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(proc)
+                except psutil.NoSuchProcess:
+                    pass
+            return alive
+
+        try:
+            wait_until(lambda: not leftovers(), 5.0, "the workers to exit")
+        except AssertionError:
+            left = leftovers()
+            problems.append(f"processes left behind: {[p.pid for p in left]}")
+            for proc in left:
+                proc.kill()
+        if problems:
+            self.fail("; ".join(problems))
+
+
+@pytest.fixture
+def balancer(request, tmp_path):
+    """``balancer(backends, *flags, workers=1)`` runs ``fastlb run`` and waits until it is ready.
+
+    backends are Backend handles or "host:port[,weight=N][,backup]" strings."""
+    started: list[Balancer] = []
+    request.node.fastlb_balancers = started
+
+    def start(backends: list, *args: str, workers: int = 1) -> Balancer:
+        lb = Balancer(backends, args, workers, tmp_path)
+        started.append(lb)
+        lb.wait_ready()
+        return lb
+
+    yield start
+    errors = []
+    for lb in started:
+        try:
+            lb.cleanup()
+        except AssertionError as exc:
+            errors.append(str(exc))
+    if errors:
+        pytest.fail("\n\n".join(errors), pytrace=False)

@@ -1,0 +1,134 @@
+"""Bytes pass through unchanged both ways, half-closes and resets are propagated."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+
+import pytest
+from conftest import recv_all, recv_line, recv_until_eof
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# (size, splice mode): every size with the default mode, the large ones with every mode.
+CASES = [(n, "auto") for n in (1, KiB, 100 * KiB)] + [
+    (n, mode) for n in (MiB, 64 * MiB) for mode in ("never", "always", "auto")
+]
+CASE_IDS = [f"{size}B-splice-{mode}" for size, mode in CASES]
+
+
+def random_payload(size: int) -> bytes:
+    """``size`` random bytes; large payloads repeat a random block of an odd length."""
+    block = os.urandom(min(size, MiB + 13))
+    return (block * (size // len(block) + 1))[:size]
+
+
+@pytest.mark.parametrize(("size", "splice"), CASES, ids=CASE_IDS)
+def test_upload_arrives_intact(backends, balancer, size, splice):
+    sink = backends("sink")
+    lb = balancer([sink], "--splice", splice)
+    payload = random_payload(size)
+    with lb.connect() as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        reply = recv_all(sock)
+    assert reply.decode() == hashlib.sha256(payload).hexdigest()
+    closed = sink.next_event()
+    assert (closed["received"], closed["error"]) == (size, None)
+
+
+@pytest.mark.parametrize(("size", "splice"), CASES, ids=CASE_IDS)
+def test_download_arrives_intact(backends, balancer, size, splice):
+    source = backends("source", nbytes=size)
+    lb = balancer([source], "--splice", splice)
+    with lb.connect() as sock:
+        received, digest = recv_until_eof(sock)
+    closed = source.next_event()
+    assert closed["sent"] == size
+    assert (received, digest) == (size, closed["sha256_out"])
+
+
+@pytest.mark.parametrize("splice", ["never", "always"])
+def test_both_directions_at_once(backends, balancer, splice):
+    """A client that streams 16 MiB while reading the echo back: no deadlock, nothing changed."""
+    echo = backends("echo")
+    lb = balancer([echo], "--splice", splice)
+    payload = random_payload(16 * MiB)
+    with lb.connect() as sock:
+
+        def upload():
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=upload)
+        sender.start()
+        received, digest = recv_until_eof(sock)
+        sender.join(timeout=30)
+    assert (received, digest) == (len(payload), hashlib.sha256(payload).hexdigest())
+
+
+def test_client_half_close_reaches_the_backend_which_can_still_answer(backends, balancer):
+    sink = backends("sink")
+    lb = balancer([sink])
+    with lb.connect() as sock:
+        sock.sendall(b"first part, ")
+        sock.sendall(b"second part")
+        sock.shutdown(socket.SHUT_WR)
+        # The sink answers only after it has read EOF.
+        answer = recv_all(sock)
+    assert answer.decode() == hashlib.sha256(b"first part, second part").hexdigest()
+    closed = sink.next_event()
+    assert (closed["received"], closed["error"]) == (23, None)
+
+
+def test_backend_half_close_reaches_the_client_which_can_still_send(backends, balancer):
+    halfclose = backends("halfclose", name="early-closer")
+    lb = balancer([halfclose])
+    payload = random_payload(3 * MiB)
+    with lb.connect() as sock:
+        assert recv_line(sock) == "early-closer"
+        assert sock.recv(1) == b""  # EOF from the backend
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
+    closed = halfclose.next_event()
+    assert closed["error"] is None
+    assert closed["received"] == len(payload)
+    assert closed["sha256_in"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_backend_reset_reaches_the_client_as_a_reset(backends, balancer):
+    resetter = backends("reset", name="resetter")
+    lb = balancer([resetter])
+    with lb.connect() as sock:
+        assert recv_line(sock) == "resetter"
+        sock.sendall(b"x")  # the backend resets once it has read this
+        assert resetter.next_event()["received"] == 1
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(4096):
+                pass
+
+
+def test_client_reset_reaches_the_backend_as_a_reset(backends, balancer):
+    hold = backends("hold", name="holder")
+    lb = balancer([hold])
+    sock = lb.connect()
+    assert recv_line(sock) == "holder"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    assert hold.next_event()["error"] == "ECONNRESET"
+
+
+def test_clean_close_is_not_a_reset(backends, balancer):
+    hold = backends("hold", name="holder")
+    lb = balancer([hold])
+    with lb.connect() as sock:
+        assert recv_line(sock) == "holder"
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+    closed = hold.next_event()
+    assert (closed["received"], closed["sent"], closed["error"]) == (4, len("holder\nping"), None)
