@@ -19,6 +19,12 @@ include "lb/common.pxi"
 include "lb/roundrobin.pxi"
 include "lb/leastconn.pxi"
 include "lb/iphash.pxi"
+include "lb/bounded.pxi"
+include "lb/consistent.pxi"
+include "lb/maglev.pxi"
+include "lb/sampling.pxi"
+include "lb/p2c.pxi"
+include "lb/random.pxi"
 include "table.pxi"
 
 DEF TAG_LISTEN = 1
@@ -783,6 +789,17 @@ cdef class Balancer:
 
     def pick_address(self, str host, int port=0, bint with_port=False):
         return self.pick(hash_client(host, port, with_port))
+
+    def bench(self, uint64_t n, uint64_t key_seed=0):
+        """Runs n picks without the GIL, key k being mix64(key_seed + k); returns nanoseconds."""
+        cdef timespec start, end
+        cdef uint64_t k
+        with nogil:
+            clock_gettime(CLOCK_MONOTONIC, &start)
+            for k in range(n):
+                self.table.algo.pick(&self.table, mix64(key_seed + k), NULL, 0)
+            clock_gettime(CLOCK_MONOTONIC, &end)
+        return (end.tv_sec - start.tv_sec) * 1000000000 + (end.tv_nsec - start.tv_nsec)
 
     def connect(self, int index):
         """Count one more active connection on a backend (this balancer's own)."""

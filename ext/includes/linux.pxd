@@ -124,6 +124,7 @@ cdef extern from "<time.h>" nogil:
         long tv_nsec
 
     enum:
+        CLOCK_MONOTONIC
         CLOCK_MONOTONIC_COARSE
 
     int clock_gettime(int clk, timespec *tp)
