@@ -100,14 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130  # before the supervisor took over the signals: nothing to clean up
 
 
-# ---- commands -------------------------------------------------------------------------------------
+# ---- commands ------------------------------------------------------------------------------------
 
 
 def run_command(args: argparse.Namespace) -> int:
     config = settings.parse(vars(args))
+    listeners, stats_socket = open_sockets(config)
     setup_logging(config.log_level)
     config = fit_max_conn(config, raise_open_file_limit(), warn=args.max_conn is not None)
-    listeners, stats_socket = open_sockets(config)
     return Arbiter(config, listeners, stats_socket).run()
 
 
@@ -135,9 +135,9 @@ def demo_command(args: argparse.Namespace) -> int:
                 "drain_timeout": DEMO_DRAIN_TIMEOUT,
             }
         )
+        listeners, stats_socket = open_sockets(config)
         setup_logging(config.log_level)
         config = fit_max_conn(config, raise_open_file_limit(), warn=False)
-        listeners, stats_socket = open_sockets(config)
         stats_host, stats_port = stats_socket.getsockname()[:2]
         text = demo.instructions(
             f"http://{args.listen}/", f"http://{stats_host}:{stats_port}/stats", config.workers
@@ -149,7 +149,7 @@ def demo_command(args: argparse.Namespace) -> int:
         demo.stop_backends(backends)
 
 
-# ---- helpers --------------------------------------------------------------------------------------
+# ---- helpers -------------------------------------------------------------------------------------
 
 
 def setup_logging(level: str) -> None:

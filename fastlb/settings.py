@@ -373,7 +373,9 @@ def add_arguments(parser) -> None:
 def parse(values: Mapping[str, Any]) -> Settings:
     """Settings from raw values by option name: strings as typed, lists of them for repeatable
     options; a missing or None value takes the default. Raises ConfigError."""
-    settings = Settings(**{option.name: option.value(values.get(option.name)) for option in OPTIONS})
+    settings = Settings(
+        **{option.name: option.value(values.get(option.name)) for option in OPTIONS}
+    )
     if settings.listen is None:
         raise ConfigError("--listen is required")
     if not settings.backends:

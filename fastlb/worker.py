@@ -14,11 +14,11 @@ import socket
 import time
 
 from fastlb import _dataplane
+from fastlb.errors import EXIT_BOOT_FAILED
 from fastlb.protocol import messages as msg
 
 log = logging.getLogger("fastlb.worker")
 
-EXIT_BOOT_FAILED = 3  # the supervisor stops instead of respawning a worker that cannot start
 TICK_MS = 50  # longest slice without the GIL; reports go out at least this often
 REPORT_INTERVAL_MS = 10  # with count-driven algorithms, report count changes this soon
 MAX_PENDING_OUT = 1 << 20  # stop queueing reports for a supervisor that does not read
@@ -74,6 +74,7 @@ class WorkerProcess:
 
     def serve(self) -> None:
         self.send(msg.Hello(worker=self.worker_id, pid=os.getpid()))
+        self.flush()  # the supervisor counts us ready (READY=1, /stats) on this message
         while True:
             if self.dataplane.poll(TICK_MS):
                 self.read_wakeups()

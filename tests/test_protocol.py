@@ -1,13 +1,20 @@
-"""The supervisor <-> worker messages: round trips, any split of the stream, bad input."""
+"""The supervisor <-> worker messages: round trips, any split of the stream, bad input, and
+how the supervisor acts on what workers send."""
 
 from __future__ import annotations
+
+import socket
+import subprocess
 
 import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fastlb import settings
 from fastlb.protocol import messages as msg
+from fastlb.supervisor.arbiter import Arbiter, WorkerHandle
+from fastlb.supervisor.listeners import open_listeners
 
 EXAMPLES = [
     msg.Hello(worker=3, pid=4242),
@@ -154,3 +161,119 @@ def test_no_input_makes_the_decoder_raise(junk):
     decoder = msg.Decoder()
     for i in range(len(junk)):
         assert all(isinstance(item, kinds) for item in decoder.feed(junk[i : i + 1]))
+
+
+# ---- the supervisor's side of the stream -------------------------------------------------------
+# A real Arbiter (not running its loop) with real socketpairs standing in for two workers; the
+# "worker processes" are sleep(1) children so that anything the supervisor does to a PID only
+# touches processes this test owns.
+
+
+@pytest.fixture
+def supervisor():
+    config = settings.parse(
+        {
+            "listen": "127.0.0.1:0",
+            "backends": ["127.0.0.1:9", "127.0.0.1:10"],
+            "workers": "2",
+            "fall": "3",
+        }
+    )
+    arbiter = Arbiter(config, open_listeners(config.listen, 1))
+    sleepers, peers = [], []
+    for worker_id in range(2):
+        sleeper = subprocess.Popen(["sleep", "60"])
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.settimeout(5)
+        worker = WorkerHandle(worker_id, sleeper.pid, ours, started=0.0)
+        arbiter.workers[sleeper.pid] = worker
+        arbiter.selector.register(ours, worker.events, lambda mask, w=worker: None)
+        sleepers.append(sleeper)
+        peers.append(theirs)
+    yield arbiter, list(arbiter.workers.values()), peers
+    arbiter.shutdown()  # kills and reaps the sleepers
+    for peer in peers:
+        peer.close()
+
+
+def report(table=1, active=(0, 0), new=(0, 0), failed=(0, 0), succeeded=(0, 0), streak=(0, 0)):
+    return msg.Report(
+        table, list(active), list(new), [0, 0], [0, 0], list(failed), list(succeeded), list(streak)
+    )
+
+
+def deliver(arbiter, worker, peer, data: bytes) -> None:
+    peer.sendall(data)
+    arbiter.read_messages(worker)
+
+
+def received(peer) -> list:
+    decoder = msg.Decoder()
+    peer.setblocking(False)
+    data = b""
+    try:
+        while chunk := peer.recv(65536):
+            data += chunk
+    except BlockingIOError:
+        pass
+    return decoder.feed(data)
+
+
+def test_the_supervisor_ignores_bad_bytes_and_keeps_reading(supervisor, caplog):
+    arbiter, workers, peers = supervisor
+    hello = msg.encode(msg.Hello(worker=0, pid=workers[0].pid))
+    deliver(arbiter, workers[0], peers[0], msgpack.packb({"t": "bogus"}) + hello)
+    assert workers[0].ready
+    deliver(arbiter, workers[0], peers[0], b"\xc1")
+    deliver(arbiter, workers[0], peers[0], msg.encode(report(new=(4, 0), active=(2, 0))))
+    assert arbiter.backends[0].connections == 4
+    assert workers[0].active == [2, 0]
+    bad_length = msg.Report(1, [1], [1], [1], [1], [1], [1], [1])
+    deliver(arbiter, workers[0], peers[0], msg.encode(bad_length))
+    assert arbiter.backends[0].connections == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("unknown message type 'bogus'" in w for w in warnings)
+    assert any("undecodable" in w for w in warnings)
+    assert any("report on 1 backends, not 2" in w for w in warnings)
+
+
+def test_counts_tell_each_worker_what_the_others_hold(supervisor):
+    arbiter, workers, peers = supervisor
+    deliver(arbiter, workers[0], peers[0], msg.encode(report(active=(3, 1))))
+    deliver(arbiter, workers[1], peers[1], msg.encode(report(active=(1, 0))))
+    arbiter.publish()  # once per turn of the loop, after all its messages
+    assert received(peers[0]) == [msg.Counts(table=1, others=[1, 0])]
+    assert received(peers[1]) == [msg.Counts(table=1, others=[3, 1])]
+    arbiter.publish()
+    assert received(peers[0]) == []  # nothing changed: nothing sent
+
+
+def test_failures_seen_by_different_workers_add_up_to_fall(supervisor):
+    arbiter, workers, peers = supervisor
+    deliver(arbiter, workers[0], peers[0], msg.encode(report(failed=(1, 0), streak=(1, 0))))
+    deliver(arbiter, workers[1], peers[1], msg.encode(report(failed=(1, 0), streak=(1, 0))))
+    assert arbiter.backends[0].up
+    # Worker 0 succeeds once, then fails again: the run restarts at its streak of 1.
+    deliver(
+        arbiter, workers[0], peers[0],
+        msg.encode(report(failed=(2, 0), succeeded=(1, 0), streak=(1, 0))),
+    )  # fmt: skip
+    assert arbiter.backends[0].up
+    deliver(arbiter, workers[1], peers[1], msg.encode(report(failed=(2, 0), streak=(3, 0))))
+    assert not arbiter.backends[0].up and arbiter.backends[1].up
+    arbiter.publish()
+    for peer in peers:
+        table, counts = received(peer)
+        assert table.version == 2
+        assert [b.up for b in table.backends] == [False, True]
+        assert counts.table == 2
+    assert arbiter.snapshot()["backends"][0]["failed"] == 6
+
+
+def test_reports_against_an_old_table_count_traffic_but_not_failures(supervisor):
+    arbiter, workers, peers = supervisor
+    arbiter.table_version = 5
+    deliver(arbiter, workers[0], peers[0], msg.encode(report(table=4, failed=(9, 0), new=(1, 0))))
+    assert arbiter.backends[0].up
+    assert arbiter.backends[0].failed == 9 and arbiter.backends[0].connections == 1

@@ -43,6 +43,9 @@ QUICK_DEATH = 1.0  # a worker that dies sooner than this after starting is crash
 RESPAWN_DELAY = 0.1  # delay before the second quick respawn; it doubles each time after
 MAX_RESPAWN_DELAY = 5.0
 MAX_PENDING = 1 << 20  # past this many unsent bytes to a worker, counts are dropped
+# A stop signal this soon after the one that started the drain is the same request: timeout(1)
+# and some process managers signal both the process and its process group.
+REPEAT_WINDOW = 0.5
 
 SIGNALS = {
     signal.SIGTERM: "term",
@@ -112,10 +115,13 @@ class Arbiter:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self.wake_r, selectors.EVENT_READ, lambda mask: self.read_wakeups())
         self.checker = Checker(self.selector, settings.check_timeout, self.on_check)
-        self.stats = StatsServer(stats_socket, self.selector, self.snapshot) if stats_socket else None
+        self.stats = (
+            StatsServer(stats_socket, self.selector, self.snapshot) if stats_socket else None
+        )
         self.respawn_at: dict[int, float] = {}  # worker id -> when it may be spawned again
         self.crashes: dict[int, int] = {}  # worker id -> quick deaths in a row
         self.draining = False
+        self.drain_started = 0.0
         self.drain_deadline = 0.0
         self.exit_code: int | None = None  # set: the loop ends with it
         self.drain_exit_code = EXIT_OK
@@ -156,7 +162,9 @@ class Arbiter:
         if self.draining:
             deadlines.append(self.drain_deadline)
         else:
-            deadlines += [backend.next_check for backend in self.backends if self.wants_check(backend)]
+            deadlines += [
+                backend.next_check for backend in self.backends if self.wants_check(backend)
+            ]
             missing = self.missing_worker_ids()
             deadlines += [self.respawn_at.get(worker_id, 0.0) for worker_id in missing]
         timeout = max(0.0, min(d for d in deadlines if d is not None) - time.monotonic())
@@ -215,6 +223,8 @@ class Arbiter:
 
     def handle_term(self) -> None:
         if self.draining:
+            if time.monotonic() - self.drain_started < REPEAT_WINDOW:
+                return
             log.warning("second stop signal: killing the workers now")
             self.kill_workers(signal.SIGKILL)
             self.exit_code = EXIT_FORCED
@@ -242,22 +252,43 @@ class Arbiter:
                 self.spawn_worker(worker_id)
 
     def spawn_worker(self, worker_id: int) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         table = self.table()
-        pid = os.fork()
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            self.spawn_failed(worker_id, exc)
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            parent_end.close()
+            child_end.close()
+            self.spawn_failed(worker_id, exc)
+            return
         if pid == 0:
             try:
                 parent_end.close()
                 self.close_after_fork(keep=worker_id)
-                worker_process.run(worker_id, self.listeners[worker_id], child_end, self.settings, table)
+                worker_process.run(
+                    worker_id, self.listeners[worker_id], child_end, self.settings, table
+                )
             finally:
                 os._exit(EXIT_FORCED)
         child_end.close()
         parent_end.setblocking(False)
         worker = WorkerHandle(worker_id, pid, parent_end, time.monotonic())
         self.workers[pid] = worker
-        self.selector.register(parent_end, worker.events, lambda mask: self.on_worker_io(worker, mask))
+        self.selector.register(
+            parent_end, worker.events, lambda mask: self.on_worker_io(worker, mask)
+        )
         log.debug("worker %d started (pid %d)", worker_id, pid)
+
+    def spawn_failed(self, worker_id: int, exc: OSError) -> None:
+        # Out of processes or descriptors: the system may recover, so try again later.
+        log.error(
+            "cannot start worker %d: %s; trying again in %gs", worker_id, exc, MAX_RESPAWN_DELAY
+        )
+        self.respawn_at[worker_id] = time.monotonic() + MAX_RESPAWN_DELAY
 
     def close_after_fork(self, keep: int) -> None:
         """In the new worker: closes what belongs to the supervisor and the other workers.
@@ -290,10 +321,7 @@ class Arbiter:
     def worker_exited(self, worker: WorkerHandle, code: int) -> None:
         del self.workers[worker.pid]
         self.disconnect(worker)
-        if code < 0:
-            how = f"was killed by {signal.Signals(-code).name}"
-        else:
-            how = f"exited with code {code}"
+        how = _how_it_ended(code)
         if self.draining:
             log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, how)
             return
@@ -333,7 +361,8 @@ class Arbiter:
         ``exit_code`` when they all have (or at the drain timeout)."""
         self.draining = True
         self.drain_exit_code = exit_code
-        self.drain_deadline = time.monotonic() + self.settings.drain_timeout
+        self.drain_started = time.monotonic()
+        self.drain_deadline = self.drain_started + self.settings.drain_timeout
         systemd.notify("STOPPING=1")
         log.info(
             "draining: accepting no more connections, waiting up to %gs for open ones",
@@ -408,7 +437,10 @@ class Arbiter:
     def handle_hello(self, worker: WorkerHandle, hello: msg.Hello) -> None:
         if hello.v != msg.PROTOCOL_VERSION:
             log.warning(
-                "worker %d speaks protocol %d, not %d", worker.worker_id, hello.v, msg.PROTOCOL_VERSION
+                "worker %d speaks protocol %d, not %d",
+                worker.worker_id,
+                hello.v,
+                msg.PROTOCOL_VERSION,
             )
         worker.ready = True
         log.info("worker %d (pid %d) is accepting", worker.worker_id, worker.pid)
@@ -433,7 +465,9 @@ class Arbiter:
         if report.table != self.table_version:
             return  # counted against an older table: its failures may predate the last change
         for i, backend in enumerate(self.backends):
-            reached = backend.failures.report(report.failed[i], report.succeeded[i], report.streak[i])
+            reached = backend.failures.report(
+                report.failed[i], report.succeeded[i], report.streak[i]
+            )
             if reached and backend.up:
                 self.mark_down(i, f"{backend.failures.count} connects failed in a row")
 
@@ -573,6 +607,16 @@ class Arbiter:
                 for i, backend in enumerate(self.backends)
             ],
         }
+
+
+def _how_it_ended(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

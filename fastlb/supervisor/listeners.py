@@ -50,11 +50,6 @@ def open_listener(address: Address) -> socket.socket:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
 
-def bound_address(sock: socket.socket) -> Address:
-    host, port = sock.getsockname()[:2]
-    return Address(host, port)
-
-
 def _check_free(address: Address) -> None:
     # SO_REUSEPORT would let us join the group of another process of the same user (another
     # fastlb on the same port) and share its clients. A socket without it fails to bind there.
