@@ -157,6 +157,7 @@ cdef class Worker:
     cdef int max_free_pipes
     cdef epoll_event *events
     cdef int max_events
+    cdef int held_events    # a batch kept back while Python handles a wake-up in it
     cdef bint counts_changed
     cdef uint64_t accepted_total
     cdef uint32_t table_version

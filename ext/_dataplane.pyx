@@ -260,25 +260,32 @@ cdef class Worker:
         cdef uint64_t data
         cdef Conn *c
         cdef Conn *dead
-        cdef bint woke
         while True:
-            wait = deadline - self.now_ms
-            if self.next_scan_ms - self.now_ms < wait:
-                wait = self.next_scan_ms - self.now_ms
-            if self.listen_resume_ms and self.listen_resume_ms - self.now_ms < wait:
-                wait = self.listen_resume_ms - self.now_ms
-            if wait < 0:
-                wait = 0
-            n = epoll_wait(self.epfd, self.events, self.max_events, <int>wait)
-            self.now_ms = monotonic_ms()
-            woke = False
+            if self.held_events:
+                # The batch kept back by the previous call: its wake-up has been handled.
+                n = self.held_events
+                self.held_events = 0
+            else:
+                wait = deadline - self.now_ms
+                if self.next_scan_ms - self.now_ms < wait:
+                    wait = self.next_scan_ms - self.now_ms
+                if self.listen_resume_ms and self.listen_resume_ms - self.now_ms < wait:
+                    wait = self.listen_resume_ms - self.now_ms
+                if wait < 0:
+                    wait = 0
+                n = epoll_wait(self.epfd, self.events, self.max_events, <int>wait)
+                self.now_ms = monotonic_ms()
+                # A control message can change the table or the counts that this batch's picks
+                # use: let Python apply it first, and keep the batch for the next call.
+                for i in range(n):
+                    if self.events[i].data.u64 == TAG_WAKE:
+                        self.held_events = n
+                        return 1
             for i in range(n):
                 data = self.events[i].data.u64
                 if data == TAG_LISTEN:
                     self._accept_burst()
-                elif data == TAG_WAKE:
-                    woke = True
-                else:
+                elif data != TAG_WAKE:
                     c = <Conn *>(data & ~(<uint64_t>TAG_BACKEND))
                     if c.state != CONN_CLOSED:
                         self._handle(c, data & TAG_BACKEND, self.events[i].events)
@@ -299,8 +306,6 @@ cdef class Worker:
                         self._resume_listener()
                 elif self.nconns < self.max_conn:
                     self._resume_listener()
-            if woke:
-                return 1
             if self.now_ms >= deadline:
                 return 0
             if (self.counts_changed and self.report_interval_ms

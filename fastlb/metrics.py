@@ -134,6 +134,10 @@ class StatsServer:
 
     # ---- I/O, driven by the selector
 
+    def owns(self, fileobj) -> bool:
+        """Whether a selector key belongs to the stats server."""
+        return fileobj is self.sock or fileobj in self.clients
+
     def _accept(self) -> None:
         for _ in range(64):
             try:

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import pytest
@@ -104,6 +105,12 @@ def recv_until_eof(sock: socket.socket) -> tuple[int, str]:
     return total, digest.hexdigest()
 
 
+class Attempt(NamedTuple):
+    started: float
+    name: str | None  # the backend that answered
+    error: str | None  # e.g. "ConnectionRefusedError(111, 'Connection refused')"
+
+
 class ClientLoop:
     """Threads that keep opening connections, each reading the backend's name and closing."""
 
@@ -111,7 +118,7 @@ class ClientLoop:
         self.lb = lb
         self.stop = threading.Event()
         self.lock = threading.Lock()
-        self.results: list[tuple[float, float, str | None, str | None]] = []
+        self.results: list[Attempt] = []
         self.threads = [threading.Thread(target=self.run) for _ in range(threads)]
 
     def run(self) -> None:
@@ -120,9 +127,9 @@ class ClientLoop:
             try:
                 name, error = self.lb.ask_name(), None
             except (OSError, EOFError) as exc:
-                name, error = None, repr(exc)  # e.g. ConnectionRefusedError(111, ...)
+                name, error = None, repr(exc)
             with self.lock:
-                self.results.append((started, time.monotonic(), name, error))
+                self.results.append(Attempt(started, name, error))
 
     def count(self) -> int:
         with self.lock:
@@ -142,8 +149,8 @@ class ClientLoop:
         for thread in self.threads:
             thread.join(timeout=30)
 
-    def failures(self, started_after: float = 0.0) -> list:
-        return [r for r in self.results if r[3] is not None and r[0] >= started_after]
+    def failures(self, started_after: float = 0.0) -> list[Attempt]:
+        return [a for a in self.results if a.error is not None and a.started >= started_after]
 
 
 # ---- fake backends ------------------------------------------------------------------------------
@@ -185,15 +192,15 @@ class Backend:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def next_event(self, kind: str = "closed", timeout: float = CLIENT_TIMEOUT) -> dict:
-        """The next event of this kind (earlier events of other kinds are dropped)."""
+    def next_event(self, kind: str = "closed", timeout: float = CLIENT_TIMEOUT, **fields) -> dict:
+        """The next event of this kind with these field values; earlier ones are dropped."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"backend {self.name}: no {kind!r} event") from None
-            if event["event"] == kind:
+                raise AssertionError(f"backend {self.name}: no {kind!r} event {fields}") from None
+            if event["event"] == kind and all(event[k] == v for k, v in fields.items()):
                 return event
 
     def kill(self) -> None:

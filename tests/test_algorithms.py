@@ -121,6 +121,7 @@ def test_two_processes_map_clients_identically():
             text=True,
             timeout=30,
             env=os.environ,
+            cwd=os.path.dirname(os.path.abspath(__file__)),  # import the installed package
             check=True,
         ).stdout
         return json.loads(out)

@@ -34,12 +34,12 @@ def test_non_reading_client_does_not_grow_worker_memory(backends, balancer, spli
     source = backends("source", nbytes=GiB)
     lb = balancer([source], "--splice", splice)
     before = worker_rss(lb)
-    with lb.connect() as sock:
+    with lb.connect():  # and never read from
         forwarded = wait_until_stalled(lb, source)
         grown = worker_rss(lb) - before
     closed = source.next_event()
     assert grown < 8 * MiB, f"worker RSS grew by {grown / MiB:.1f} MiB"
     # Kernel socket buffers hold some of it; the rest never left the backend.
-    assert forwarded < 256 * MiB
-    assert closed["sent"] < 256 * MiB
+    assert forwarded < 64 * MiB
+    assert closed["sent"] < 64 * MiB
     assert closed["error"] in ("EPIPE", "ECONNRESET")

@@ -84,8 +84,10 @@ def test_leastconn_avoids_the_backend_whose_connections_last(backends, balancer)
     finally:
         for sock in kept:
             sock.close()
-    assert counts["slow"] == 1, counts
-    assert counts["fast1"] + counts["fast2"] == 29
+    # Round robin would give it 10. One more than 1 is a worker that picked before the
+    # supervisor's counts of the kept connection reached it.
+    assert counts["slow"] <= 2, counts
+    assert counts["fast1"] + counts["fast2"] >= 28
 
 
 def test_iphash_sends_a_client_to_the_same_backend_from_every_worker(backends, balancer):

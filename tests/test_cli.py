@@ -29,11 +29,14 @@ from fastlb import settings
 
 TIMEOUT = 20.0  # generous: the machine is shared
 FASTLB = [sys.executable, "-m", "fastlb"]
+# Run from tests/, not the checkout's root, so `-m fastlb` imports the installed, compiled
+# package rather than the source tree.
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def fastlb(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*FASTLB, *args], capture_output=True, text=True, timeout=TIMEOUT, **kwargs
+        [*FASTLB, *args], capture_output=True, text=True, timeout=TIMEOUT, cwd=HERE, **kwargs
     )
 
 
@@ -122,6 +125,7 @@ class Running:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            cwd=HERE,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []

@@ -14,11 +14,12 @@ def test_backend_killed_under_load_fails_no_new_connection(backends, balancer):
     lb = balancer([a, b, c], "--fall", "3", "--retries", "2", workers=2)
     with ClientLoop(lb) as clients:
         clients.wait_for_more(300)
+        assert "b" in {attempt.name for attempt in clients.results}
         b.kill()  # returns once the process is gone: its port refuses from here on
         killed_at = time.monotonic()
         lb.wait_for(lambda s: not lb.backend(b, s)["up"], timeout=10, what="b marked down")
         clients.wait_for_more(300)
-    after = [r for r in clients.results if r[0] >= killed_at]
+    after = [attempt for attempt in clients.results if attempt.started >= killed_at]
     # Only connections open on b when it died may have been cut (one per client thread at most).
     assert len(clients.failures()) <= len(clients.threads), clients.failures()
     assert clients.failures(started_after=killed_at) == []

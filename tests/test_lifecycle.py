@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 
+import psutil
 import pytest
 from conftest import ClientLoop, recv_line, wait_until
 
@@ -18,6 +19,13 @@ def refuses_new_connections(lb) -> bool:
         return True
     sock.close()
     return False
+
+
+def is_dead(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def echo(sock: socket.socket, data: bytes) -> bytes:
@@ -37,6 +45,7 @@ def test_sigkill_of_a_worker_refuses_no_new_connection(backends, balancer):
     with ClientLoop(lb) as clients:
         clients.wait_for_more(300)
         os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: is_dead(victim), 5, "the worker to die")
         killed_at = time.monotonic()
 
         def replaced(stats):
@@ -49,7 +58,7 @@ def test_sigkill_of_a_worker_refuses_no_new_connection(backends, balancer):
         clients.wait_for_more(300)
     lb.track_descendants()
     failures = clients.failures()
-    assert not [f for f in failures if "ConnectionRefusedError" in f[3]], failures
+    assert not [f for f in failures if "ConnectionRefusedError" in f.error], failures
     # Only connections the victim held when it died may have been cut.
     assert clients.failures(started_after=killed_at) == []
     assert len(failures) <= len(clients.threads), failures
@@ -63,13 +72,15 @@ def test_sigterm_waits_for_an_open_connection_to_finish(backends, balancer):
     assert recv_line(sock) == "held"
     lb.signal(signal.SIGTERM)
     wait_until(lambda: refuses_new_connections(lb), 5, "new connections refused")
-    assert echo(sock, b"still served while draining") == b"still served while draining"
+    message = b"still served while draining"
+    assert echo(sock, message) == message
     assert lb.proc.poll() is None
     sock.close()
     closed_at = time.monotonic()
     assert lb.wait_exit(timeout=5) == 0
     assert time.monotonic() - closed_at < 2.0
-    assert hold.next_event()["error"] is None
+    # The probes above may have reached the backend too: find the held connection by its bytes.
+    assert hold.next_event(received=len(message))["error"] is None
 
 
 def test_drain_timeout_cuts_connections_that_outlast_it(backends, balancer):
@@ -94,11 +105,22 @@ def test_second_signal_exits_at_once(backends, balancer):
     with lb.connect() as sock:
         assert recv_line(sock) == "held"
         lb.signal(signal.SIGTERM)
+        first_at = time.monotonic()
         wait_until(lambda: refuses_new_connections(lb), 5, "draining")
-        lb.signal(signal.SIGINT)
-        sent_at = time.monotonic()
-        lb.wait_exit(timeout=5)
-        assert time.monotonic() - sent_at < 2.0
+
+        def exited_after_another_signal() -> bool:
+            # A repeat that follows the first signal very closely may count as the same request.
+            if lb.proc.poll() is not None:
+                return True
+            lb.signal(signal.SIGINT)
+            return False
+
+        wait_until(exited_after_another_signal, 5, "exit on a second signal", interval=0.1)
+        assert time.monotonic() - first_at < 3.0  # not the 30 s drain timeout
+        try:
+            assert sock.recv(1) == b""
+        except ConnectionResetError:
+            pass
 
 
 def test_max_conn_holds_the_next_connection_until_one_closes(backends, balancer):
@@ -129,13 +151,15 @@ def test_idle_timeout_closes_an_idle_connection(backends, balancer):
     with lb.connect() as sock:
         assert recv_line(sock) == "held"
         # A connection that keeps moving bytes outlives the idle timeout...
-        started = time.monotonic()
-        while time.monotonic() - started < 1.2:
+        keep_until = time.monotonic() + 1.2
+        while True:
             assert echo(sock, b"tick") == b"tick"
+            last_moved = time.monotonic()
+            if last_moved > keep_until:
+                break
             time.sleep(0.2)
         # ...and is closed once it stops.
-        idle_from = time.monotonic()
         assert sock.recv(1) == b""
-        idle = time.monotonic() - idle_from
-    assert 0.4 <= idle < 3.0
+        idle = time.monotonic() - last_moved
+    assert 0.45 <= idle < 3.0
     assert hold.next_event()["error"] is None

@@ -168,8 +168,18 @@ class Arbiter:
             missing = self.missing_worker_ids()
             deadlines += [self.respawn_at.get(worker_id, 0.0) for worker_id in missing]
         timeout = max(0.0, min(d for d in deadlines if d is not None) - time.monotonic())
+        stats_events = []
         for key, mask in self.selector.select(timeout):
-            key.data(mask)
+            if self.stats and self.stats.owns(key.fileobj):
+                stats_events.append((key, mask))
+            else:
+                key.data(mask)
+        if stats_events:
+            # Answer after the counts this turn's reports changed have gone out, so /stats
+            # never shows the workers counts they have not been sent.
+            self.publish()
+            for key, mask in stats_events:
+                key.data(mask)
 
     def housekeeping(self) -> None:
         if self.exit_code is not None:
