@@ -613,9 +613,9 @@ cdef class Worker:
             n = splice(src, NULL, ch.pipe_w, NULL, self.buffer_size,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n > 0:
+                # Unlike recv, a short splice does not mean the socket is drained: the pipe can
+                # run out of page slots first. Read on until EAGAIN.
                 ch.piped = n
-                if <uint32_t>n < self.buffer_size and not sflags[0] & PEER_RDHUP:
-                    sflags[0] &= ~CAN_READ
             elif n == 0:
                 sflags[0] = (sflags[0] | READ_EOF) & ~CAN_READ
             elif errno == EAGAIN:

@@ -20,6 +20,7 @@ file and a bar chart next to it.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import shlex
 import shutil
@@ -27,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -170,22 +170,24 @@ def start_balancer(
     return start_nginx_stream(procs, port, backends.ports, args.workers, tmp)
 
 
-def check_responses(port: int, backends: Backends) -> str | None:
-    """Fetch / and the 1 MiB file through the balancer; return what is wrong, if anything."""
+def check_responses(port: int, backends: Backends, paths: list[str]) -> str | None:
+    """Fetch each path twice over one keep-alive connection through the balancer, then once
+    more with ``Connection: close``; return what is wrong, if anything."""
     expected = {small_body(i) for i in range(1, len(backends.ports) + 1)}
-    base = f"http://{LOOPBACK}:{port}"
+    requests = [(path, {}) for path in paths] * 2 + [(paths[-1], {"Connection": "close"})]
+    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=5)
     try:
-        for _ in range(len(backends.ports)):
-            with urllib.request.urlopen(base + "/", timeout=5) as reply:
-                body = reply.read()
-            if body not in expected:
+        for path, headers in requests:
+            connection.request("GET", path, headers=headers)
+            body = connection.getresponse().read()
+            if path == BULK_PATH and len(body) != BULK_SIZE:
+                return f"GET {path} returned {len(body)} bytes, expected {BULK_SIZE}"
+            if path == "/" and body not in expected:
                 return f"GET / returned {body[:80]!r}, expected one of {sorted(expected)}"
-        with urllib.request.urlopen(base + BULK_PATH, timeout=10) as reply:
-            size = len(reply.read())
-        if size != BULK_SIZE:
-            return f"GET {BULK_PATH} returned {size} bytes, expected {BULK_SIZE}"
-    except OSError as exc:
-        return f"request through the balancer failed: {exc}"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"GET {path} {headers or ''} through the balancer failed: {exc!r}"
+    finally:
+        connection.close()
     return None
 
 
@@ -201,17 +203,16 @@ class Benchmark:
         self.runs: list[dict] = []
         self.problems: list[str] = []
 
-    def wrk_for(self, workload: Workload, port: int, duration: float) -> list[str]:
+    def wrk_for(self, workload: Workload, port: int, duration: int) -> list[str]:
         a = self.args
         url = f"http://{LOOPBACK}:{port}{workload.path}"
         if workload.paced:
-            return wrk_command(
-                url, duration, a.paced_connections, a.threads, self.delay_script,
-                delay_ms=a.paced_delay_ms,
-            )  # fmt: skip
-        connections = a.bulk_connections if workload.metric == "MB/s" else a.connections
+            script, connections, delay_ms = self.delay_script, a.paced_connections, a.paced_delay_ms
+        else:
+            script, delay_ms = self.plain_script, 0
+            connections = a.bulk_connections if workload.metric == "MB/s" else a.connections
         return wrk_command(
-            url, duration, connections, a.threads, self.plain_script, close=workload.close
+            url, duration, connections, a.threads, script, close=workload.close, delay_ms=delay_ms
         )
 
     def problem(self, text: str, running: Running | None = None) -> None:
@@ -231,39 +232,47 @@ class Benchmark:
                 self.problem(f"round {number}: {name} did not start: {exc}")
                 continue
             try:
-                wrong = check_responses(running.port, self.backends)
-                if wrong:
-                    self.problem(f"round {number}: {name}: {wrong}", running)
-                    continue
-                if self.args.warmup > 0:
-                    warmup = self.wrk_for(WORKLOADS["keepalive"], running.port, self.args.warmup)
-                    run_wrk(warmup, timeout=self.args.warmup + 30)
-                for workload in self.args.workloads:
-                    self.measure(number, running, workload)
-                    if running.proc is not None and running.proc.poll() is not None:
-                        self.problem(
-                            f"round {number}: {name} exited with status "
-                            f"{running.proc.returncode} during {workload.name}",
-                            running,
-                        )
-                        break
+                self.measure_all(number, running)
+            except HarnessError as exc:
+                self.problem(f"round {number}: {name}: {exc}", running)
             finally:
                 if running.proc is not None:
                     self.procs.stop(running.proc)
+
+    def measure_all(self, number: int, running: Running) -> None:
+        paths = sorted({w.path for w in self.args.workloads})
+        wrong = check_responses(running.port, self.backends, paths)
+        if wrong:
+            self.problem(f"round {number}: {running.name}: {wrong}", running)
+            return
+        if self.args.warmup > 0:
+            warmup = self.wrk_for(WORKLOADS["keepalive"], running.port, self.args.warmup)
+            run_wrk(warmup, timeout=self.args.warmup + 30)
+        for workload in self.args.workloads:
+            self.measure(number, running, workload)
+            if running.proc is not None and running.proc.poll() is not None:
+                self.problem(
+                    f"round {number}: {running.name} exited with status "
+                    f"{running.proc.returncode} during {workload.name}",
+                    running,
+                )
+                return
 
     def measure(self, number: int, running: Running, workload: Workload) -> None:
         duration = self.args.paced_duration if workload.paced else self.args.duration
         cmd = self.wrk_for(workload, running.port, duration)
         pids_before = running.refresh_pids()
         cpu_before = cpu_seconds(pids_before)
-        try:
-            result = run_wrk(cmd, timeout=duration + 60)
-        except HarnessError as exc:
-            self.problem(f"round {number}: {running.name} {workload.name}: {exc}", running)
-            return
+        result = run_wrk(cmd, timeout=duration + 60)
         pids_after = running.refresh_pids()
         cpu_after = cpu_seconds(pids_after)
-        cpu = sum(t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items())
+        cpu = main_cpu = cpu_per_request = None
+        if running.proc is not None:
+            cpu = sum(t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items())
+            main = running.proc.pid  # fastlb's supervisor, nginx's master
+            main_cpu = cpu_after.get(main, 0.0) - cpu_before.get(main, 0.0)
+            if result.requests:
+                cpu_per_request = cpu / result.requests * 1e6
         run = {
             "round": number,
             "balancer": running.name,
@@ -277,10 +286,9 @@ class Benchmark:
             "p99_ms": result.p99_ms,
             "max_ms": result.max_ms,
             "errors": result.errors,
-            "cpu_s": cpu if running.proc else None,
-            "cpu_us_per_request": cpu / result.requests * 1e6
-            if running.proc and result.requests
-            else None,
+            "cpu_s": cpu,
+            "main_process_cpu_s": main_cpu,
+            "cpu_us_per_request": cpu_per_request,
         }
         run["value"] = workload.headline(run)
         self.runs.append(run)
@@ -292,6 +300,12 @@ class Benchmark:
             f"{run['value']:>10,.1f} {workload.metric:<7} p50 {result.p50_ms:6.2f} ms "
             f"p99 {result.p99_ms:6.2f} ms  {cpu_text}"
         )
+        if not result.requests:
+            self.problem(
+                f"round {number}: {running.name} {workload.name}: no response completed in "
+                f"{duration} s ({result.bytes} bytes arrived)\n  wrk: {shlex.join(cmd)}",
+                running,
+            )
         if result.errors:
             self.problem(
                 f"round {number}: {running.name} {workload.name}: wrk errors {result.errors} "
@@ -338,28 +352,33 @@ def summarize(runs: list[dict], balancers: list[str], workloads: list[Workload])
 
 
 def versus_haproxy(summary: dict, workloads: list[Workload]) -> list[dict]:
-    """fastlb against the better of HAProxy's copy and splice modes, per workload."""
+    """fastlb against HAProxy: each figure against the better of HAProxy's copy and splice modes."""
     verdicts = []
     for workload in workloads:
         rows = summary.get(workload.name, {})
-        peers = [rows[n] for n in ("haproxy", "haproxy-splice") if n in rows]
+        peers = {n: rows[n] for n in ("haproxy", "haproxy-splice") if n in rows}
         if BASELINE not in rows or not peers:
             continue
-        pick = max if workload.higher_is_better else min
-        best = pick(peers, key=lambda row: row["value"]["median"])
         mine = rows[BASELINE]
-        value_ratio = mine["value"]["median"] / best["value"]["median"]
+        pick = max if workload.higher_is_better else min
+        best = pick(peers, key=lambda n: peers[n]["value"]["median"])
+        value_ratio = mine["value"]["median"] / peers[best]["value"]["median"]
+        cpus = [
+            p["cpu_us_per_request"]["median"] for p in peers.values() if p["cpu_us_per_request"]
+        ]
         cpu_ratio = None
-        if mine["cpu_us_per_request"] and best["cpu_us_per_request"]:
-            cpu_ratio = mine["cpu_us_per_request"]["median"] / best["cpu_us_per_request"]["median"]
+        if mine["cpu_us_per_request"] and cpus:
+            cpu_ratio = mine["cpu_us_per_request"]["median"] / min(cpus)
+        p99_ratio = mine["p99_ms"]["median"] / min(p["p99_ms"]["median"] for p in peers.values())
         verdicts.append(
             {
                 "workload": workload.name,
                 "metric": workload.metric,
+                "best_haproxy": best,
                 "fastlb_to_best_haproxy": value_ratio,
                 "met": value_ratio >= 1.0 if workload.higher_is_better else value_ratio <= 1.0,
-                "cpu_per_request_to_best_haproxy": cpu_ratio,
-                "p99_to_best_haproxy": mine["p99_ms"]["median"] / best["p99_ms"]["median"],
+                "cpu_per_request_to_lowest_haproxy": cpu_ratio,
+                "p99_to_lowest_haproxy": p99_ratio,
             }
         )
     return verdicts
@@ -371,22 +390,26 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
-def print_tables(summary: dict, workloads: list[Workload], verdicts: list[dict]) -> None:
-    for workload in workloads:
-        rows = summary.get(workload.name)
-        if not rows:
-            continue
-        digits = 2 if workload.paced else (0 if workload.metric != "MB/s" else 1)
-        table = Table(
-            title=f"{workload.name}: {workload.title} ({workload.metric}, median of runs)"
-        )
-        for column in ("balancer", workload.metric, "min – max", "× fastlb", "× direct"):
-            table.add_column(column, justify="left" if column == "balancer" else "right")
-        for column in ("CPU µs/req", "p50 ms", "p99 ms", "errors"):
-            table.add_column(column, justify="right")
-        for name, row in rows.items():
-            cpu = row["cpu_us_per_request"]
-            table.add_row(
+def workload_table(workload: Workload, rows: dict) -> tuple[str, list[str], list[list[str]]]:
+    """Title, column names and cells of one workload's table (for the terminal and Markdown)."""
+    digits = 2 if workload.paced else (1 if workload.metric == "MB/s" else 0)
+    title = f"{workload.name}: {workload.title} ({workload.metric}, median of runs)"
+    columns = [
+        "balancer",
+        workload.metric,
+        "min – max",
+        "× fastlb",
+        "× direct",
+        "CPU µs/req",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+    ]
+    cells = []
+    for name, row in rows.items():
+        cpu = row["cpu_us_per_request"]
+        cells.append(
+            [
                 name,
                 fmt(row["value"]["median"], digits),
                 f"{fmt(row['value']['min'], digits)} – {fmt(row['value']['max'], digits)}",
@@ -396,22 +419,67 @@ def print_tables(summary: dict, workloads: list[Workload], verdicts: list[dict])
                 fmt(row["p50_ms"]["median"], 2),
                 fmt(row["p99_ms"]["median"], 2),
                 str(row["errors"]),
-                style="bold" if name == BASELINE else None,
-            )
+            ]
+        )
+    return title, columns, cells
+
+
+def verdict_table(verdicts: list[dict]) -> tuple[str, list[str], list[list[str]]]:
+    title = "fastlb against HAProxy's better mode (copy or splice), medians"
+    columns = ["workload", "fastlb ÷ best haproxy", "best", "target", "CPU/req ÷", "p99 ÷"]
+    cells = [
+        [
+            v["workload"],
+            fmt(v["fastlb_to_best_haproxy"], 2),
+            v["best_haproxy"],
+            "met" if v["met"] else "missed",
+            fmt(v["cpu_per_request_to_lowest_haproxy"], 2),
+            fmt(v["p99_to_lowest_haproxy"], 2),
+        ]
+        for v in verdicts
+    ]
+    return title, columns, cells
+
+
+def tables(summary: dict, workloads: list[Workload], verdicts: list[dict]) -> list[tuple]:
+    found = [workload_table(w, summary[w.name]) for w in workloads if summary.get(w.name)]
+    return found + ([verdict_table(verdicts)] if verdicts else [])
+
+
+def print_tables(all_tables: list[tuple]) -> None:
+    for title, columns, cells in all_tables:
+        table = Table(title=title)
+        for i, column in enumerate(columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in cells:
+            style = "bold" if row[0] == BASELINE else None
+            if "missed" in row:
+                row = [f"[red]{c}[/]" if c == "missed" else c for c in row]
+            table.add_row(*row, style=style)
         console.print(table)
-    if verdicts:
-        table = Table(title="fastlb against the better of haproxy and haproxy-splice (medians)")
-        for column in ("workload", "fastlb / haproxy", "target", "CPU/req ratio", "p99 ratio"):
-            table.add_column(column, justify="left" if column == "workload" else "right")
-        for v in verdicts:
-            table.add_row(
-                v["workload"],
-                fmt(v["fastlb_to_best_haproxy"], 2),
-                "[green]met[/]" if v["met"] else "[red]missed[/]",
-                fmt(v["cpu_per_request_to_best_haproxy"], 2),
-                fmt(v["p99_to_best_haproxy"], 2),
-            )
-        console.print(table)
+    console.print(
+        "CPU µs/req: user+system time of all the balancer's processes over the run ÷ requests. "
+        "CPU/req ÷ and p99 ÷ compare with the lower of HAProxy's two modes."
+    )
+
+
+def markdown(all_tables: list[tuple], record: dict) -> str:
+    env = record["environment"]
+    lines = [
+        f"Run {env['date']} on {env['cpus']} × {env['cpu']}, Linux {env['kernel']}, "
+        f"fastlb {env['fastlb']} ({env['git']}), {env['haproxy']}, {env['nginx']}, {env['wrk']}; "
+        f"{record['backend']} backends.",
+        "",
+        f"    {record['command']}",
+        "",
+    ]
+    for title, columns, cells in all_tables:
+        lines += [f"**{title}**", ""]
+        lines.append("| " + " | ".join(columns) + " |")
+        lines.append("|" + "|".join([":---"] + ["---:"] * (len(columns) - 1)) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(summary: dict, workloads: list[Workload], path: Path) -> bool:
@@ -481,13 +549,14 @@ def main() -> int:
                 bench.round(number, balancers)
     summary = summarize(bench.runs, balancers, args.workloads)
     verdicts = versus_haproxy(summary, args.workloads)
-    print_tables(summary, args.workloads, verdicts)
+    all_tables = tables(summary, args.workloads, verdicts)
+    print_tables(all_tables)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "workloads")}
     settings["workloads"] = [w.name for w in args.workloads]
     record = {
         "environment": env,
         "settings": settings,
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": shlex.join(["python", *sys.argv]),
         "backend": backends.kind,
         "workloads": {w.name: asdict(w) for w in args.workloads},
         "summary": summary,
@@ -498,8 +567,10 @@ def main() -> int:
     }
     json_path = args.out / "compare.json"
     json_path.write_text(json.dumps(record, indent=2, default=str))
+    markdown_path = args.out / "compare.md"
+    markdown_path.write_text(markdown(all_tables, record))
     chart = args.out / "compare.png"
-    console.print(f"results: {json_path}")
+    console.print(f"results: {json_path}, {markdown_path}")
     if plot(summary, args.workloads, chart):
         console.print(f"chart:   {chart}")
     if bench.problems:

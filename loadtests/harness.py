@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,7 +245,7 @@ def start_fastlb(
     backends: list[int],
     workers: int,
     max_conn: int | None = None,
-    extra_args: list[str] = (),
+    extra_args: Sequence[str] = (),
 ) -> Running:
     stats_port = free_port()
     cmd = [*fastlb_command(), "run", "--listen", f"{LOOPBACK}:{port}"]
@@ -393,7 +394,7 @@ def environment() -> dict:
     except Exception:
         fastlb_version = "not installed"
     git = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
     )
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -405,9 +406,9 @@ def environment() -> dict:
         "python": platform.python_version(),
         "fastlb": fastlb_version,
         "git": git.stdout.strip() or "unknown",
-        "haproxy": _first_line(["haproxy", "-v"]),
-        "nginx": _first_line(["nginx", "-v"]),
-        "wrk": _first_line(["wrk", "-v"]),
+        "haproxy": _first_line(["haproxy", "-v"]).split(" - ")[0],
+        "nginx": _first_line(["nginx", "-v"]).removeprefix("nginx version: "),
+        "wrk": _first_line(["wrk", "-v"]).split(" Copyright")[0],
     }
 
 

@@ -4,8 +4,9 @@ A hold backend accepts connections, sends each one byte and keeps it open. This 
 connections through the balancer in batches; a connection counts only once the client has read
 the backend's byte through it (so it really reaches the backend) and has sent one byte back (so
 both directions have carried data, like a keep-alive connection between requests). The result is
-the RSS of all the balancer's processes with the connections open minus before, divided by the
-number of connections.
+the RSS of all the balancer's processes with the connections open, minus their RSS when idle
+with a connection limit of 100 (so that what is allocated up front for the limit counts too),
+divided by the number of connections.
 
 Each balancer process needs two descriptors per connection, so the number of connections is
 capped below half the hard RLIMIT_NOFILE (every process raises its soft limit to the hard one).
@@ -48,6 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 BALANCERS = ["fastlb", "haproxy", "nginx"]
+SMALL_LIMIT = 100  # connection limit of the baseline run
 BATCH = 500  # below the smallest listen backlog (nginx: 511)
 FD_HEADROOM = 200  # listeners, epoll, pipes, logs: descriptors that are not connections
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -118,17 +120,29 @@ def settled_rss(pids: list[int], interval: float = 0.5, limit: float = 10.0) -> 
     return previous
 
 
-def start(name: str, procs: Processes, port: int, backend: int, count: int, tmp: Path) -> Running:
+def start(name: str, procs: Processes, port: int, backend: int, limit: int, tmp: Path) -> Running:
+    """Start one worker/thread of ``name`` that accepts up to ``limit`` connections."""
     if name == "fastlb":
-        return start_fastlb(procs, port, [backend], workers=1, max_conn=count + 10)
+        return start_fastlb(procs, port, [backend], workers=1, max_conn=limit)
     if name == "haproxy":
-        return start_haproxy(procs, port, [backend], 1, tmp, maxconn=count + 10)
-    return start_nginx_stream(procs, port, [backend], 1, tmp, connections=2 * count + 100)
+        return start_haproxy(procs, port, [backend], 1, tmp, maxconn=limit)
+    return start_nginx_stream(procs, port, [backend], 1, tmp, connections=2 * limit + 100)
+
+
+def idle_rss(name: str, procs: Processes, backend: int, limit: int, tmp: Path) -> int:
+    running = start(name, procs, free_port(), backend, limit, tmp)
+    try:
+        return settled_rss(running.refresh_pids())
+    finally:
+        procs.stop(running.proc)
 
 
 def measure(name: str, procs: Processes, backend: int, count: int, tmp: Path) -> dict:
+    # What a balancer allocates up front for its connection limit (fastlb's connection table,
+    # HAProxy's fd table) is memory per connection too, so the baseline has a small limit.
+    small_limit = idle_rss(name, procs, backend, SMALL_LIMIT, tmp)
     port = free_port()
-    running = start(name, procs, port, backend, count, tmp)
+    running = start(name, procs, port, backend, count + 10, tmp)
     try:
         pids = running.refresh_pids()
         before = settled_rss(pids)
@@ -150,11 +164,52 @@ def measure(name: str, procs: Processes, backend: int, count: int, tmp: Path) ->
         "balancer": name,
         "connections": count,
         "processes": len(pids),
-        "rss_before_bytes": before,
-        "rss_after_bytes": after,
-        "bytes_per_connection": (after - before) / count,
+        "rss_idle_small_limit_bytes": small_limit,
+        "rss_idle_bytes": before,
+        "rss_open_bytes": after,
+        "bytes_per_connection": (after - small_limit) / count,
+        "bytes_per_connection_while_open": (after - before) / count,
         "open_seconds": opened_s,
     }
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def print_table(results: list[dict], count: int) -> None:
+    base = next((r for r in results if r["balancer"] == "fastlb"), None)
+    table = Table(title=f"RSS per idle proxied connection ({count:,} connections, 1 worker)")
+    columns = [
+        "balancer",
+        "processes",
+        f"idle, limit {SMALL_LIMIT}",
+        f"idle, limit {count:,}",
+        f"{count:,} open",
+        "per connection",
+        "× fastlb",
+        "allocated while opening",
+    ]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "balancer" else "right")
+    for r in results:
+        ratio = r["bytes_per_connection"] / base["bytes_per_connection"] if base else None
+        table.add_row(
+            r["balancer"],
+            str(r["processes"]),
+            mib(r["rss_idle_small_limit_bytes"]),
+            mib(r["rss_idle_bytes"]),
+            mib(r["rss_open_bytes"]),
+            f"{r['bytes_per_connection'] / 1024:.2f} KiB",
+            f"{ratio:.2f}" if ratio else "-",
+            f"{r['bytes_per_connection_while_open'] / 1024:.2f} KiB",
+        )
+    console.print(table)
+    console.print(
+        f"RSS of all the balancer's processes. per connection = ({count:,} open - idle with a "
+        f"limit of {SMALL_LIMIT}) / {count:,}; allocated while opening = ({count:,} open - idle "
+        f"with a limit of {count:,}) / {count:,}, the rest being allocated at start for the limit."
+    )
 
 
 def main() -> int:
@@ -176,7 +231,7 @@ def main() -> int:
         console.print(
             f"[yellow]{count:,} connections instead of {args.connections:,}: a balancer process "
             f"holds 2 descriptors per connection and the hard RLIMIT_NOFILE is "
-            f"{nofile_hard_limit():,} (raise it with `ulimit -Hn` as root)[/]"
+            f"{nofile_hard_limit():,}[/]"
         )
     missing = {"fastlb": fastlb_missing, "haproxy": haproxy_missing, "nginx": nginx_missing}
     results, problems = [], []
@@ -200,32 +255,15 @@ def main() -> int:
                     f"  {name:<8} {count:,} connections opened in {result['open_seconds']:.1f} s, "
                     f"{result['bytes_per_connection'] / 1024:.2f} KiB each"
                 )
-
-    base = next((r for r in results if r["balancer"] == "fastlb"), None)
-    table = Table(title=f"RSS per idle proxied connection ({count:,} connections, 1 worker)")
-    for column in (
-        "balancer",
-        "processes",
-        "RSS before",
-        "RSS after",
-        "per connection",
-        "× fastlb",
-    ):
-        table.add_column(column, justify="left" if column == "balancer" else "right")
-    for r in results:
-        ratio = r["bytes_per_connection"] / base["bytes_per_connection"] if base else None
-        table.add_row(
-            r["balancer"],
-            str(r["processes"]),
-            f"{r['rss_before_bytes'] / 2**20:.1f} MiB",
-            f"{r['rss_after_bytes'] / 2**20:.1f} MiB",
-            f"{r['bytes_per_connection'] / 1024:.2f} KiB",
-            f"{ratio:.2f}" if ratio else "-",
-        )
-    console.print(table)
+    print_table(results, count)
     out = args.out or HERE / "results" / time.strftime("memory-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"environment": environment(), "results": results, "problems": problems}
+    record = {
+        "environment": environment(),
+        "connections": count,
+        "results": results,
+        "problems": problems,
+    }
     out.write_text(json.dumps(record, indent=2))
     console.print(f"results: {out}")
     return 1 if problems else 0

@@ -7,8 +7,9 @@ calls of all the balancer's processes, and prints calls per request, per system 
 
 ``--tool strace`` (default) runs ``strace -c -f -p PID...``: it slows the balancer down a lot,
 which changes throughput and can change how many events one ``epoll_wait`` returns, but the
-per-request counts of the other calls stay meaningful. ``--tool perf`` counts the
-``syscalls:sys_enter_*`` tracepoints instead, at almost no cost.
+per-request counts of the other calls stay meaningful. ``--tool perf`` counts
+tracepoints instead (``raw_syscalls:sys_enter`` for all calls, ``syscalls:sys_enter_*`` for
+the usual ones, the rest as ``other``), at almost no cost.
 
     python loadtests/syscalls.py
     python loadtests/syscalls.py --tool perf --balancers fastlb,haproxy,haproxy-splice,nginx
@@ -31,7 +32,6 @@ from pathlib import Path
 from backend import BULK_PATH, start_http_backends
 from harness import (
     HERE,
-    INSTALL_HINT,
     LOOPBACK,
     HarnessError,
     Processes,
@@ -60,6 +60,13 @@ WORKLOADS = {
     "newconn": ("new connection per request", "/", True, 50),
     "bulk": ("1 MiB responses", BULK_PATH, False, 8),
 }
+PERF_SYSCALLS = """
+    accept accept4 connect socket close shutdown setsockopt getsockopt getsockname getpeername
+    read write readv writev recvfrom sendto recvmsg sendmsg recvmmsg sendmmsg splice pipe2 tee
+    epoll_wait epoll_pwait epoll_pwait2 epoll_ctl poll ppoll select pselect6 io_uring_enter
+    fcntl ioctl futex clock_gettime gettimeofday nanosleep clock_nanosleep timerfd_settime
+    mmap munmap brk madvise getpid kill tgkill rt_sigprocmask rt_sigreturn
+""".split()
 TOP = 8  # system calls listed per workload, by count
 console = Console(width=None if sys.stdout.isatty() else 140)
 
@@ -81,15 +88,34 @@ def parse_strace_summary(text: str) -> dict[str, dict[str, int]]:
     return counts
 
 
+def perf_events() -> list[str]:
+    """All system calls (raw_syscalls) and, one by one, those a proxy is likely to make."""
+    # Counting every syscalls:sys_enter_* tracepoint costs perf 15 s to set up; these suffice.
+    available = set(
+        subprocess.run(
+            ["perf", "list", "syscalls:sys_enter_*"], capture_output=True, text=True
+        ).stdout.split()
+    )
+    events = [f"syscalls:sys_enter_{name}" for name in PERF_SYSCALLS]
+    return ["raw_syscalls:sys_enter", *(e for e in events if e in available)]
+
+
 def parse_perf_csv(text: str) -> dict[str, dict[str, int]]:
-    """``{syscall: {"calls": n}}`` from ``perf stat -x,`` output for syscalls:sys_enter_*."""
-    counts = {}
+    """``{syscall: {"calls": n}}`` from ``perf stat -x,`` output of :func:`perf_events`.
+
+    Calls not counted one by one are summed up as ``other``."""
+    counts, total = {}, 0
     for line in text.splitlines():
         fields = line.split(",")
-        if len(fields) < 3 or not fields[2].startswith("syscalls:sys_enter_"):
+        if len(fields) < 3 or not fields[0].strip().isdigit():
             continue
-        if fields[0].strip().isdigit() and int(fields[0]) > 0:
+        if fields[2] == "raw_syscalls:sys_enter":
+            total = int(fields[0])
+        elif fields[2].startswith("syscalls:sys_enter_") and int(fields[0]) > 0:
             counts[fields[2].removeprefix("syscalls:sys_enter_")] = {"calls": int(fields[0])}
+    other = total - sum(c["calls"] for c in counts.values())
+    if other > 0:
+        counts["other"] = {"calls": other}
     return counts
 
 
@@ -124,15 +150,16 @@ def traced_with_strace(pids: list[int], wrk: list[str], duration: int, tmp: Path
 def traced_with_perf(pids: list[int], wrk: list[str], duration: int, tmp: Path) -> tuple:
     # With a command after --, perf counts the -p targets exactly while that command runs.
     output = tmp / "perf.csv"
-    cmd = ["perf", "stat", "-x,", "-o", str(output), "-e", "syscalls:sys_enter_*"]
+    cmd = ["perf", "stat", "-x,", "-o", str(output), "-e", ",".join(perf_events())]
     cmd += ["-p", ",".join(map(str, pids)), "--", *wrk]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
     return wrk_result(done, cmd), parse_perf_csv(output.read_text())
 
 
-def start(name: str, procs: Processes, port: int, backends: list[int], tmp: Path) -> Running:
+def start(name: str, procs: Processes, port: int, backends: list[int], tmp: Path, args) -> Running:
     if name == "fastlb":
-        return start_fastlb(procs, port, backends, workers=1)
+        extra = shlex.split(args.fastlb_args)
+        return start_fastlb(procs, port, backends, workers=1, extra_args=extra)
     if name in ("haproxy", "haproxy-splice"):
         return start_haproxy(procs, port, backends, 1, tmp, splice=name == "haproxy-splice")
     return start_nginx_stream(procs, port, backends, 1, tmp)
@@ -148,15 +175,17 @@ def main() -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"from {list(WORKLOADS)}")
     parser.add_argument("--duration", type=int, default=3, help="seconds of wrk per workload")
     parser.add_argument("--tool", choices=["strace", "perf"], default="strace")
+    parser.add_argument("--fastlb-args", default="", help="extra `fastlb run` flags")
     parser.add_argument("--out", type=Path, help="JSON result (default loadtests/results/...)")
     args = parser.parse_args()
     names = [n.strip() for n in args.balancers.split(",") if n.strip()]
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if set(names) - set(BALANCERS) or set(workloads) - set(WORKLOADS):
         parser.error("unknown balancer or workload")
+    packages = {"wrk": "wrk", "strace": "strace", "perf": "linux-perf"}
     for tool in ("wrk", args.tool):
         if not shutil.which(tool):
-            console.print(f"[red]syscalls.py needs {tool} ({INSTALL_HINT} {args.tool})[/]")
+            console.print(f"[red]syscalls.py needs {tool} (apt-get install {packages[tool]})[/]")
             return 2
     missing = {
         "fastlb": fastlb_missing,
@@ -178,15 +207,18 @@ def main() -> int:
                 if reason:
                     console.print(f"[yellow]skipping {name}: {reason}[/]")
                     continue
-                running = start(name, procs, port, backends.ports, tmp)
+                running = start(name, procs, port, backends.ports, tmp, args)
                 try:
                     for workload in workloads:
                         _, path, close, connections = WORKLOADS[workload]
                         url = f"http://{LOOPBACK}:{port}{path}"
                         wrk = wrk_command(url, args.duration, connections, 1, script, close=close)
                         result, counts = trace(running.refresh_pids(), wrk, args.duration, tmp)
-                        if result.errors:
-                            problems.append(f"{name} {workload}: wrk errors {result.errors}")
+                        if result.errors or not result.requests:
+                            problems.append(
+                                f"{name} {workload}: {result.requests} responses, wrk errors "
+                                f"{result.errors}, {result.bytes} bytes; wrk: {shlex.join(wrk)}"
+                            )
                         total = sum(c["calls"] for c in counts.values())
                         per_request = total / result.requests if result.requests else 0.0
                         results[workload][name] = {

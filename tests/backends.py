@@ -28,12 +28,14 @@ import os
 import socket
 import struct
 import sys
+import tempfile
 import threading
 
 RECV_SIZE = 1 << 20
 # Not a multiple of any buffer size, so chunks a proxy dropped, repeated or swapped change the
 # stream even though the pattern repeats.
 PATTERN_PERIOD = (1 << 20) + 13
+REPLY_OFFSET = 100  # replies mode sends its file from here: not page-aligned
 
 _print_lock = threading.Lock()
 
@@ -98,6 +100,25 @@ class Connection:
         for chunk in pattern_chunks(self.args.bytes, os.urandom(PATTERN_PERIOD)):
             self.send(chunk)
 
+    def serve_replies(self) -> None:
+        # Every read is a request, answered with --bytes bytes by sendfile(2) from a file offset
+        # that is not page-aligned, as a web server sends a file after its headers: the reply
+        # arrives as page-cache fragments, and the connection stays open for the next request.
+        with tempfile.TemporaryFile() as source:
+            block = os.urandom(REPLY_OFFSET + self.args.bytes)
+            source.write(block)
+            source.flush()
+            reply = memoryview(block)[REPLY_OFFSET:]
+            while self.recv():
+                sent = 0
+                while sent < len(reply):
+                    sent += os.sendfile(
+                        self.sock.fileno(), source.fileno(), REPLY_OFFSET + sent, len(reply) - sent
+                    )
+                self.sent += sent
+                self.digest_out.update(reply)
+                report(event="replied", peer=self.peer, sent=self.sent)
+
     def serve_sink(self) -> None:
         while self.recv():
             pass
@@ -139,6 +160,7 @@ MODES = {
     "hold": Connection.serve_name,
     "echo": Connection.serve_echo,
     "source": Connection.serve_source,
+    "replies": Connection.serve_replies,
     "sink": Connection.serve_sink,
     "halfclose": Connection.serve_halfclose,
     "reset": Connection.serve_reset,

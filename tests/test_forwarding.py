@@ -71,6 +71,32 @@ def test_both_directions_at_once(backends, balancer, splice):
     assert (received, digest) == (len(payload), hashlib.sha256(payload).hexdigest())
 
 
+@pytest.mark.parametrize("splice", ["never", "always", "auto"])
+def test_bulk_replies_complete_on_an_open_connection(backends, balancer, splice):
+    """Each 1 MiB reply, written by the backend in small segments, arrives whole while the
+    connection stays open (keep-alive): the end of a reply must not wait for the backend to
+    close. Small segments fill a splice pipe's slots before its bytes: a short splice is not a
+    drained socket."""
+    replies = backends("replies", nbytes=MiB)
+    lb = balancer([replies], "--splice", splice)
+    received = hashlib.sha256()
+    with lb.connect() as sock:
+        sock.settimeout(10)
+        for round_ in range(1, 4):
+            sock.sendall(b"?")
+            # Read only once the whole reply is on its way: it then waits in the balancer as
+            # many small segments, with nothing more to come from the backend.
+            replies.next_event("replied", sent=round_ * MiB)
+            got = 0
+            while got < MiB:
+                chunk = sock.recv(MiB - got)
+                assert chunk, f"EOF after {got} of {MiB} bytes"
+                got += len(chunk)
+                received.update(chunk)
+    closed = replies.next_event()
+    assert (closed["sent"], closed["sha256_out"]) == (3 * MiB, received.hexdigest())
+
+
 def test_client_half_close_reaches_the_backend_which_can_still_answer(backends, balancer):
     sink = backends("sink")
     lb = balancer([sink])
