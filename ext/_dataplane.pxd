@@ -153,6 +153,8 @@ cdef class Worker:
     cdef int nfree_bufs
     cdef int max_free_bufs
     cdef int *free_pipes    # pooled empty pipes: [r0, w0, r1, w1, ...]
+    cdef int bufs_held      # buffers and pipes held by connections: 0 once all have closed
+    cdef int pipes_held
     cdef int nfree_pipes
     cdef int max_free_pipes
     cdef epoll_event *events

@@ -247,6 +247,11 @@ cdef class Worker:
         return self.nconns
 
     @property
+    def held(self):
+        """(buffers, pipes) held by connections: both 0 when none is open, or one leaked."""
+        return (self.bufs_held, self.pipes_held)
+
+    @property
     def pooled(self):
         """(buffers, pipes) kept in the pools, for tests of the bounds."""
         return (self.nfree_bufs, self.nfree_pipes)
@@ -650,10 +655,11 @@ cdef class Worker:
                 if ch.piped == 0:
                     self._pipe_put(ch)
                 else:
-                    close(ch.pipe_r)
+                    close(ch.pipe_r)  # bytes still in it: no use to anyone else
                     close(ch.pipe_w)
                     ch.pipe_r = ch.pipe_w = -1
                     ch.piped = 0
+                    self.pipes_held -= 1
         self._drop_replay(c)
         self._release_backend(c)
         if c.prev != NULL:
@@ -685,10 +691,15 @@ cdef class Worker:
         if b != NULL:
             self.free_bufs = b.next
             self.nfree_bufs -= 1
-            return b
-        return <Buf *>malloc(sizeof(Buf) + self.buffer_size)
+        else:
+            b = <Buf *>malloc(sizeof(Buf) + self.buffer_size)
+            if b == NULL:
+                return NULL
+        self.bufs_held += 1
+        return b
 
     cdef void _buf_put(self, Buf *b) noexcept nogil:
+        self.bufs_held -= 1
         if self.nfree_bufs >= self.max_free_bufs:
             free(b)
             return
@@ -702,16 +713,18 @@ cdef class Worker:
             self.nfree_pipes -= 1
             ch.pipe_r = self.free_pipes[2 * self.nfree_pipes]
             ch.pipe_w = self.free_pipes[2 * self.nfree_pipes + 1]
-            return 0
-        if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
-            return -1
-        # A pipe holds 64 KiB by default; let it hold one buffer's worth.
-        fcntl(fds[1], F_SETPIPE_SZ, <int>self.buffer_size)
-        ch.pipe_r = fds[0]
-        ch.pipe_w = fds[1]
+        else:
+            if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+                return -1
+            # A pipe holds 64 KiB by default; let it hold one buffer's worth.
+            fcntl(fds[1], F_SETPIPE_SZ, <int>self.buffer_size)
+            ch.pipe_r = fds[0]
+            ch.pipe_w = fds[1]
+        self.pipes_held += 1
         return 0
 
     cdef void _pipe_put(self, Channel *ch) noexcept nogil:
+        self.pipes_held -= 1
         if self.nfree_pipes >= self.max_free_pipes:
             close(ch.pipe_r)
             close(ch.pipe_w)

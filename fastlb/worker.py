@@ -171,6 +171,15 @@ def run(
         started = time.monotonic()
         process.serve()
         log.debug("worker %d drained after %.1fs", worker_id, time.monotonic() - started)
+        buffers, pipes = process.dataplane.held
+        if buffers or pipes:
+            log.error(
+                "worker %d leaked %d buffers and %d pipes: held with no connection open",
+                worker_id,
+                buffers,
+                pipes,
+            )
+            code = 1
     except BaseException:
         log.exception("worker %d crashed", worker_id)
         code = 1

@@ -367,6 +367,8 @@ class Balancer:
                 problems.append(f"still running {STOP_TIMEOUT}s after SIGTERM")
         elif not self.stopped_by_test:
             problems.append(f"exited by itself with status {self.proc.returncode}")
+        # Each worker that drained checks that its connections returned every buffer and pipe.
+        problems += [line for line in self.log().splitlines() if " leaked " in line]
 
         def leftovers():
             alive = []
