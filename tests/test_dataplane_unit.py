@@ -8,56 +8,18 @@ and asserts that they agree pick by pick.
 from __future__ import annotations
 
 import math
-import socket
-import struct
 from collections import Counter
 from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import backend_id, mix64
+from models import hash_client as client_key
 
 from fastlb import _dataplane
 
-MASK64 = (1 << 64) - 1
-
-
 # ---- the models ---------------------------------------------------------------------------------
-
-
-def mix64(x: int) -> int:
-    x ^= x >> 33
-    x = (x * 0xFF51AFD7ED558CCD) & MASK64
-    x ^= x >> 33
-    x = (x * 0xC4CEB9FE1A85EC53) & MASK64
-    x ^= x >> 33
-    return x
-
-
-def hash_bytes(data: bytes, seed: int) -> int:
-    """FNV-1a, then mixed."""
-    h = 0xCBF29CE484222325 ^ seed
-    for byte in data:
-        h = ((h ^ byte) * 0x100000001B3) & MASK64
-    return mix64(h)
-
-
-def sockaddr_bytes(host: str, port: int) -> bytes:
-    """The address as the kernel's struct sockaddr_in / sockaddr_in6 (family in host order)."""
-    if ":" in host:
-        packed = socket.inet_pton(socket.AF_INET6, host)
-        return struct.pack("<H", socket.AF_INET6) + struct.pack(">HI", port, 0) + packed + bytes(4)
-    packed = socket.inet_pton(socket.AF_INET, host)
-    return struct.pack("<H", socket.AF_INET) + struct.pack(">H", port) + packed + bytes(8)
-
-
-def client_key(host: str, port: int = 0, with_port: bool = False) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    key = hash_bytes(socket.inet_pton(family, host), 6 if family == socket.AF_INET6 else 4)
-    if with_port:
-        # sin_port is in network order; the C code mixes in the field as it lies in memory.
-        key = mix64(key ^ int.from_bytes(struct.pack(">H", port), "little"))
-    return key
 
 
 class ModelBalancer:
@@ -79,7 +41,7 @@ class ModelBalancer:
         self.local = [0] * n
         self.others = [0] * n
         self.current = [0] * n
-        self.ids = [hash_bytes(sockaddr_bytes(host, port), 0x5EED) for host, port, *_ in rows]
+        self.ids = [backend_id(host, port) for host, port, *_ in rows]
         # Up primaries; else up backups; else every primary.
         for wanted in (
             lambda up, backup: up and not backup,
