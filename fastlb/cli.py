@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 from fastlb import __version__, demo, settings
-from fastlb.errors import EXIT_USAGE, FastlbError
+from fastlb.errors import EXIT_UNREACHABLE, EXIT_USAGE, FastlbError
 from fastlb.settings import Settings
 from fastlb.supervisor.arbiter import Arbiter
 from fastlb.supervisor.listeners import open_listener, open_listeners
@@ -119,7 +119,26 @@ def check_command(args: argparse.Namespace) -> int:
         print(line)
     if message:
         print(f"fastlb: note: {message}", file=sys.stderr)
-    return 0
+    unreachable = 0
+    for backend in config.backends:
+        problem = probe(backend, config.check_timeout)
+        if problem:
+            print(f"fastlb: error: backend {backend.address} is unreachable: {problem}",
+                  file=sys.stderr)  # fmt: skip
+            unreachable += 1
+    return EXIT_UNREACHABLE if unreachable else 0
+
+
+def probe(backend: settings.Backend, timeout: float) -> str | None:
+    """Why a TCP connect to the backend fails, or None when it is accepted."""
+    address = backend.address
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout:g}s"
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def demo_command(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ EXIT_OK = 0
 EXIT_FORCED = 1  # stopped at once by a second stop signal, or an unexpected failure
 EXIT_USAGE = 2  # bad flags or addresses, a port that cannot be bound
 EXIT_BOOT_FAILED = 3  # a worker could not start: respawning it would only loop
+EXIT_UNREACHABLE = 4  # fastlb check: a backend did not accept a TCP connection
 
 
 class FastlbError(Exception):

@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from fastlb import settings
+from fastlb.errors import EXIT_UNREACHABLE
 
 TIMEOUT = 20.0  # generous: the machine is shared
 FASTLB = [sys.executable, "-m", "fastlb"]
@@ -76,7 +77,8 @@ def test_check_prints_the_resolved_settings():
         "check", "--listen", "localhost:8000", "--backend", "127.0.0.1:9000,weight=3",
         "--backend", "[::1]:9001,backup", "--algorithm", "leastconn", "--workers", "3", "--check",
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    # Nothing listens on those backends: the settings are printed all the same.
+    assert result.returncode == EXIT_UNREACHABLE, result.stderr
     lines = [line.split() for line in result.stdout.splitlines()]
     assert ["listen", "=", "127.0.0.1:8000"] in lines or ["listen", "=", "[::1]:8000"] in lines
     assert ["backend", "=", "127.0.0.1:9000,weight=3"] in lines
@@ -85,6 +87,24 @@ def test_check_prints_the_resolved_settings():
     assert ["workers", "=", "3"] in lines
     assert ["check", "=", "on"] in lines
     assert len(lines) == len(settings.OPTIONS) + 1
+
+
+def test_check_probes_every_backend(echo_backend):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused
+    refused = f"127.0.0.1:{closed.getsockname()[1]}"
+    with closed:
+        # A small --max-conn keeps the open-file note out of stderr.
+        result = fastlb("check", "--listen", "127.0.0.1:0", "--max-conn", "100",
+                        "--backend", echo_backend, "--backend", refused)  # fmt: skip
+        assert result.returncode == EXIT_UNREACHABLE
+        assert result.stderr.splitlines() == [
+            f"fastlb: error: backend {refused} is unreachable: Connection refused"
+        ]
+        result = fastlb(
+            "check", "--listen", "127.0.0.1:0", "--max-conn", "100", "--backend", echo_backend
+        )
+        assert (result.returncode, result.stderr) == (0, "")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["check", "--help"]])
