@@ -13,7 +13,7 @@ import socket
 import sys
 import textwrap
 
-from fastlb import __version__, demo, settings
+from fastlb import __version__, config_file, demo, settings
 from fastlb.errors import EXIT_UNREACHABLE, EXIT_USAGE, FastlbError
 from fastlb.settings import Settings
 from fastlb.supervisor.arbiter import Arbiter
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    config = settings.parse(vars(args))
+    config = settings.parse(vars(args), read_config(args.config))
     listeners, stats_socket = open_sockets(config)
     setup_logging(config.log_level)
     config = fit_max_conn(config, raise_open_file_limit(), warn=args.max_conn is not None)
@@ -112,7 +112,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def check_command(args: argparse.Namespace) -> int:
-    config = settings.parse(vars(args))
+    config = settings.parse(vars(args), read_config(args.config))
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     config, message = settings.fit_to_open_file_limit(config, _usable_limit(hard))
     for line in settings.describe(config):
@@ -169,6 +169,10 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+def read_config(path: str | None) -> dict:
+    return config_file.read(path) if path else {}
 
 
 def setup_logging(level: str) -> None:

@@ -354,6 +354,12 @@ Settings.__doc__ = "The resolved settings of one fastlb instance, one attribute 
 
 def add_arguments(parser) -> None:
     """Adds every option to an argparse parser; values stay strings until :func:`parse`."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help='read settings from this TOML file (keys are the flag names: listen = "...", '
+        'backend = ["...", ...]); flags given here win over it',
+    )
     for option in OPTIONS:
         if option.is_switch:
             parser.add_argument(
@@ -365,21 +371,27 @@ def add_arguments(parser) -> None:
                 dest=option.name,
                 metavar=option.metavar,
                 action="append" if option.many else "store",
-                required=option.required,
                 help=option.help_text(),
             )
 
 
-def parse(values: Mapping[str, Any]) -> Settings:
+def parse(values: Mapping[str, Any], from_file: Mapping[str, Any] | None = None) -> Settings:
     """Settings from raw values by option name: strings as typed, lists of them for repeatable
-    options; a missing or None value takes the default. Raises ConfigError."""
-    settings = Settings(
-        **{option.name: option.value(values.get(option.name)) for option in OPTIONS}
-    )
+    options; a missing or None value takes the value from_file (parsed values from the
+    configuration file) or else the default. Raises ConfigError."""
+    from_file = from_file or {}
+
+    def value(option: Option) -> Any:
+        raw = values.get(option.name)
+        if (raw is None or raw is False) and option.name in from_file:
+            return from_file[option.name]
+        return option.value(raw)
+
+    settings = Settings(**{option.name: value(option) for option in OPTIONS})
     if settings.listen is None:
-        raise ConfigError("--listen is required")
+        raise ConfigError("--listen is required (or listen in the --config file)")
     if not settings.backends:
-        raise ConfigError("at least one --backend is required")
+        raise ConfigError("at least one --backend is required (or backend in the --config file)")
     seen = set()
     for backend in settings.backends:
         if backend.address in seen:
