@@ -163,6 +163,7 @@ cdef class Worker:
     cdef bint counts_changed
     cdef uint64_t accepted_total
     cdef uint32_t table_version
+    cdef Backend detached   # counts for connections whose backend left the table (reload)
 
     cdef int _set_table(self, list rows) except -1
     cdef int _poll(self, int timeout_ms) noexcept nogil
@@ -180,6 +181,7 @@ cdef class Worker:
     cdef int _pump_splice(self, Channel *ch, int src, uint32_t *sflags, int dst,
                           uint32_t *dflags, uint64_t *counter) noexcept nogil
     cdef void _release_backend(self, Conn *c) noexcept nogil
+    cdef Backend *_backend_of(self, Conn *c) noexcept nogil
     cdef void _close(self, Conn *c, bint reset) noexcept nogil
     cdef void _scan_timeouts(self) noexcept nogil
     cdef Buf *_buf_get(self) noexcept nogil

@@ -432,7 +432,7 @@ cdef class Worker:
     cdef void _connect_failed(self, Conn *c) noexcept nogil:
         # The backend refused, reset or did not answer in time: count it and try the next one.
         # Called without the GIL; touches no Python objects.
-        cdef Backend *b = &self.table.backends[c.backend]
+        cdef Backend *b = self._backend_of(c)
         b.failed += 1
         b.streak += 1
         close(c.bfd)
@@ -466,6 +466,12 @@ cdef class Worker:
         self._connect_failed(c)
         return True
 
+    cdef Backend *_backend_of(self, Conn *c) noexcept nogil:
+        # A reload can remove the backend of an open connection: it then counts elsewhere.
+        if c.backend < 0:
+            return &self.detached
+        return &self.table.backends[c.backend]
+
     cdef void _release_backend(self, Conn *c) noexcept nogil:
         if c.backend >= 0:
             self.table.backends[c.backend].local_active -= 1
@@ -486,7 +492,7 @@ cdef class Worker:
                 if not ev & EPOLLOUT:
                     return
                 c.state = CONN_OPEN
-                b = &self.table.backends[c.backend]
+                b = self._backend_of(c)
                 b.succeeded += 1
                 b.new_conns += 1
                 b.streak = 0
@@ -498,7 +504,7 @@ cdef class Worker:
                     self._close(c, True)
                 return  # client bytes wait in the socket until the backend is connected
         # _pump returns -1 when its source socket failed, -2 when its destination did.
-        b = &self.table.backends[c.backend]
+        b = self._backend_of(c)
         r = self._pump(c, &c.up, c.cfd, &c.cflags, c.bfd, &c.bflags, &b.up_bytes)
         if r < 0:
             if not (r == -2 and self._retry_after_reset(c)):

@@ -107,8 +107,14 @@ def run_command(args: argparse.Namespace) -> int:
     config = settings.parse(vars(args), read_config(args.config))
     listeners, stats_socket = open_sockets(config)
     setup_logging(config.log_level)
-    config = fit_max_conn(config, raise_open_file_limit(), warn=args.max_conn is not None)
-    return Arbiter(config, listeners, stats_socket).run()
+    limit = raise_open_file_limit()
+    config = fit_max_conn(config, limit, warn=args.max_conn is not None)
+
+    def reload() -> Settings:
+        new = settings.parse(vars(args), read_config(args.config))
+        return settings.fit_to_open_file_limit(new, limit)[0]
+
+    return Arbiter(config, listeners, stats_socket, reload=reload if args.config else None).run()
 
 
 def check_command(args: argparse.Namespace) -> int:

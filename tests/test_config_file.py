@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import recv_line, wait_until
 
 from fastlb import config_file, settings
 from fastlb.errors import ConfigError
@@ -126,3 +129,38 @@ def test_the_example_file_is_valid():
     values = config_file.read(str(example))
     parsed = settings.parse({}, values)
     assert parsed.active_checks and len(parsed.backends) == 3
+
+
+def test_sighup_reloads_the_backends_and_keeps_open_connections(backends, balancer, tmp_path):
+    a, b = backends("name", name="a"), backends("name", name="b")
+    path = tmp_path / "lb.toml"
+    path.write_text(f'backend = ["{a.address}"]\n')
+    lb = balancer([], "--config", str(path))
+    held = lb.connect()
+    assert recv_line(held) == "a"
+
+    path.write_text(f'backend = ["{a.address}", "{b.address}"]\n')
+    os.kill(lb.pid, signal.SIGHUP)
+    wait_until(lambda: len(lb.stats()["backends"]) == 2, 10, "the reload to add b")
+    names = []
+    for _ in range(4):
+        with lb.connect() as sock:
+            names.append(recv_line(sock))
+    assert sorted(names) == ["a", "a", "b", "b"]
+
+    # A mistake in the file: one error line, and the running settings stay.
+    path.write_text('backend = ["nowhere"]\n')
+    os.kill(lb.pid, signal.SIGHUP)
+    wait_until(lambda: "reload failed" in lb.log(), 10, "the failed reload")
+    assert [row["address"] for row in lb.stats()["backends"]] == [a.address, b.address]
+
+    path.write_text(f'backend = ["{b.address}"]\n')
+    os.kill(lb.pid, signal.SIGHUP)
+    wait_until(lambda: len(lb.stats()["backends"]) == 1, 10, "the reload to remove a")
+    for _ in range(3):
+        with lb.connect() as sock:
+            assert recv_line(sock) == "b"
+    # The connection opened before all of this still reaches a, which echoes.
+    held.sendall(b"still here\n")
+    assert recv_line(held) == "still here"
+    held.close()

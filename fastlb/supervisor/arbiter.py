@@ -25,15 +25,15 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastlb import worker as worker_process
-from fastlb.errors import EXIT_BOOT_FAILED, EXIT_FORCED, EXIT_OK
+from fastlb.errors import EXIT_BOOT_FAILED, EXIT_FORCED, EXIT_OK, FastlbError
 from fastlb.health.checker import Checker
 from fastlb.health.state import FailureRun, HealthState
 from fastlb.metrics import StatsServer
 from fastlb.protocol import messages as msg
-from fastlb.settings import Backend, Settings
+from fastlb.settings import OPTIONS, Backend, Settings
 from fastlb.supervisor import systemd
 
 log = logging.getLogger("fastlb.supervisor")
@@ -96,16 +96,16 @@ class Arbiter:
         listeners: list[socket.socket],
         stats_socket: socket.socket | None = None,
         on_ready: Callable[[], None] | None = None,
+        reload: Callable[[], Settings] | None = None,
     ):
         self.settings = settings
+        self.reload_settings = reload  # SIGHUP: settings read anew (the --config file)
         self.listeners = listeners
         self.on_ready = on_ready
         self.workers: dict[int, WorkerHandle] = {}
-        self.backends = [
-            BackendState(spec, HealthState(settings.rise, settings.fall), FailureRun(settings.fall))
-            for spec in settings.backends
-        ]
+        self.backends = [self.backend_state(spec) for spec in settings.backends]
         self.table_version = 1
+        self.backends_version = 1  # the table version since which self.backends is in order
         self.table_changed = False
         self.counts_changed = False
         self.signal_queue: list[int] = []
@@ -244,7 +244,23 @@ class Arbiter:
     handle_int = handle_term
 
     def handle_hup(self) -> None:
-        log.warning("SIGHUP: reloading is not supported; restart fastlb to change its settings")
+        if self.reload_settings is None or self.draining:
+            log.warning("SIGHUP: nothing to reload (no --config file)")
+            return
+        try:
+            new = self.reload_settings()
+        except FastlbError as exc:
+            log.error("reload failed, the running settings stay: %s", exc)
+            return
+        fixed = [
+            option.flag
+            for option in OPTIONS
+            if option.name not in ("backends", "max_conn")
+            and getattr(new, option.name) != getattr(self.settings, option.name)
+        ]
+        if fixed:
+            log.warning("reload: %s changed; restart fastlb to apply", ", ".join(fixed))
+        self.replace_backends(new.backends)
 
     def handle_chld(self) -> None:
         pass  # every turn of the loop reaps
@@ -456,6 +472,8 @@ class Arbiter:
         log.info("worker %d (pid %d) is accepting", worker.worker_id, worker.pid)
 
     def handle_report(self, worker: WorkerHandle, report: msg.Report) -> None:
+        if report.table < self.backends_version:
+            return  # its lists follow the backend order before the last reload
         if len(report.active) != len(self.backends):
             log.warning(
                 "worker %d: ignoring a report on %d backends, not %d",
@@ -557,6 +575,37 @@ class Arbiter:
         return totals
 
     # ---- health ---------------------------------------------------------------------------------
+
+    def backend_state(self, spec: Backend, old: BackendState | None = None) -> BackendState:
+        """A backend's state: kept from old (same address) with its new weight and role."""
+        if old is not None:
+            return replace(old, spec=spec)
+        rise, fall = self.settings.rise, self.settings.fall
+        return BackendState(spec, HealthState(rise, fall), FailureRun(fall))
+
+    def replace_backends(self, specs: tuple[Backend, ...]) -> None:
+        """Swaps in a new backend list. Workers keep each open connection on its backend; a
+        backend that stays keeps its health and counters."""
+        if tuple(backend.spec for backend in self.backends) == tuple(specs):
+            log.info("reload: the backends are unchanged")
+            return
+        current = {backend.spec.address: backend for backend in self.backends}
+        self.checker.close()  # checks in flight name backends by their place in the old list
+        self.backends = [self.backend_state(spec, current.get(spec.address)) for spec in specs]
+        self.settings = replace(self.settings, backends=tuple(specs))
+        for worker in self.workers.values():
+            worker.active = []  # counted against the old list; the next report recounts
+        self.backends_version = self.table_version + 1  # the version publish() sends next
+        self.table_changed = True
+        self.counts_changed = True
+        kept = sum(1 for spec in specs if spec.address in current)
+        log.info(
+            "reload: %d backends (%d kept, %d added, %d removed)",
+            len(specs),
+            kept,
+            len(specs) - kept,
+            len(current) - kept,
+        )
 
     def wants_check(self, backend: BackendState) -> bool:
         return self.settings.active_checks or not backend.up
