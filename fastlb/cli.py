@@ -72,6 +72,15 @@ def build_parser() -> Parser:
         "--workers", metavar="N", help="worker processes [default: number of CPUs]"
     )
     demo_parser.set_defaults(handler=demo_command)
+
+    status_parser = commands.add_parser(
+        "status",
+        help="show a running balancer's backends (from its --stats address)",
+        description="Read GET /stats from a running fastlb (its --stats address) and print the "
+        "backends as a table.",
+    )
+    status_parser.add_argument("stats", metavar="HOST:PORT", help="the balancer's --stats address")
+    status_parser.set_defaults(handler=status_command)
     return parser
 
 
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: run, check or demo")
+        parser.error("choose a command: run, check, demo or status")
     try:
         return args.handler(args)
     except FastlbError as exc:
@@ -145,6 +154,14 @@ def probe(backend: settings.Backend, timeout: float) -> str | None:
         return f"no answer within {timeout:g}s"
     except OSError as exc:
         return exc.strerror or str(exc)
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from fastlb import status  # rich is only needed here
+
+    address = settings.OPTIONS_BY_NAME["stats"].value(args.stats)
+    status.render(status.fetch(address), status.console())
+    return 0
 
 
 def demo_command(args: argparse.Namespace) -> int:

@@ -345,6 +345,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )  # fmt: skip
 
+OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+
 Settings = dataclasses.make_dataclass(
     "Settings", [(option.name, option.type) for option in OPTIONS], frozen=True
 )

@@ -1,0 +1,72 @@
+"""``fastlb status``: a running balancer's /stats as a terminal table."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from fastlb.errors import FastlbError
+from fastlb.settings import Address
+
+TIMEOUT = 5.0
+
+
+def fetch(address: Address) -> dict:
+    """The JSON of GET /stats; FastlbError when the balancer cannot be asked."""
+    conn = http.client.HTTPConnection(address.host, address.port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/stats")
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise FastlbError(f"{address}/stats answered {response.status}")
+        return json.loads(body)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise FastlbError(f"cannot read stats from {address}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def console() -> Console:
+    # A pipe or a file gets the whole table rather than 80 squeezed columns.
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
+def render(stats: dict, console: Console) -> None:
+    """Workers on one line, then a row per backend: sent is client to backend, received the
+    other way."""
+    workers = stats["workers"]
+    ready = sum(1 for worker in workers if worker["ready"])
+    console.print(
+        f"fastlb pid {stats['pid']}: {ready}/{len(workers)} workers ready, "
+        f"table version {stats['table_version']}"
+    )
+    table = Table()
+    table.add_column("backend", no_wrap=True)
+    for column in ("weight", "role", "state", "active", "total", "failed", "sent", "received"):
+        table.add_column(column, justify="left" if column == "role" else "right", no_wrap=True)
+    for backend in stats["backends"]:
+        table.add_row(
+            backend["address"],
+            str(backend["weight"]),
+            "backup" if backend["backup"] else "primary",
+            "[green]up[/]" if backend["up"] else "[red]down[/]",
+            str(backend["active"]),
+            str(backend["connections"]),
+            str(backend["failed"]),
+            _size(backend["up_bytes"]),
+            _size(backend["down_bytes"]),
+        )
+    console.print(table)

@@ -1,0 +1,44 @@
+"""``fastlb status``: a running balancer's /stats as a table."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import recv_line, wait_until
+
+HERE = Path(__file__).resolve().parent
+
+
+def status(address: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastlb", "status", address],
+        capture_output=True, text=True, timeout=30, cwd=HERE,
+    )  # fmt: skip
+
+
+def test_status_shows_every_backend(backends, balancer):
+    named = backends("name", name="a")
+    lb = balancer([named, "127.0.0.1:9,weight=3,backup"], workers=2)
+    with lb.connect() as sock:
+        assert recv_line(sock) == "a"
+    # The backend sent its name ("a\n") and the client nothing.
+    wait_until(lambda: lb.stats()["backends"][0]["down_bytes"] == 2, 10, "the report")
+    result = status(f"127.0.0.1:{lb.stats_port}")
+    assert result.returncode == 0, result.stderr
+    assert "2/2 workers ready" in result.stdout
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if "│" in line}
+    primary = [cell.strip() for cell in rows[named.address].split("│")[2:10]]
+    assert primary == ["1", "primary", "up", "0", "1", "0", "0 B", "2 B"]
+    assert [cell.strip() for cell in rows["127.0.0.1:9"].split("│")[2:4]] == ["3", "backup"]
+
+
+def test_status_of_nothing_is_one_error_line():
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening
+        result = status(f"127.0.0.1:{closed.getsockname()[1]}")
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("fastlb: error: cannot read stats from 127.0.0.1:")
