@@ -154,6 +154,14 @@ def test_sighup_reloads_the_backends_and_keeps_open_connections(backends, balanc
     wait_until(lambda: "reload failed" in lb.log(), 10, "the failed reload")
     assert [row["address"] for row in lb.stats()["backends"]] == [a.address, b.address]
 
+    # Weight 0 drains b: no new connections.
+    path.write_text(f'backend = ["{a.address}", "{b.address},weight=0"]\n')
+    os.kill(lb.pid, signal.SIGHUP)
+    wait_until(lambda: lb.stats()["backends"][1]["weight"] == 0, 10, "the reload to drain b")
+    for _ in range(3):
+        with lb.connect() as sock:
+            assert recv_line(sock) == "a"
+
     path.write_text(f'backend = ["{b.address}"]\n')
     os.kill(lb.pid, signal.SIGHUP)
     wait_until(lambda: len(lb.stats()["backends"]) == 1, 10, "the reload to remove a")
