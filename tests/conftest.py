@@ -210,6 +210,15 @@ class Backend:
 
 
 @pytest.fixture
+def refused_address():
+    """ "127.0.0.1:PORT" of a socket bound but never listening: every connect to it is refused,
+    and no other process can take the port while the test runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
 def backends():
     """``backends(mode, name=..., nbytes=..., port=...)`` starts one fake backend process."""
     started: list[Backend] = []

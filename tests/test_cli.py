@@ -89,22 +89,18 @@ def test_check_prints_the_resolved_settings():
     assert len(lines) == len(settings.OPTIONS) + 1
 
 
-def test_check_probes_every_backend(echo_backend):
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused
-    refused = f"127.0.0.1:{closed.getsockname()[1]}"
-    with closed:
-        # A small --max-conn keeps the open-file note out of stderr.
-        result = fastlb("check", "--listen", "127.0.0.1:0", "--max-conn", "100",
-                        "--backend", echo_backend, "--backend", refused)  # fmt: skip
-        assert result.returncode == EXIT_UNREACHABLE
-        assert result.stderr.splitlines() == [
-            f"fastlb: error: backend {refused} is unreachable: Connection refused"
-        ]
-        result = fastlb(
-            "check", "--listen", "127.0.0.1:0", "--max-conn", "100", "--backend", echo_backend
-        )
-        assert (result.returncode, result.stderr) == (0, "")
+def test_check_probes_every_backend(echo_backend, refused_address):
+    # A small --max-conn keeps the open-file note out of stderr.
+    result = fastlb("check", "--listen", "127.0.0.1:0", "--max-conn", "100",
+                    "--backend", echo_backend, "--backend", refused_address)  # fmt: skip
+    assert result.returncode == EXIT_UNREACHABLE
+    assert result.stderr.splitlines() == [
+        f"fastlb: error: backend {refused_address} is unreachable: Connection refused"
+    ]
+    result = fastlb(
+        "check", "--listen", "127.0.0.1:0", "--max-conn", "100", "--backend", echo_backend
+    )
+    assert (result.returncode, result.stderr) == (0, "")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["check", "--help"]])

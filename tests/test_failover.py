@@ -27,45 +27,39 @@ def test_backend_killed_under_load_fails_no_new_connection(backends, balancer):
     assert lb.backend(b)["failed"] >= 3
 
 
-def test_refused_connects_are_retried_on_another_backend(backends, balancer):
+def test_refused_connects_are_retried_on_another_backend(backends, balancer, refused_address):
     good = backends("name", name="good")
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))  # bound, never listening: connecting to it is refused
-        dead = f"127.0.0.1:{closed.getsockname()[1]}"
-        lb = balancer([dead, good], "--retries", "1", "--fall", "1000")
-        assert [lb.ask_name() for _ in range(20)] == ["good"] * 20
-        stats = lb.wait_for(lambda s: lb.backend(dead, s)["failed"] == 10, what="10 failures")
-        assert lb.backend(dead, stats)["up"] is True  # --fall 1000 not reached
+    dead = refused_address
+    lb = balancer([dead, good], "--retries", "1", "--fall", "1000")
+    assert [lb.ask_name() for _ in range(20)] == ["good"] * 20
+    stats = lb.wait_for(lambda s: lb.backend(dead, s)["failed"] == 10, what="10 failures")
+    assert lb.backend(dead, stats)["up"] is True  # --fall 1000 not reached
 
 
-def test_without_retries_a_refused_connect_reaches_the_client(backends, balancer):
+def test_without_retries_a_refused_connect_reaches_the_client(backends, balancer, refused_address):
     good = backends("name", name="good")
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{closed.getsockname()[1]}"
-        lb = balancer([dead, good], "--retries", "0", "--fall", "1000")
-        answers = []
-        for _ in range(20):
-            try:
-                answers.append(lb.ask_name())
-            except (OSError, EOFError):
-                answers.append(None)
-        # Round robin alternates: every other connection went to the dead backend.
-        assert answers == [None, "good"] * 10
+    dead = refused_address
+    lb = balancer([dead, good], "--retries", "0", "--fall", "1000")
+    answers = []
+    for _ in range(20):
+        try:
+            answers.append(lb.ask_name())
+        except (OSError, EOFError):
+            answers.append(None)
+    # Round robin alternates: every other connection went to the dead backend.
+    assert answers == [None, "good"] * 10
 
 
-def test_fall_marks_a_dead_backend_down_and_traffic_avoids_it(backends, balancer):
+def test_fall_marks_a_dead_backend_down_and_traffic_avoids_it(backends, balancer, refused_address):
     good = backends("name", name="good")
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{closed.getsockname()[1]}"
-        lb = balancer([dead, good], "--fall", "2", "--check-interval", "60")
-        for _ in range(4):
-            assert lb.ask_name() == "good"
-        lb.wait_for(lambda s: not lb.backend(dead, s)["up"], what="the dead backend down")
-        assert [lb.ask_name() for _ in range(10)] == ["good"] * 10
-        failed = lb.backend(dead)["failed"]
-        assert failed == 2
+    dead = refused_address
+    lb = balancer([dead, good], "--fall", "2", "--check-interval", "60")
+    for _ in range(4):
+        assert lb.ask_name() == "good"
+    lb.wait_for(lambda s: not lb.backend(dead, s)["up"], what="the dead backend down")
+    assert [lb.ask_name() for _ in range(10)] == ["good"] * 10
+    failed = lb.backend(dead)["failed"]
+    assert failed == 2
 
 
 def test_connect_timeout_moves_on_to_the_next_backend(backends, balancer):

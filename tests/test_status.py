@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +34,8 @@ def test_status_shows_every_backend(backends, balancer):
     assert [cell.strip() for cell in rows["127.0.0.1:9"].split("│")[2:4]] == ["3", "backup"]
 
 
-def test_status_of_nothing_is_one_error_line():
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))  # bound, not listening
-        result = status(f"127.0.0.1:{closed.getsockname()[1]}")
+def test_status_of_nothing_is_one_error_line(refused_address):
+    result = status(refused_address)
     assert result.returncode == 1
     assert len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith("fastlb: error: cannot read stats from 127.0.0.1:")
