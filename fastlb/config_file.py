@@ -32,6 +32,7 @@ for _option in OPTIONS:
     _BY_KEY[_option.flag[2:]] = _BY_KEY[_option.name] = _option
     _BY_KEY[_option.flag[2:].replace("-", "_")] = _option
 _KEY_LINE = re.compile(r"""^\s*(?:"([^"]*)"|'([^']*)'|([A-Za-z0-9_-]+))\s*=""")
+_TABLE_LINE = re.compile(r"^\s*\[+\s*([^\]\s]+)")
 _TOML_POSITION = re.compile(r"\(at line (\d+), column \d+\)$")
 
 
@@ -93,17 +94,14 @@ def _scalar(option: Option, value: Any) -> str:
 
 
 def _key_lines(text: str) -> dict[str, int]:
-    """Line number of each top-level key, for error messages."""
+    """Line number of each top-level key and table, for error messages."""
     lines: dict[str, int] = {}
+    in_table = False  # keys inside a table are not settings (the table itself is reported)
     for number, line in enumerate(text.splitlines(), 1):
-        if line.lstrip().startswith("["):
-            break  # a table: its keys are not settings, and the first one is reported
-        match = _KEY_LINE.match(line)
-        if match:
-            key = next(group for group in match.groups() if group is not None)
-            lines.setdefault(key, number)
-    for number, line in enumerate(text.splitlines(), 1):
-        table = re.match(r"^\s*\[+\s*([^\]\s]+)", line)
+        table = _TABLE_LINE.match(line)
         if table:
+            in_table = True
             lines.setdefault(table.group(1).strip("\"'"), number)
+        elif not in_table and (key := _KEY_LINE.match(line)):
+            lines.setdefault(next(group for group in key.groups() if group is not None), number)
     return lines
