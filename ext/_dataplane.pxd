@@ -1,9 +1,11 @@
-# Declarations of the data plane: the backend table, the algorithm interface, connections and
-# the two classes Python sees (Worker runs the epoll loop; Balancer exposes picks to tests and
-# benchmarks). Bodies live in _dataplane.pyx and the .pxi files it includes.
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+# Declarations of the data plane: the backend table, the algorithm interface, pools, frontends,
+# listeners, connections and the two classes Python sees (Worker runs the epoll loop; Balancer
+# exposes picks to tests and benchmarks). Bodies live in _dataplane.pyx and the .pxi files it
+# includes.
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
-from includes.linux cimport epoll_event, sockaddr_storage, socklen_t
+from includes.linux cimport (epoll_event, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage,
+                             socklen_t)
 
 
 cdef enum:
@@ -23,6 +25,12 @@ cdef enum:
     CONN_CONNECTING = 1
     CONN_OPEN = 2
     CONN_CLOSED = 3         # closed during this epoll batch; freed at its end
+    CONN_PEEKING = 4        # reading a PROXY header or a ClientHello before the pick
+
+# What a peeking connection still waits for.
+cdef enum:
+    WAIT_PROXY = 1          # a PROXY v1/v2 header (the sender is trusted)
+    WAIT_HELLO = 2          # a TLS ClientHello, for its SNI
 
 # How bytes are moved between the two sockets.
 cdef enum:
@@ -33,12 +41,18 @@ cdef enum:
 
 cdef struct Table
 
+# What an algorithm's pick() reads besides the table (Algorithm.needs).
+cdef enum:
+    NEEDS_CLIENT_KEY = 1    # the hashed client address (the PROXY source where one was accepted)
+    NEEDS_GLOBAL_COUNTS = 2 # every worker's active connections, not only this worker's
+    NEEDS_PEEK = 4          # bytes the client sent before the pick
+
 
 # One balancing algorithm. Each lives in its own ext/lb/<name>.pxi and registers one of these.
 # All three functions are called without the GIL and touch no Python objects.
 ctypedef struct Algorithm:
     const char *name
-    bint uses_key           # pick() needs the hashed client address
+    uint32_t needs          # NEEDS_* flags
     # (Re)build table.state from table.eligible after any change of weights, health or the set.
     # Returns 0, or -1 when out of memory.
     int (*build)(Table *table) noexcept nogil
@@ -52,6 +66,8 @@ ctypedef struct Algorithm:
 cdef struct Backend:
     sockaddr_storage addr
     socklen_t addrlen
+    uint32_t id             # stable, given by the supervisor: messages and table swaps key on it
+    int32_t reported_active # local_active as of the last report
     int32_t weight
     bint up
     bint backup
@@ -79,6 +95,89 @@ cdef struct Table:
     const Algorithm *algo
 
 
+# ---- read-before-pick parsers (ext/proto)
+
+# A compact IPv4 or IPv6 socket address.
+cdef union SockAddr:
+    sockaddr sa
+    sockaddr_in v4
+    sockaddr_in6 v6
+
+cdef enum:
+    PEEK_MORE = 0           # the bytes so far are a prefix of a valid message: read more
+    PEEK_ERROR = -1         # not this protocol, or malformed
+
+cdef enum:
+    PROXY_LOCAL = 0         # v2 LOCAL, or v1 "PROXY UNKNOWN": keep the connection's own addresses
+    PROXY_PROXY = 1
+
+cdef struct ProxyHeader:
+    int command             # PROXY_LOCAL or PROXY_PROXY
+    int family              # AF_INET or AF_INET6 for TCP4/TCP6; 0 for UNSPEC, UNKNOWN and LOCAL
+    SockAddr src            # ports in network byte order, as in a sockaddr
+    SockAddr dst
+
+cdef struct SniRoute:
+    const char *pattern     # lower-case; for a wildcard, the suffix with its dot: ".example.test"
+    int len
+    bint wildcard
+    int pool                # opaque to the matcher: an index the data plane uses
+
+cdef struct SniResult:
+    int found               # 1: the hello carried a host_name; 0: it had none
+    int len
+    char name[256]          # lower-cased copy of the host name, NUL-terminated
+
+# ---- services: pools, frontends, listeners
+
+cdef enum:
+    PROXY_HEADER_ROOM = 128 # room for any header proxy_build writes (v1 is at most 107 bytes)
+
+
+# Where connections go: one backend table and how its backends are connected.
+cdef struct Pool:
+    Table table
+    uint32_t id             # the supervisor's pool id
+    int64_t connect_timeout_ms
+    int max_tries           # retries + 1
+    bint hash_port          # hash the client port too (hash key src-ip-port)
+    int send_proxy          # 0: off; 1 or 2: the PROXY protocol version sent first to backends
+
+
+# A network of trusted PROXY senders (accept-proxy).
+cdef struct TrustedNet:
+    int family
+    int prefix
+    uint8_t addr[16]
+
+
+# Where clients arrive: limits, timeouts and the routes to pools.
+cdef struct Frontend:
+    uint32_t id             # the supervisor's frontend id
+    Pool *pool              # the default route
+    int max_conn            # connections of this worker on this frontend; accepting pauses there
+    int nconns
+    int64_t idle_timeout_ms
+    int64_t inspect_timeout_ms
+    TrustedNet *trusted     # accept-proxy senders
+    int ntrusted
+    SniRoute *sni           # SNI routes; their pool fields index Worker.pools
+    int nsni
+    bint sni_required
+    bint paused             # its listeners are paused at max_conn
+    int32_t reported_active
+    uint64_t accepted       # counters since the last report
+    uint64_t rejected       # closed before the pick: bad PROXY header, no SNI route
+
+
+# One listening socket of a frontend.
+cdef struct Listener:
+    int fd
+    Frontend *frontend
+    bint listening          # registered with epoll
+    int64_t resume_ms       # paused after EMFILE/ENFILE until then; 0 when not paused by that
+
+
 cdef struct Buf:
     Buf *next               # free-list link while pooled
     uint32_t off
@@ -103,11 +202,16 @@ cdef struct Conn:
     Channel up              # client -> backend
     Channel down            # backend -> client
     int state
-    int backend             # index into the table, -1 while none
+    int waiting             # while peeking: WAIT_PROXY and/or WAIT_HELLO
+    Frontend *frontend
+    Pool *pool              # NULL until picked (peeking connections)
+    int backend             # index into pool.table, -1 while none
     int tried[MAX_TRIES]
     int ntried
     uint64_t key            # hashed client address, for the hashing algorithms
-    int64_t deadline_ms     # connect deadline while connecting
+    int64_t deadline_ms     # connect deadline while connecting, inspect deadline while peeking
+    SockAddr src            # the client: its PROXY source where one was accepted
+    SockAddr dst            # the address it connected to; family 0 until read (send-proxy)
     int64_t active_ms       # last time bytes moved or the connection changed state
     # Until the backend sends its first byte, everything sent to it is still in the first
     # buffer (replayable), so a reset (a backend that died with us in its accept queue) can be
@@ -126,23 +230,22 @@ cdef class Balancer:
 
 
 cdef class Worker:
-    cdef Table table
+    cdef Pool *pools
+    cdef int npools
+    cdef Frontend *frontends
+    cdef int nfrontends
+    cdef Listener *listeners
+    cdef int nlisteners
+    cdef int npaused        # listeners not registered with epoll while not draining
+    cdef object sni_patterns    # the bytes SniRoute.pattern points into
+    cdef dict backend_index     # backend id -> (pool index, index in its table)
     cdef int epfd
-    cdef int listen_fd
-    cdef int wake_fd
-    cdef int control_fd
-    cdef bint listening     # the listening socket is registered with epoll
     cdef bint draining
-    cdef int64_t listen_resume_ms   # paused after EMFILE/ENFILE until then; 0 when not paused
     cdef int64_t now_ms
     cdef int64_t next_scan_ms
-    cdef int64_t connect_timeout_ms
-    cdef int64_t idle_timeout_ms
-    cdef int max_tries
-    cdef int max_conn
+    cdef int max_conn       # connection slots: every frontend's max_conn together
     cdef int report_interval_ms
     cdef int nconns
-    cdef bint hash_port     # hash the client port too (hash key src-ip-port)
     cdef int splice_mode
     cdef uint32_t buffer_size
     cdef Conn *conns        # max_conn slots
@@ -165,12 +268,20 @@ cdef class Worker:
     cdef uint32_t table_version
     cdef Backend detached   # counts for connections whose backend left the table (reload)
 
-    cdef int _set_table(self, list rows) except -1
+    cdef _add_pool(self, dict spec)
+    cdef _add_frontend(self, dict spec)
+    cdef int _set_pool_table(self, Pool *pool, list rows) except -1
     cdef int _poll(self, int timeout_ms) noexcept nogil
-    cdef void _accept_burst(self) noexcept nogil
-    cdef void _pause_listener(self, int64_t until_ms) noexcept nogil
-    cdef void _resume_listener(self) noexcept nogil
-    cdef void _new_conn(self, int fd, sockaddr_storage *addr) noexcept nogil
+    cdef void _accept_burst(self, Listener *listener) noexcept nogil
+    cdef void _pause_listener(self, Listener *listener, int64_t until_ms) noexcept nogil
+    cdef void _resume_listener(self, Listener *listener) noexcept nogil
+    cdef void _resume_listeners(self) noexcept nogil
+    cdef void _new_conn(self, Listener *listener, int fd, SockAddr *addr) noexcept nogil
+    cdef void _peek(self, Conn *c) noexcept nogil
+    cdef void _peek_done(self, Conn *c, Pool *pool) noexcept nogil
+    cdef void _reject(self, Conn *c) noexcept nogil
+    cdef void _start_pick(self, Conn *c, Pool *pool) noexcept nogil
+    cdef int _send_proxy_header(self, Conn *c) noexcept nogil
     cdef int _connect_next(self, Conn *c) noexcept nogil
     cdef void _connect_failed(self, Conn *c) noexcept nogil
     cdef void _drop_replay(self, Conn *c) noexcept nogil

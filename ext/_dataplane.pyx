@@ -11,7 +11,7 @@ from libc.errno cimport (EAGAIN, ECONNABORTED, EINPROGRESS, EINTR, EMFILE, ENFIL
                          ENOMEM, errno)
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 from includes.linux cimport *
 
@@ -26,10 +26,18 @@ include "lb/sampling.pxi"
 include "lb/p2c.pxi"
 include "lb/random.pxi"
 include "table.pxi"
+include "proto/proxy.pxi"
+include "proto/sni.pxi"
+include "proto/testing.pxi"
+include "core/trusted.pxi"
 
-DEF TAG_LISTEN = 1
-DEF TAG_WAKE = 2
-DEF TAG_BACKEND = 1           # low bit of a connection's epoll data: the backend socket
+# The low bits of epoll data say what the rest points to (Conn and Listener are 8-aligned).
+DEF TAG_CLIENT = 0            # a Conn, its client socket
+DEF TAG_BACKEND = 1           # a Conn, its backend socket
+DEF TAG_LISTENER = 2          # a Listener
+DEF TAG_WAKE = 3              # no pointer: a watched descriptor (control socket, signal pipe)
+DEF TAG_MASK = 3
+DEF MAX_PEEK = 16384          # bytes read before the pick, at most (PROXY header, ClientHello)
 DEF SCAN_INTERVAL_MS = 100    # how often connect and idle timeouts are checked
 DEF EMFILE_PAUSE_MS = 100     # accept pauses this long when out of file descriptors
 DEF NO_PIPE = -3              # _pump_splice could not get a pipe
@@ -77,56 +85,66 @@ cdef inline void set_linger_reset(int fd) noexcept nogil:
 cdef class Worker:
     """The epoll loop of one worker process.
 
-    ``Worker(listen_fd, algorithm, ...)`` takes a listening, non-blocking socket; ``set_table``
-    must be called before the first ``poll``. ``poll(timeout_ms)`` forwards traffic without the
-    GIL and returns True when a watched file descriptor (the control socket, the signal wake-up
-    pipe) is readable, else False after ``timeout_ms`` or, when ``report_interval_ms`` is set,
-    as soon as that long has passed with connection counts changed.
+    ``Worker(pools, frontends, listeners, ...)`` takes the pools (dicts: id, algorithm,
+    connect_timeout, retries, hash_key, balance_factor, send_proxy), the frontends (dicts: id,
+    pool (index into pools), max_conn, idle_timeout, inspect_timeout, trusted (a list of
+    (family, packed address, prefix length)), sni (a list of (pattern, pool index)),
+    sni_required) and the listening, non-blocking sockets as (fd, frontend index) pairs.
+    ``set_table`` must be called before the first ``poll``. ``poll(timeout_ms)`` forwards
+    traffic without the GIL and returns True when a watched file descriptor (the control socket,
+    the signal wake-up pipe) is readable, else False after ``timeout_ms`` or, when
+    ``report_interval_ms`` is set, as soon as that long has passed with connection counts changed.
     """
 
     def __cinit__(self):
         self.epfd = -1
-        self.listen_fd = -1
         self.conns = NULL
         self.events = NULL
         self.free_pipes = NULL
+        self.pools = NULL
+        self.frontends = NULL
+        self.listeners = NULL
 
-    def __init__(self, int listen_fd, str algorithm, *, int max_conn=10000,
-                 double connect_timeout=5.0, double idle_timeout=0.0, int retries=2,
-                 int buffer_size=65536, str splice="auto", str hash_key="src-ip",
-                 double balance_factor=0.0, int report_interval_ms=0, int max_events=512):
+    def __init__(self, list pools, list frontends, list listeners, *, int buffer_size=65536,
+                 str splice="auto", int report_interval_ms=0, int max_events=512):
         cdef int i
-        cdef epoll_event ev
-        if max_conn < 1:
-            raise ValueError("max_conn must be at least 1")
-        if not 0 <= retries < MAX_TRIES:
-            raise ValueError(f"retries must be between 0 and {MAX_TRIES - 1}")
+        if not pools or not frontends or not listeners:
+            raise ValueError("a worker needs at least one pool, frontend and listener")
         if buffer_size < 4096:
             raise ValueError("buffer_size must be at least 4096")
         if splice not in SPLICE_MODES:
             raise ValueError(f"splice must be one of {', '.join(SPLICE_MODES)}")
-        if hash_key not in ("src-ip", "src-ip-port"):
-            raise ValueError("hash_key must be src-ip or src-ip-port")
-        table_init(&self.table, find_algorithm(algorithm), balance_factor)
-        self.listen_fd = listen_fd
-        self.max_conn = max_conn
-        self.connect_timeout_ms = <int64_t>(connect_timeout * 1000)
-        self.idle_timeout_ms = <int64_t>(idle_timeout * 1000)
-        self.max_tries = retries + 1
         self.buffer_size = buffer_size
         self.splice_mode = SPLICE_MODES[splice]
-        self.hash_port = hash_key == "src-ip-port"
         self.report_interval_ms = report_interval_ms
         self.max_free_bufs = 64
         self.max_free_pipes = 64
         self.max_events = max_events
+        self.backend_index = {}
+        self.sni_patterns = []
 
-        self.conns = <Conn *>calloc(max_conn, sizeof(Conn))
+        self.pools = <Pool *>calloc(len(pools), sizeof(Pool))
+        self.frontends = <Frontend *>calloc(len(frontends), sizeof(Frontend))
+        self.listeners = <Listener *>calloc(len(listeners), sizeof(Listener))
+        if self.pools == NULL or self.frontends == NULL or self.listeners == NULL:
+            raise MemoryError()
+        for spec in pools:
+            self._add_pool(spec)
+        for spec in frontends:
+            self._add_frontend(spec)
+        for fd, frontend in listeners:
+            if not 0 <= frontend < self.nfrontends:
+                raise ValueError(f"listener of an unknown frontend: {frontend}")
+            self.listeners[self.nlisteners].fd = fd
+            self.listeners[self.nlisteners].frontend = &self.frontends[frontend]
+            self.nlisteners += 1
+
+        self.conns = <Conn *>calloc(self.max_conn, sizeof(Conn))
         self.events = <epoll_event *>calloc(max_events, sizeof(epoll_event))
         self.free_pipes = <int *>calloc(2 * self.max_free_pipes, sizeof(int))
         if self.conns == NULL or self.events == NULL or self.free_pipes == NULL:
             raise MemoryError()
-        for i in range(max_conn - 1, -1, -1):
+        for i in range(self.max_conn - 1, -1, -1):
             self.conns[i].next = self.free_conns
             self.free_conns = &self.conns[i]
 
@@ -135,9 +153,73 @@ cdef class Worker:
             raise OSError(errno, "epoll_create1 failed")
         self.now_ms = monotonic_ms()
         self.next_scan_ms = self.now_ms + SCAN_INTERVAL_MS
-        self._resume_listener()
-        if not self.listening:
-            raise OSError(errno, "cannot watch the listening socket")
+        for i in range(self.nlisteners):
+            self.npaused += 1
+            self._resume_listener(&self.listeners[i])
+            if not self.listeners[i].listening:
+                raise OSError(errno, "cannot watch a listening socket")
+
+    cdef _add_pool(self, dict spec):
+        cdef Pool *pool = &self.pools[self.npools]
+        retries = spec.get("retries", 2)
+        if not 0 <= retries < MAX_TRIES:
+            raise ValueError(f"retries must be between 0 and {MAX_TRIES - 1}")
+        hash_key = spec.get("hash_key", "src-ip")
+        if hash_key not in ("src-ip", "src-ip-port"):
+            raise ValueError("hash_key must be src-ip or src-ip-port")
+        send_proxy = spec.get("send_proxy") or 0
+        if send_proxy not in (0, 1, 2):
+            raise ValueError("send_proxy must be 0, 1 or 2")
+        table_init(&pool.table, find_algorithm(spec["algorithm"]),
+                   spec.get("balance_factor", 0.0))
+        pool.id = spec["id"]
+        pool.connect_timeout_ms = <int64_t>(spec.get("connect_timeout", 5.0) * 1000)
+        pool.max_tries = retries + 1
+        pool.hash_port = hash_key == "src-ip-port"
+        pool.send_proxy = send_proxy
+        self.npools += 1
+
+    cdef _add_frontend(self, dict spec):
+        cdef Frontend *fe = &self.frontends[self.nfrontends]
+        cdef int i
+        pool = spec.get("pool", 0)
+        if not 0 <= pool < self.npools:
+            raise ValueError(f"frontend of an unknown pool: {pool}")
+        max_conn = spec.get("max_conn", 10000)
+        if max_conn < 1:
+            raise ValueError("max_conn must be at least 1")
+        fe.id = spec["id"]
+        fe.pool = &self.pools[pool]
+        fe.max_conn = max_conn
+        fe.idle_timeout_ms = <int64_t>(spec.get("idle_timeout", 0.0) * 1000)
+        fe.inspect_timeout_ms = <int64_t>(spec.get("inspect_timeout", 5.0) * 1000)
+        fe.sni_required = bool(spec.get("sni_required", False))
+        self.nfrontends += 1  # counted before the allocations: __dealloc__ frees them
+        trusted = spec.get("trusted", [])
+        sni = spec.get("sni", [])
+        fe.trusted = <TrustedNet *>calloc(len(trusted) + 1, sizeof(TrustedNet))
+        fe.sni = <SniRoute *>calloc(len(sni) + 1, sizeof(SniRoute))
+        if fe.trusted == NULL or fe.sni == NULL:
+            raise MemoryError()
+        for family, packed, prefix in trusted:
+            if len(packed) != (4 if family == AF_INET else 16) or not 0 <= prefix <= 8 * len(packed):
+                raise ValueError(f"bad trusted network: {family}, {packed!r}/{prefix}")
+            fe.trusted[fe.ntrusted].family = family
+            fe.trusted[fe.ntrusted].prefix = prefix
+            memcpy(fe.trusted[fe.ntrusted].addr, <const char *>packed, len(packed))
+            fe.ntrusted += 1
+        for pattern, route_pool in sni:
+            if not 0 <= route_pool < self.npools:
+                raise ValueError(f"SNI route to an unknown pool: {route_pool}")
+            wildcard = pattern.startswith("*.")
+            raw = pattern[1:].lower().encode() if wildcard else pattern.lower().encode()
+            self.sni_patterns.append(raw)  # keeps the bytes alive for the pointer below
+            fe.sni[fe.nsni].pattern = raw
+            fe.sni[fe.nsni].len = len(raw)
+            fe.sni[fe.nsni].wildcard = wildcard
+            fe.sni[fe.nsni].pool = route_pool
+            fe.nsni += 1
+        self.max_conn += max_conn
 
     def __dealloc__(self):
         cdef Conn *c
@@ -168,7 +250,16 @@ cdef class Worker:
                 close(self.free_pipes[i])
             free(self.free_pipes)
         free(self.events)
-        table_free(&self.table)
+        if self.pools != NULL:
+            for i in range(self.npools):
+                table_free(&self.pools[i].table)
+            free(self.pools)
+        if self.frontends != NULL:
+            for i in range(self.nfrontends):
+                free(self.frontends[i].trusted)
+                free(self.frontends[i].sni)
+            free(self.frontends)
+        free(self.listeners)
         if self.epfd >= 0:
             close(self.epfd)
 
@@ -182,20 +273,34 @@ cdef class Worker:
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
             raise OSError(errno, "cannot watch file descriptor")
 
-    def set_table(self, uint32_t version, list rows):
-        """Swap in a whole backend table: rows of (host, port, weight, up, backup)."""
-        self._set_table(rows)
+    def set_table(self, uint32_t version, list pools):
+        """Swap in whole backend tables: pools is a list of (pool id, rows), rows of (backend id,
+        host, port, weight, up, backup). A pool left out keeps its table."""
+        cdef int i
+        by_id = {self.pools[i].id: i for i in range(self.npools)}
+        for pool_id, rows in pools:
+            i = by_id.get(pool_id, -1)
+            if i < 0:
+                raise ValueError(f"table for an unknown pool: {pool_id}")
+            self._set_pool_table(&self.pools[i], rows)
+        self.backend_index = {
+            self.pools[i].table.backends[j].id: (i, j)
+            for i in range(self.npools) for j in range(self.pools[i].table.n)
+        }
         self.table_version = version
         self.counts_changed = True
 
-    def set_others(self, uint32_t version, list others):
-        """Active connections per backend held by all other workers."""
-        cdef int i
-        if version != self.table_version or len(others) != self.table.n:
-            return False
-        for i in range(self.table.n):
-            self.table.backends[i].others_active = others[i]
-        return True
+    def set_others(self, dict others):
+        """Active connections held by all other workers, by backend id; ids left out keep their
+        last count. Returns how many ids were unknown (backends no longer in the tables)."""
+        cdef int unknown = 0
+        for backend_id, count in others.items():
+            where = self.backend_index.get(backend_id)
+            if where is None:
+                unknown += 1
+                continue
+            self.pools[<int>where[0]].table.backends[<int>where[1]].others_active = count
+        return unknown
 
     def poll(self, int timeout_ms):
         cdef int woke
@@ -204,42 +309,52 @@ cdef class Worker:
         return bool(woke)
 
     def report(self):
-        """Counters since the last call, as (table_version, active, new, up_bytes, down_bytes,
-        failed, succeeded, streak) lists by backend; None when nothing changed."""
-        cdef int i
+        """What changed since the last call, or None when nothing did: (table_version,
+        backends, frontends). backends: (id, active, new, up_bytes, down_bytes, failed,
+        succeeded, streak) for each backend whose counters moved; active is absolute, the
+        others are deltas. frontends: (id, active, accepted, rejected) likewise."""
+        cdef int i, j
         cdef Backend *b
-        cdef bint changed = self.counts_changed
-        for i in range(self.table.n):
-            b = &self.table.backends[i]
-            if b.new_conns or b.up_bytes or b.down_bytes or b.failed or b.succeeded:
-                changed = True
-                break
-        if not changed:
-            return None
-        active, new, up, down, failed, succeeded, streak = [], [], [], [], [], [], []
-        for i in range(self.table.n):
-            b = &self.table.backends[i]
-            active.append(b.local_active)
-            new.append(b.new_conns)
-            up.append(b.up_bytes)
-            down.append(b.down_bytes)
-            failed.append(b.failed)
-            succeeded.append(b.succeeded)
-            streak.append(b.streak)
-            b.new_conns = b.up_bytes = b.down_bytes = 0
-            b.failed = b.succeeded = 0
+        cdef Frontend *fe
+        backends = []
+        for i in range(self.npools):
+            for j in range(self.pools[i].table.n):
+                b = &self.pools[i].table.backends[j]
+                if (b.local_active == b.reported_active and not b.new_conns and not b.up_bytes
+                        and not b.down_bytes and not b.failed and not b.succeeded):
+                    continue
+                backends.append((b.id, b.local_active, b.new_conns, b.up_bytes, b.down_bytes,
+                                 b.failed, b.succeeded, b.streak))
+                b.reported_active = b.local_active
+                b.new_conns = b.up_bytes = b.down_bytes = 0
+                b.failed = b.succeeded = 0
+        frontends = []
+        for i in range(self.nfrontends):
+            fe = &self.frontends[i]
+            if fe.nconns == fe.reported_active and not fe.accepted and not fe.rejected:
+                continue
+            frontends.append((fe.id, fe.nconns, fe.accepted, fe.rejected))
+            fe.reported_active = fe.nconns
+            fe.accepted = fe.rejected = 0
         self.counts_changed = False
-        return (self.table_version, active, new, up, down, failed, succeeded, streak)
+        if not backends and not frontends:
+            return None
+        return (self.table_version, backends, frontends)
 
     def drain(self):
-        """Stop accepting: close this worker's copy of the listening socket."""
+        """Stop accepting: close this worker's copies of the listening sockets."""
+        cdef Listener *listener
+        cdef int i
         self.draining = True
-        if self.listening:
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd, NULL)
-            self.listening = False
-        if self.listen_fd >= 0:
-            close(self.listen_fd)
-            self.listen_fd = -1
+        for i in range(self.nlisteners):
+            listener = &self.listeners[i]
+            if listener.listening:
+                epoll_ctl(self.epfd, EPOLL_CTL_DEL, listener.fd, NULL)
+                listener.listening = False
+            if listener.fd >= 0:
+                close(listener.fd)
+                listener.fd = -1
+        self.npaused = 0
 
     @property
     def active(self):
@@ -262,7 +377,7 @@ cdef class Worker:
         # Called without the GIL; touches no Python objects.
         cdef int64_t deadline = self.now_ms + timeout_ms, started = self.now_ms, wait
         cdef int n, i
-        cdef uint64_t data
+        cdef uint64_t data, tag
         cdef Conn *c
         cdef Conn *dead
         while True:
@@ -274,8 +389,8 @@ cdef class Worker:
                 wait = deadline - self.now_ms
                 if self.next_scan_ms - self.now_ms < wait:
                     wait = self.next_scan_ms - self.now_ms
-                if self.listen_resume_ms and self.listen_resume_ms - self.now_ms < wait:
-                    wait = self.listen_resume_ms - self.now_ms
+                if self.npaused and wait > EMFILE_PAUSE_MS:
+                    wait = EMFILE_PAUSE_MS
                 if wait < 0:
                     wait = 0
                 n = epoll_wait(self.epfd, self.events, self.max_events, <int>wait)
@@ -288,12 +403,13 @@ cdef class Worker:
                         return 1
             for i in range(n):
                 data = self.events[i].data.u64
-                if data == TAG_LISTEN:
-                    self._accept_burst()
-                elif data != TAG_WAKE:
-                    c = <Conn *>(data & ~(<uint64_t>TAG_BACKEND))
+                tag = data & TAG_MASK
+                if tag == TAG_LISTENER:
+                    self._accept_burst(<Listener *>(data & ~TAG_MASK))
+                elif tag != TAG_WAKE:
+                    c = <Conn *>(data & ~TAG_MASK)
                     if c.state != CONN_CLOSED:
-                        self._handle(c, data & TAG_BACKEND, self.events[i].events)
+                        self._handle(c, tag == TAG_BACKEND, self.events[i].events)
             # Slots closed in this batch are reused only now: later events of the same batch
             # may still name them.
             while self.dead != NULL:
@@ -305,64 +421,82 @@ cdef class Worker:
             if self.now_ms >= self.next_scan_ms:
                 self._scan_timeouts()
                 self.next_scan_ms = self.now_ms + SCAN_INTERVAL_MS
-            if not self.listening and not self.draining:
-                if self.listen_resume_ms:
-                    if self.now_ms >= self.listen_resume_ms:
-                        self._resume_listener()
-                elif self.nconns < self.max_conn:
-                    self._resume_listener()
+            if self.npaused:
+                self._resume_listeners()
             if self.now_ms >= deadline:
                 return 0
             if (self.counts_changed and self.report_interval_ms
                     and self.now_ms - started >= self.report_interval_ms):
                 return 0
 
-    cdef void _pause_listener(self, int64_t until_ms) noexcept nogil:
-        # Called without the GIL. until_ms 0: paused until a connection slot frees up.
-        if self.listening:
-            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd, NULL)
-            self.listening = False
-        self.listen_resume_ms = until_ms
+    cdef void _pause_listener(self, Listener *listener, int64_t until_ms) noexcept nogil:
+        # Called without the GIL. until_ms 0: paused until its frontend has a free slot.
+        if listener.listening:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, listener.fd, NULL)
+            listener.listening = False
+            self.npaused += 1
+        listener.resume_ms = until_ms
 
-    cdef void _resume_listener(self) noexcept nogil:
+    cdef void _resume_listener(self, Listener *listener) noexcept nogil:
         # Called without the GIL. The listener is level-triggered: a burst may stop early.
         cdef epoll_event ev
-        self.listen_resume_ms = 0
-        if self.listening or self.listen_fd < 0:
+        listener.resume_ms = 0
+        if listener.listening or listener.fd < 0:
             return
         ev.events = EPOLLIN
-        ev.data.u64 = TAG_LISTEN
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.listen_fd, &ev) == 0:
-            self.listening = True
+        ev.data.u64 = <uint64_t>listener | TAG_LISTENER
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, listener.fd, &ev) == 0:
+            listener.listening = True
+            self.npaused -= 1
 
-    cdef void _accept_burst(self) noexcept nogil:
+    cdef void _resume_listeners(self) noexcept nogil:
+        # Called without the GIL, only while some listener is paused.
+        cdef Listener *listener
+        cdef int i
+        if self.draining:
+            return
+        for i in range(self.nlisteners):
+            listener = &self.listeners[i]
+            if listener.listening:
+                continue
+            if listener.resume_ms:
+                if self.now_ms >= listener.resume_ms:
+                    self._resume_listener(listener)
+            elif listener.frontend.nconns < listener.frontend.max_conn:
+                self._resume_listener(listener)
+
+    cdef void _accept_burst(self, Listener *listener) noexcept nogil:
         # Called without the GIL; touches no Python objects.
-        cdef sockaddr_storage addr
+        cdef SockAddr addr
         cdef socklen_t addrlen
-        cdef int fd, accepted = 0
+        cdef int fd, i, accepted = 0
+        cdef Frontend *fe = listener.frontend
         while accepted < 64:
-            if self.nconns >= self.max_conn:
-                self._pause_listener(0)
+            if fe.nconns >= fe.max_conn:
+                for i in range(self.nlisteners):
+                    if self.listeners[i].frontend == fe:
+                        self._pause_listener(&self.listeners[i], 0)
                 return
             if self.free_conns == NULL:
                 return  # slots closed in this batch free up at its end; epoll reports us again
             addrlen = sizeof(addr)
-            fd = accept4(self.listen_fd, <sockaddr *>&addr, &addrlen,
-                         SOCK_NONBLOCK | SOCK_CLOEXEC)
+            fd = accept4(listener.fd, &addr.sa, &addrlen, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
                 if errno == EINTR or errno == ECONNABORTED:
                     continue
                 if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
                     # The connection stays queued; retrying now would spin the CPU.
-                    self._pause_listener(self.now_ms + EMFILE_PAUSE_MS)
+                    self._pause_listener(listener, self.now_ms + EMFILE_PAUSE_MS)
                 return
             accepted += 1
             self.accepted_total += 1
-            self._new_conn(fd, &addr)
+            fe.accepted += 1
+            self._new_conn(listener, fd, &addr)
 
-    cdef void _new_conn(self, int fd, sockaddr_storage *addr) noexcept nogil:
+    cdef void _new_conn(self, Listener *listener, int fd, SockAddr *addr) noexcept nogil:
         # Called without the GIL; touches no Python objects.
         cdef Conn *c = self.free_conns
+        cdef Frontend *fe = listener.frontend
         cdef epoll_event ev
         self.free_conns = c.next
         c.cfd = fd
@@ -373,12 +507,14 @@ cdef class Worker:
         c.up.pipe_r = c.up.pipe_w = c.down.pipe_r = c.down.pipe_w = -1
         c.up.piped = c.down.piped = 0
         c.up.spliced = c.down.spliced = self.splice_mode == SPLICE_ALWAYS
-        c.state = CONN_CONNECTING
         c.backend = -1
         c.ntried = 0
         c.replayable = self.splice_mode != SPLICE_ALWAYS
         c.replay = NULL
-        c.key = hash_sockaddr(addr, self.hash_port) if self.table.algo.uses_key else 0
+        c.frontend = fe
+        c.pool = NULL
+        c.src = addr[0]
+        c.dst.sa.sa_family = 0
         c.active_ms = self.now_ms
         c.prev = NULL
         c.next = self.live
@@ -386,25 +522,157 @@ cdef class Worker:
             self.live.prev = c
         self.live = c
         self.nconns += 1
+        fe.nconns += 1
+        c.waiting = 0
+        if fe.ntrusted and is_trusted(fe, addr):
+            c.waiting = WAIT_PROXY
+        if fe.nsni:
+            c.waiting |= WAIT_HELLO
         ev.events = CONN_EVENTS
         ev.data.u64 = <uint64_t>c
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0 or self._connect_next(c) < 0:
+        c.state = CONN_CONNECTING
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
             self._close(c, True)
+            return
+        if c.waiting:
+            # Read first, pick later. The peeked bytes go out from a buffer: copy that
+            # direction until a read fills a buffer, even with splice always.
+            c.state = CONN_PEEKING
+            c.deadline_ms = self.now_ms + fe.inspect_timeout_ms
+            c.up.spliced = False
+            return
+        self._start_pick(c, fe.pool)
+
+    cdef void _start_pick(self, Conn *c, Pool *pool) noexcept nogil:
+        # The pool is known: hash the client if the pool's algorithm needs it, and connect.
+        # Called without the GIL; touches no Python objects.
+        c.pool = pool
+        c.state = CONN_CONNECTING
+        if pool.table.algo.needs & NEEDS_CLIENT_KEY:
+            c.key = hash_sockaddr(<sockaddr_storage *>&c.src, pool.hash_port)
+        else:
+            c.key = 0
+        if self._connect_next(c) < 0:
+            self._close(c, True)
+
+    cdef void _peek(self, Conn *c) noexcept nogil:
+        # Reads what the frontend must see before the pick (a PROXY header from a trusted
+        # sender, then a ClientHello for SNI routing) into the connection's first buffer, at
+        # most MAX_PEEK bytes, and picks once it has them. Called without the GIL; touches no
+        # Python objects.
+        cdef Frontend *fe = c.frontend
+        cdef Buf *b = c.up.buf
+        cdef ProxyHeader header
+        cdef SniResult hello
+        cdef size_t cap = MAX_PEEK if MAX_PEEK < self.buffer_size else self.buffer_size
+        cdef size_t want
+        cdef ssize_t n
+        cdef int r, route
+        if b == NULL:
+            b = self._buf_get()
+            if b == NULL:
+                self._close(c, True)
+                return
+            b.off = 0
+            b.len = 0
+            c.up.buf = b
+        while True:
+            if c.waiting & WAIT_PROXY:
+                r = proxy_parse(<const uint8_t *>b.data, b.len, &header)
+                if r == PEEK_ERROR or (r == PEEK_MORE and (b.len >= cap or c.cflags & READ_EOF)):
+                    self._reject(c)
+                    return
+                if r > 0:
+                    if header.command == PROXY_PROXY and header.family != 0:
+                        c.src = header.src
+                        c.dst = header.dst
+                    b.len -= r
+                    memmove(b.data, b.data + r, b.len)  # a replay must not resend the header
+                    c.waiting &= ~WAIT_PROXY
+                    continue
+            elif c.waiting & WAIT_HELLO:
+                r = sni_parse(<const uint8_t *>b.data, b.len, &hello)
+                if r == PEEK_MORE and (b.len >= cap or c.cflags & READ_EOF):
+                    r = PEEK_ERROR
+                if r != PEEK_MORE:
+                    route = -1
+                    if r > 0 and hello.found:
+                        route = sni_match(fe.sni, fe.nsni, hello.name, hello.len)
+                    if route >= 0:
+                        self._peek_done(c, &self.pools[fe.sni[route].pool])
+                    elif fe.sni_required:
+                        self._reject(c)
+                    else:
+                        self._peek_done(c, fe.pool)
+                    return
+            else:
+                self._peek_done(c, fe.pool)
+                return
+            if not c.cflags & CAN_READ:
+                return  # wait for more
+            want = cap - b.len
+            n = recv(c.cfd, b.data + b.len, want, 0)
+            if n > 0:
+                b.len += n
+                if <size_t>n < want and not c.cflags & PEER_RDHUP:
+                    c.cflags &= ~CAN_READ  # short read: drained
+            elif n == 0:
+                c.cflags = (c.cflags | READ_EOF) & ~CAN_READ
+                if b.len == 0:
+                    self._close(c, False)  # closed before sending anything
+                    return
+            elif errno == EAGAIN:
+                c.cflags &= ~CAN_READ
+            elif errno != EINTR:
+                self._close(c, True)
+                return
+
+    cdef void _peek_done(self, Conn *c, Pool *pool) noexcept nogil:
+        # Called without the GIL; touches no Python objects.
+        c.waiting = 0
+        if c.up.buf != NULL and c.up.buf.len == 0:
+            self._buf_put(c.up.buf)  # nothing but a PROXY header: hold no buffer
+            c.up.buf = NULL
+        self._start_pick(c, pool)
+
+    cdef void _reject(self, Conn *c) noexcept nogil:
+        # A trusted sender without a valid PROXY header, or no SNI route with sni-required.
+        # Called without the GIL; touches no Python objects.
+        c.frontend.rejected += 1
+        self._close(c, False)
+
+    cdef int _send_proxy_header(self, Conn *c) noexcept nogil:
+        # Sends the PROXY header on a backend connection that has just connected: its socket
+        # buffer is empty, so one small send goes out whole. Returns -1 when it did not.
+        # Called without the GIL; touches no Python objects.
+        cdef uint8_t header[PROXY_HEADER_ROOM]
+        cdef socklen_t addrlen = sizeof(SockAddr)
+        cdef int length, flags = MSG_NOSIGNAL
+        if c.dst.sa.sa_family == 0:
+            if getsockname(c.cfd, &c.dst.sa, &addrlen) < 0:
+                return -1
+        length = proxy_build(c.pool.send_proxy, &c.src, &c.dst, header, PROXY_HEADER_ROOM)
+        if length < 0:
+            return -1
+        if c.up.buf != NULL and c.up.buf.len > 0:
+            flags |= MSG_MORE  # the peeked bytes follow at once: one segment for both
+        return 0 if send(c.bfd, header, length, flags) == length else -1
 
     cdef int _connect_next(self, Conn *c) noexcept nogil:
         # Starts a non-blocking connect to the next backend the algorithm picks, skipping those
         # this connection already failed on. Returns -1 when no backend is left to try.
         # Called without the GIL; touches no Python objects.
         cdef int index, fd, one = 1
+        cdef Pool *pool = c.pool
         cdef Backend *b
         cdef epoll_event ev
-        while c.ntried < self.max_tries:
-            index = self.table.algo.pick(&self.table, c.key, c.tried, c.ntried)
+        while c.ntried < pool.max_tries:
+            index = pool.table.algo.pick(&pool.table, c.key, c.tried, c.ntried)
             if index < 0:
                 return -1
             c.tried[c.ntried] = index
             c.ntried += 1
-            b = &self.table.backends[index]
+            b = &pool.table.backends[index]
             fd = socket(b.addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
             if fd < 0:
                 return -1
@@ -419,7 +687,7 @@ cdef class Worker:
                 c.bflags = 0
                 c.backend = index
                 c.state = CONN_CONNECTING
-                c.deadline_ms = self.now_ms + self.connect_timeout_ms
+                c.deadline_ms = self.now_ms + pool.connect_timeout_ms
                 b.local_active += 1
                 self.counts_changed = True
                 return 0
@@ -470,11 +738,11 @@ cdef class Worker:
         # A reload can remove the backend of an open connection: it then counts elsewhere.
         if c.backend < 0:
             return &self.detached
-        return &self.table.backends[c.backend]
+        return &c.pool.table.backends[c.backend]
 
     cdef void _release_backend(self, Conn *c) noexcept nogil:
         if c.backend >= 0:
-            self.table.backends[c.backend].local_active -= 1
+            c.pool.table.backends[c.backend].local_active -= 1
             c.backend = -1
             self.counts_changed = True
 
@@ -491,6 +759,9 @@ cdef class Worker:
                     return
                 if not ev & EPOLLOUT:
                     return
+                if c.pool.send_proxy and self._send_proxy_header(c) < 0:
+                    self._connect_failed(c)
+                    return
                 c.state = CONN_OPEN
                 b = self._backend_of(c)
                 b.succeeded += 1
@@ -499,6 +770,12 @@ cdef class Worker:
             c.bflags |= flags_from_events(ev)
         else:
             c.cflags |= flags_from_events(ev)
+            if c.state == CONN_PEEKING:
+                if ev & EPOLLERR:
+                    self._close(c, True)
+                else:
+                    self._peek(c)
+                return
             if c.state == CONN_CONNECTING:
                 if ev & EPOLLERR:
                     self._close(c, True)
@@ -678,18 +955,29 @@ cdef class Worker:
         c.next = self.dead
         self.dead = c
         self.nconns -= 1
+        c.frontend.nconns -= 1
 
     cdef void _scan_timeouts(self) noexcept nogil:
         # Called without the GIL; touches no Python objects.
         cdef Conn *c = self.live
         cdef Conn *nxt
+        cdef int64_t idle_ms
         while c != NULL:
             nxt = c.next
             if c.state == CONN_CONNECTING:
                 if c.bfd >= 0 and self.now_ms >= c.deadline_ms:
                     self._connect_failed(c)
-            elif self.idle_timeout_ms > 0 and self.now_ms - c.active_ms >= self.idle_timeout_ms:
-                self._close(c, False)
+            elif c.state == CONN_PEEKING:
+                if self.now_ms >= c.deadline_ms:
+                    # No PROXY header in time: refuse. No whole ClientHello: route without SNI.
+                    if c.waiting & WAIT_PROXY or c.frontend.sni_required:
+                        self._reject(c)
+                    else:
+                        self._peek_done(c, c.frontend.pool)
+            else:
+                idle_ms = c.frontend.idle_timeout_ms
+                if idle_ms > 0 and self.now_ms - c.active_ms >= idle_ms:
+                    self._close(c, False)
             c = nxt
 
     cdef Buf *_buf_get(self) noexcept nogil:
@@ -740,39 +1028,46 @@ cdef class Worker:
             self.nfree_pipes += 1
         ch.pipe_r = ch.pipe_w = -1
 
-    cdef int _set_table(self, list rows) except -1:
-        cdef Backend *old = self.table.backends
-        cdef int old_n = self.table.n
+    cdef int _set_pool_table(self, Pool *pool, list rows) except -1:
+        cdef Table *table = &pool.table
+        cdef Backend *old = table.backends
+        cdef int old_n = table.n
         cdef int *remap = NULL
         cdef Conn *c
         cdef int i, j
-        new = table_parse(rows)
+        new = table_parse(rows, True)
         remap = <int *>malloc((old_n + 1) * sizeof(int))
         if remap == NULL:
             free(new.backends)
             raise MemoryError()
-        # Live connections keep their backend across the swap when its address is still there.
+        # Live connections keep their backend across the swap when its id is still there.
+        new_index = {new.backends[j].id: j for j in range(new.n)}
         for i in range(old_n):
-            remap[i] = -1
-            for j in range(new.n):
-                if (new.backends[j].addrlen == old[i].addrlen
-                        and memcmp(&new.backends[j].addr, &old[i].addr, old[i].addrlen) == 0):
-                    remap[i] = j
-                    new.backends[j].rr_current = old[i].rr_current
-                    new.backends[j].streak = old[i].streak
-                    break
-        table_swap(&self.table, &new)
+            j = new_index.get(old[i].id, -1)
+            remap[i] = j
+            if j >= 0:
+                new.backends[j].rr_current = old[i].rr_current
+                new.backends[j].streak = old[i].streak
+                new.backends[j].others_active = old[i].others_active
+                new.backends[j].reported_active = old[i].reported_active
+                new.backends[j].new_conns = old[i].new_conns
+                new.backends[j].up_bytes = old[i].up_bytes
+                new.backends[j].down_bytes = old[i].down_bytes
+                new.backends[j].failed = old[i].failed
+                new.backends[j].succeeded = old[i].succeeded
+        table_swap(table, &new)
         c = self.live
         while c != NULL:
-            if c.backend >= 0:
-                c.backend = remap[c.backend]
+            if c.pool == pool:
                 if c.backend >= 0:
-                    self.table.backends[c.backend].local_active += 1
-            for i in range(c.ntried):
-                c.tried[i] = remap[c.tried[i]]
+                    c.backend = remap[c.backend]
+                    if c.backend >= 0:
+                        table.backends[c.backend].local_active += 1
+                for i in range(c.ntried):
+                    c.tried[i] = remap[c.tried[i]]
             c = c.next
         free(remap)
-        if table_refresh(&self.table) < 0:
+        if table_refresh(table) < 0:
             raise MemoryError()
         return 0
 
@@ -792,7 +1087,7 @@ cdef class Balancer:
         table_free(&self.table)
 
     cdef int _apply(self, list rows) except -1:
-        new = table_parse(rows)
+        new = table_parse(rows, False)
         table_swap(&self.table, &new)
         if table_refresh(&self.table) < 0:
             raise MemoryError()
@@ -852,6 +1147,15 @@ cdef class Balancer:
 def algorithm_names():
     """Names of the compiled algorithms, in registration order."""
     return [ALGORITHMS[i].name.decode() for i in range(N_ALGORITHMS)]
+
+
+def algorithm_needs(str name):
+    """What a pick of this algorithm reads besides the table: a set of "client-key",
+    "global-counts" and "peek"."""
+    cdef const Algorithm *algo = find_algorithm(name)
+    return {word for flag, word in ((NEEDS_CLIENT_KEY, "client-key"),
+                                    (NEEDS_GLOBAL_COUNTS, "global-counts"),
+                                    (NEEDS_PEEK, "peek")) if algo.needs & flag}
 
 
 def hash_client(str host, int port=0, bint with_port=False):

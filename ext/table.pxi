@@ -54,8 +54,9 @@ cdef void table_init(Table *table, const Algorithm *algo, double balance_factor)
     table.rng = 0x9E3779B97F4A7C15ULL
 
 
-cdef Table table_parse(list rows) except *:
-    """A table holding only the backends from rows of (host, port, weight, up, backup)."""
+cdef Table table_parse(list rows, bint with_ids) except *:
+    """A table holding only the backends from rows of (host, port, weight, up, backup), each row
+    led by the backend's id when with_ids (else its position is its id)."""
     cdef Table new
     cdef Backend *b
     cdef int i
@@ -66,10 +67,15 @@ cdef Table table_parse(list rows) except *:
         raise MemoryError()
     try:
         for i, row in enumerate(rows):
-            host, port, weight, up, backup = row
+            if with_ids:
+                backend_id, host, port, weight, up, backup = row
+            else:
+                backend_id = i
+                host, port, weight, up, backup = row
             if not 0 <= weight <= 1000000:
                 raise ValueError(f"weight out of range: {weight}")
             b = &new.backends[i]
+            b.id = backend_id
             fill_sockaddr(&b.addr, &b.addrlen, host, port)
             b.weight = weight
             b.up = bool(up)

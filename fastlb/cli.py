@@ -7,17 +7,19 @@ error ends as one line on stderr, ``fastlb: error: ...``, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import resource
 import socket
 import sys
 import textwrap
 
-from fastlb import __version__, config_file, demo, settings
+from fastlb import __version__, config_file, demo, model, settings
 from fastlb.errors import EXIT_UNREACHABLE, EXIT_USAGE, FastlbError
+from fastlb.model import Config
 from fastlb.settings import Settings
 from fastlb.supervisor.arbiter import Arbiter
-from fastlb.supervisor.listeners import open_listener, open_listeners
+from fastlb.supervisor.listeners import open_frontend_listeners, open_listener
 
 log = logging.getLogger("fastlb")
 
@@ -112,16 +114,55 @@ def main(argv: list[str] | None = None) -> int:
 # ---- commands ------------------------------------------------------------------------------------
 
 
+def load_config(args: argparse.Namespace) -> Config:
+    return flat_config(settings.parse(vars(args), read_config(args.config)))
+
+
+def flat_config(flat: Settings) -> Config:
+    """One frontend and one pool, both named default, from the flat settings."""
+    pool = model.PoolSpec(
+        model.DEFAULT,
+        flat.backends,
+        algorithm=flat.algorithm,
+        hash_key=flat.hash_key,
+        hash_balance_factor=flat.hash_balance_factor,
+        retries=flat.retries,
+        connect_timeout=flat.connect_timeout,
+        fall=flat.fall,
+        rise=flat.rise,
+        check_interval=flat.check_interval,
+        check_timeout=flat.check_timeout,
+        active_checks=flat.active_checks,
+    )
+    listen = flat.listen if isinstance(flat.listen, tuple) else (flat.listen,)
+    frontend = model.FrontendSpec(
+        model.DEFAULT,
+        listen,
+        model.DEFAULT,
+        max_conn=flat.max_conn,
+        idle_timeout=flat.idle_timeout,
+    )
+    return Config(
+        (frontend,),
+        (pool,),
+        workers=flat.workers,
+        stats=flat.stats,
+        drain_timeout=flat.drain_timeout,
+        buffer_size=flat.buffer_size,
+        splice=flat.splice,
+        log_level=flat.log_level,
+    )
+
+
 def run_command(args: argparse.Namespace) -> int:
-    config = settings.parse(vars(args), read_config(args.config))
+    config = load_config(args)
     listeners, stats_socket = open_sockets(config)
     setup_logging(config.log_level)
     limit = raise_open_file_limit()
     config = fit_max_conn(config, limit, warn=args.max_conn is not None)
 
-    def reload() -> Settings:
-        new = settings.parse(vars(args), read_config(args.config))
-        return settings.fit_to_open_file_limit(new, limit)[0]
+    def reload() -> Config:
+        return fit_to_open_file_limit(load_config(args), limit)[0]
 
     return Arbiter(config, listeners, stats_socket, reload=reload if args.config else None).run()
 
@@ -167,15 +208,17 @@ def status_command(args: argparse.Namespace) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     backends = demo.bind_backends(3)
     try:
-        config = settings.parse(
-            {
-                "listen": args.listen,
-                "workers": args.workers,
-                "backends": [backend.address for backend in backends],
-                "algorithm": "roundrobin",
-                "stats": "127.0.0.1:0",
-                "drain_timeout": DEMO_DRAIN_TIMEOUT,
-            }
+        config = flat_config(
+            settings.parse(
+                {
+                    "listen": args.listen,
+                    "workers": args.workers,
+                    "backends": [backend.address for backend in backends],
+                    "algorithm": "roundrobin",
+                    "stats": "127.0.0.1:0",
+                    "drain_timeout": DEMO_DRAIN_TIMEOUT,
+                }
+            )
         )
         listeners, stats_socket = open_sockets(config)
         setup_logging(config.log_level)
@@ -227,23 +270,44 @@ def raise_open_file_limit() -> int:
     return _usable_limit(soft)
 
 
-def fit_max_conn(config: Settings, limit: int, warn: bool) -> Settings:
-    config, message = settings.fit_to_open_file_limit(config, limit)
+def fit_to_open_file_limit(config: Config, limit: int) -> tuple[Config, str | None]:
+    """Lowers the frontends' max-conn in proportion so that two descriptors per connection fit
+    in ``limit``; returns the config and, when it had to, a message saying so."""
+    most = max(1, (limit - settings.FD_RESERVE) // 2)
+    total = config.max_conn
+    if total <= most:
+        return config, None
+    frontends = tuple(
+        dataclasses.replace(frontend, max_conn=max(1, frontend.max_conn * most // total))
+        for frontend in config.frontends
+    )
+    message = (
+        f"--max-conn lowered from {total} to {sum(f.max_conn for f in frontends)} to fit the "
+        f"open-file limit ({limit}; raise it with ulimit -n or LimitNOFILE=)"
+    )
+    return dataclasses.replace(config, frontends=frontends), message
+
+
+def fit_max_conn(config: Config, limit: int, warn: bool) -> Config:
+    config, message = fit_to_open_file_limit(config, limit)
     if message:
         # Lowering the default is routine; lowering what the user asked for deserves a warning.
         log.log(logging.WARNING if warn else logging.INFO, "%s", message)
     return config
 
 
-def open_sockets(config: Settings) -> tuple[list[socket.socket], socket.socket | None]:
-    """The listening sockets of the workers and of the stats server; ConfigError when one
-    cannot be bound."""
-    listeners = open_listeners(config.listen, config.workers)
+def open_sockets(
+    config: Config,
+) -> tuple[list[list[tuple[int, socket.socket]]], socket.socket | None]:
+    """The listening sockets of the workers, by slot, and of the stats server; ConfigError when
+    one cannot be bound."""
+    listeners = open_frontend_listeners(config)
     try:
         stats_socket = open_listener(config.stats) if config.stats else None
     except FastlbError:
-        for sock in listeners:
-            sock.close()
+        for slot in listeners:
+            for _, sock in slot:
+                sock.close()
         raise
     return listeners, stats_socket
 

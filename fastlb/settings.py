@@ -21,6 +21,8 @@ from typing import Any
 
 from fastlb import _dataplane
 from fastlb.errors import ConfigError
+from fastlb.model import Address
+from fastlb.model import BackendSpec as Backend
 
 MAX_WEIGHT = 1_000_000  # the data plane rejects larger weights
 MAX_RETRIES = 15  # the data plane tries at most 16 backends for one connection
@@ -28,34 +30,6 @@ MAX_WORKERS = 1024
 # Descriptors a worker needs besides two per connection: listener, control socket, epoll,
 # signal pipe, standard streams and the pool of splice pipes it keeps.
 FD_RESERVE = 160
-
-
-@dataclass(frozen=True)
-class Address:
-    """A numeric IP address and a port."""
-
-    host: str
-    port: int
-
-    @property
-    def family(self) -> socket.AddressFamily:
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Backend:
-    """A backend server as given by ``--backend``."""
-
-    address: Address
-    weight: int = 1
-    backup: bool = False
-
-    def __str__(self) -> str:
-        text = f"{self.address},weight={self.weight}"
-        return text + ",backup" if self.backup else text
 
 
 # ---- parsers: a string as typed -> a value, or ValueError with a message for the user ----------

@@ -1,4 +1,4 @@
-"""A worker process: runs the Cython data plane on its listening socket and talks to the supervisor.
+"""A worker process: runs the Cython data plane on its listening sockets, talks to the supervisor.
 
 The supervisor forks, then calls :func:`run` in the child, which never returns. The data plane
 forwards traffic without the GIL in slices of at most 50 ms (``Worker.poll``); between slices this
@@ -15,6 +15,7 @@ import time
 
 from fastlb import _dataplane
 from fastlb.errors import EXIT_BOOT_FAILED
+from fastlb.model import Config
 from fastlb.protocol import messages as msg
 
 log = logging.getLogger("fastlb.worker")
@@ -23,48 +24,93 @@ TICK_MS = 50  # longest slice without the GIL; reports go out at least this ofte
 REPORT_INTERVAL_MS = 10  # with count-driven algorithms, report count changes this soon
 MAX_PENDING_OUT = 1 << 20  # stop queueing reports for a supervisor that does not read
 
-COUNT_DRIVEN = {"leastconn", "p2c"}
+SEND_PROXY = {None: 0, "v1": 1, "v2": 2}
 
 
-def table_rows(table: msg.Table) -> list[tuple]:
-    return [(b.host, b.port, b.weight, b.up, b.backup) for b in table.backends]
+def table_pools(table: msg.Table) -> list[tuple]:
+    return [
+        (pool.id, [(b.id, b.host, b.port, b.weight, b.up, b.backup) for b in pool.backends])
+        for pool in table.pools
+    ]
+
+
+def dataplane_specs(config: Config) -> tuple[list[dict], list[dict]]:
+    """The pools and frontends of a config as the data plane takes them. Pool and frontend ids
+    are their places in the config (they live as long as the workers do)."""
+    pool_index = {pool.name: i for i, pool in enumerate(config.pools)}
+    pools = [
+        {
+            "id": i,
+            "algorithm": pool.algorithm,
+            "connect_timeout": pool.connect_timeout,
+            "retries": pool.retries,
+            "hash_key": pool.hash_key,
+            "balance_factor": pool.hash_balance_factor,
+            "send_proxy": SEND_PROXY[pool.send_proxy],
+        }
+        for i, pool in enumerate(config.pools)
+    ]
+    frontends = [
+        {
+            "id": i,
+            "pool": pool_index[frontend.pool],
+            "max_conn": frontend.max_conn,
+            "idle_timeout": frontend.idle_timeout,
+            "inspect_timeout": frontend.inspect_timeout,
+            "trusted": [
+                (
+                    socket.AF_INET6 if net.version == 6 else socket.AF_INET,
+                    net.network_address.packed,
+                    net.prefixlen,
+                )
+                for net in frontend.accept_proxy
+            ],
+            "sni": [(route.pattern, pool_index[route.pool]) for route in frontend.sni],
+            "sni_required": frontend.sni_required,
+        }
+        for i, frontend in enumerate(config.frontends)
+    ]
+    return pools, frontends
+
+
+def counts_matter(config: Config) -> bool:
+    """Whether some pool picks by every worker's counts: then count changes are reported soon."""
+    return any(
+        "global-counts" in _dataplane.algorithm_needs(pool.algorithm)
+        or pool.hash_balance_factor > 0
+        for pool in config.pools
+    )
 
 
 class WorkerProcess:
     def __init__(
         self,
         worker_id: int,
-        listen_sock: socket.socket,
+        listeners: list[tuple[int, socket.socket]],
         control: socket.socket,
-        settings,
+        config: Config,
         table: msg.Table,
     ):
         self.worker_id = worker_id
         self.control = control
-        self.settings = settings
         self.decoder = msg.Decoder()
         self.outgoing = bytearray()
         self.draining = False
         self.control_open = True
         self.stop_signal = False
-        algorithm = settings.algorithm
-        counts_matter = algorithm in COUNT_DRIVEN or settings.hash_balance_factor > 0
+        pools, frontends = dataplane_specs(config)
         self.dataplane = _dataplane.Worker(
-            listen_sock.fileno(),
-            algorithm,
-            max_conn=settings.max_conn,
-            connect_timeout=settings.connect_timeout,
-            idle_timeout=settings.idle_timeout,
-            retries=settings.retries,
-            buffer_size=settings.buffer_size,
-            splice=settings.splice,
-            hash_key=settings.hash_key,
-            balance_factor=settings.hash_balance_factor,
-            report_interval_ms=REPORT_INTERVAL_MS if counts_matter else 0,
+            pools,
+            frontends,
+            [(sock.fileno(), frontend) for frontend, sock in listeners],
+            buffer_size=config.buffer_size,
+            splice=config.splice,
+            report_interval_ms=REPORT_INTERVAL_MS if counts_matter(config) else 0,
         )
-        # The data plane owns the descriptor from here on (it closes it when draining).
-        listen_sock.detach()
-        self.dataplane.set_table(table.version, table_rows(table))
+        # The data plane owns the descriptors from here on (it closes them when draining).
+        for _, sock in listeners:
+            sock.detach()
+        self.dataplane.set_table(table.version, table_pools(table))
         control.setblocking(False)
         self.dataplane.watch(control.fileno())
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -81,7 +127,14 @@ class WorkerProcess:
                 self.read_control()
             report = self.dataplane.report()
             if report is not None:
-                self.send(msg.Report(*report))
+                version, backends, frontends = report
+                self.send(
+                    msg.Report(
+                        table=version,
+                        backends=[msg.BackendReport(*row) for row in backends],
+                        frontends=[msg.FrontendReport(*row) for row in frontends],
+                    )
+                )
             self.flush()
             if self.stop_signal and not self.draining:
                 self.drain()
@@ -117,9 +170,9 @@ class WorkerProcess:
 
     def apply(self, message) -> None:
         if isinstance(message, msg.Table):
-            self.dataplane.set_table(message.version, table_rows(message))
+            self.dataplane.set_table(message.version, table_pools(message))
         elif isinstance(message, msg.Counts):
-            self.dataplane.set_others(message.table, message.others)
+            self.dataplane.set_others(message.others)
         elif isinstance(message, msg.Drain):
             self.drain()
         elif isinstance(message, msg.Invalid):
@@ -152,7 +205,11 @@ def _on_stop_signal(process: WorkerProcess):
 
 
 def run(
-    worker_id: int, listen_sock: socket.socket, control: socket.socket, settings, table: msg.Table
+    worker_id: int,
+    listeners: list[tuple[int, socket.socket]],
+    control: socket.socket,
+    config: Config,
+    table: msg.Table,
 ) -> None:
     """Child entry point after fork: serve until drained, then exit. Never returns."""
     code = 0
@@ -162,7 +219,7 @@ def run(
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
-            process = WorkerProcess(worker_id, listen_sock, control, settings, table)
+            process = WorkerProcess(worker_id, listeners, control, config, table)
         except (OSError, ValueError, MemoryError) as exc:
             log.error("worker %d cannot start: %s", worker_id, exc)
             code = EXIT_BOOT_FAILED

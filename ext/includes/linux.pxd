@@ -55,6 +55,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_ERROR
         SO_LINGER
         MSG_NOSIGNAL
+        MSG_MORE
         SHUT_WR
 
     int socket(int domain, int type, int protocol)
@@ -65,6 +66,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int shutdown(int fd, int how)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+    int getsockname(int fd, sockaddr *addr, socklen_t *addrlen)
 
 
 cdef extern from "<netinet/in.h>" nogil:

@@ -134,7 +134,7 @@ cdef int consistent_pick(Table *table, uint64_t key, const int *tried, int ntrie
 
 cdef Algorithm CONSISTENT
 CONSISTENT.name = b"consistent"
-CONSISTENT.uses_key = True
+CONSISTENT.needs = NEEDS_CLIENT_KEY
 CONSISTENT.build = consistent_build
 CONSISTENT.release = consistent_release
 CONSISTENT.pick = consistent_pick

@@ -30,7 +30,7 @@ cdef int iphash_pick(Table *table, uint64_t key, const int *tried, int ntried) n
 
 cdef Algorithm IPHASH
 IPHASH.name = b"iphash"
-IPHASH.uses_key = True
+IPHASH.needs = NEEDS_CLIENT_KEY
 IPHASH.build = no_build
 IPHASH.release = no_release
 IPHASH.pick = iphash_pick

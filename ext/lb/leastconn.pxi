@@ -26,7 +26,7 @@ cdef int leastconn_pick(Table *table, uint64_t key, const int *tried, int ntried
 
 cdef Algorithm LEASTCONN
 LEASTCONN.name = b"leastconn"
-LEASTCONN.uses_key = False
+LEASTCONN.needs = NEEDS_GLOBAL_COUNTS
 LEASTCONN.build = no_build
 LEASTCONN.release = no_release
 LEASTCONN.pick = leastconn_pick

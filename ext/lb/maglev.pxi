@@ -121,7 +121,7 @@ cdef int maglev_pick(Table *table, uint64_t key, const int *tried, int ntried) n
 
 cdef Algorithm MAGLEV
 MAGLEV.name = b"maglev"
-MAGLEV.uses_key = True
+MAGLEV.needs = NEEDS_CLIENT_KEY
 MAGLEV.build = maglev_build
 MAGLEV.release = maglev_release
 MAGLEV.pick = maglev_pick

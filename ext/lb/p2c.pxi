@@ -35,7 +35,7 @@ cdef int p2c_pick(Table *table, uint64_t key, const int *tried, int ntried) noex
 
 cdef Algorithm P2C
 P2C.name = b"p2c"
-P2C.uses_key = False
+P2C.needs = NEEDS_GLOBAL_COUNTS
 P2C.build = sampler_build
 P2C.release = sampler_release
 P2C.pick = p2c_pick

@@ -9,7 +9,7 @@ cdef int random_pick(Table *table, uint64_t key, const int *tried, int ntried) n
 
 cdef Algorithm RANDOM
 RANDOM.name = b"random"
-RANDOM.uses_key = False
+RANDOM.needs = 0
 RANDOM.build = sampler_build
 RANDOM.release = sampler_release
 RANDOM.pick = random_pick

@@ -29,7 +29,7 @@ cdef int roundrobin_pick(Table *table, uint64_t key, const int *tried, int ntrie
 
 cdef Algorithm ROUNDROBIN
 ROUNDROBIN.name = b"roundrobin"
-ROUNDROBIN.uses_key = False
+ROUNDROBIN.needs = 0
 ROUNDROBIN.build = roundrobin_build
 ROUNDROBIN.release = no_release
 ROUNDROBIN.pick = roundrobin_pick

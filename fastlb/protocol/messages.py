@@ -4,33 +4,38 @@ Each worker has one ``AF_UNIX`` ``SOCK_STREAM`` socketpair to the supervisor. A 
 msgpack map written back to back with the next; msgpack values are self-delimiting, so there is no
 length prefix and a reader feeds whatever bytes arrived into a :class:`Decoder`.
 
-Every map carries ``"t"``, its type. Lists indexed by backend follow the order of the table the
-supervisor sent (``Table.backends``); a report names the table version it counts against, and a
-reader drops reports and counts for a version it does not hold.
+Every map carries ``"t"``, its type. Backends, pools and frontends are named by the ids the
+supervisor gives them (stable across reloads), never by their place in a list; per-backend and
+per-frontend entries are maps with named fields.
 
 worker -> supervisor
   ``hello``   ``{t, v, worker, pid}``: first message; ``v`` is :data:`PROTOCOL_VERSION`.
-  ``report``  ``{t, table, active, new, up_bytes, down_bytes, failed, succeeded, streak}``:
-              ``active`` is this worker's live connections per backend (absolute); ``new``,
-              ``up_bytes`` (client -> backend), ``down_bytes``, ``failed`` and ``succeeded``
-              (connect attempts) are deltas since the previous report; ``streak`` is the run of
-              consecutive connect failures this worker has seen on each backend, 0 after a success.
-              Sent at least every 50 ms while anything changed.
+  ``report``  ``{t, table, backends, frontends}``: what changed since the previous report, sent at
+              least every 50 ms while anything did. ``table`` is the version the worker holds.
+              ``backends``: ``[{id, active, new, up_bytes, down_bytes, failed, succeeded,
+              streak}]`` for each backend whose counters moved: ``active`` is this worker's open
+              connections to it (absolute); ``new``, ``up_bytes`` (client -> backend),
+              ``down_bytes``, ``failed`` and ``succeeded`` (connect attempts) are deltas;
+              ``streak`` is the run of consecutive connect failures this worker has seen on it,
+              0 after a success. ``frontends``: ``[{id, active, accepted, rejected}]`` likewise
+              (``rejected``: closed before a pick, for a bad PROXY header or no SNI route).
 
 supervisor -> worker
-  ``table``   ``{t, version, backends}``: the whole backend table, swapped in at once.
-              ``backends`` is a list of ``[host, port, weight, up, backup]``.
-  ``counts``  ``{t, table, others}``: active connections per backend held by all *other* workers.
+  ``table``   ``{t, version, pools}``: whole backend tables, each swapped in at once.
+              ``pools`` is ``[{id, backends: [{id, host, port, weight, up, backup}]}]``.
+  ``counts``  ``{t, table, others}``: ``{backend id: active connections}`` held by all *other*
+              workers, for the backends whose count changed since the last counts sent to this
+              worker; a backend left out keeps its count.
   ``drain``   ``{t}``: stop accepting, finish open connections, then exit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,19 +46,35 @@ class Hello:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendReport:
+    id: int
+    active: int
+    new: int = 0
+    up_bytes: int = 0
+    down_bytes: int = 0
+    failed: int = 0
+    succeeded: int = 0
+    streak: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendReport:
+    id: int
+    active: int
+    accepted: int = 0
+    rejected: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     table: int
-    active: list[int]
-    new: list[int]
-    up_bytes: list[int]
-    down_bytes: list[int]
-    failed: list[int]
-    succeeded: list[int]
-    streak: list[int]
+    backends: list[BackendReport]
+    frontends: list[FrontendReport]
 
 
 @dataclass(frozen=True, slots=True)
 class BackendEntry:
+    id: int
     host: str
     port: int
     weight: int
@@ -62,15 +83,21 @@ class BackendEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolTable:
+    id: int
+    backends: list[BackendEntry]
+
+
+@dataclass(frozen=True, slots=True)
 class Table:
     version: int
-    backends: list[BackendEntry]
+    pools: list[PoolTable]
 
 
 @dataclass(frozen=True, slots=True)
 class Counts:
     table: int
-    others: list[int]
+    others: dict[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,17 +122,72 @@ _TYPES: dict[str, type] = {
     "drain": Drain,
 }
 _NAMES = {cls: name for name, cls in _TYPES.items()}
+# Fields that hold lists of nested entries, and the entry type of each.
+_NESTED: dict[tuple[type, str], type] = {
+    (Report, "backends"): BackendReport,
+    (Report, "frontends"): FrontendReport,
+    (Table, "pools"): PoolTable,
+    (PoolTable, "backends"): BackendEntry,
+}
+# The type each scalar field must have; bools are ints to Python, so they are checked apart.
+_BOOL_FIELDS = {"up", "backup"}
+_STR_FIELDS = {"host"}
+
+
+def _plain(value: object) -> object:
+    if hasattr(value, "__dataclass_fields__"):
+        return {field.name: _plain(getattr(value, field.name)) for field in fields(value)}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 def encode(message: Message) -> bytes:
     """One message as msgpack bytes, ready to write to the socketpair."""
     body = {"t": _NAMES[type(message)]}
-    for field in fields(message):
-        value = getattr(message, field.name)
-        if field.name == "backends":
-            value = [[b.host, b.port, b.weight, b.up, b.backup] for b in value]
-        body[field.name] = value
+    body.update(_plain(message))
     return msgpack.packb(body, use_bin_type=True)
+
+
+class _Bad(Exception):
+    pass
+
+
+def _fill(cls: type, body: object, where: str) -> object:
+    """An instance of cls from a decoded map, checking every field's shape."""
+    if not isinstance(body, dict):
+        raise _Bad(f"{where}: not a map")
+    kwargs = {}
+    for field in fields(cls):
+        if field.name not in body:
+            if field.default is not MISSING:
+                continue  # optional: it has a default
+            raise _Bad(f"{where}: missing field {field.name!r}")
+        value = body[field.name]
+        nested = _NESTED.get((cls, field.name))
+        if nested is not None:
+            if not isinstance(value, list):
+                raise _Bad(f"{where}: {field.name} must be a list")
+            value = [_fill(nested, item, f"{where}.{field.name}") for item in value]
+        elif field.name in _BOOL_FIELDS:
+            if not isinstance(value, bool):
+                raise _Bad(f"{where}: {field.name} must be true or false")
+        elif field.name in _STR_FIELDS:
+            if not isinstance(value, str):
+                raise _Bad(f"{where}: {field.name} must be a string")
+        elif field.name == "others":
+            if not isinstance(value, dict) or not all(
+                _is_int(k) and _is_int(v) for k, v in value.items()
+            ):
+                raise _Bad(f"{where}: others must map backend ids to counts")
+        elif not _is_int(value):
+            raise _Bad(f"{where}: {field.name} must be a whole number")
+        kwargs[field.name] = value
+    return cls(**kwargs)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _build(body: object) -> Message | Invalid:
@@ -115,52 +197,24 @@ def _build(body: object) -> Message | Invalid:
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         return Invalid(f"unknown message type {kind!r}")
-    kwargs = {}
-    for field in fields(cls):
-        if field.name not in body:
-            if field.name == "v":
-                continue
-            return Invalid(f"{kind}: missing field {field.name!r}")
-        kwargs[field.name] = body[field.name]
     try:
-        if cls is Table:
-            kwargs["backends"] = [BackendEntry(*row) for row in kwargs["backends"]]
-        message = cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        return Invalid(f"{kind}: {exc}")
-    return _check(message)
-
-
-def _is_int_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(x, int) for x in value)
-
-
-def _check(message: Message) -> Message | Invalid:
-    """Reject field values of the wrong shape, so that no reader has to."""
-    if isinstance(message, Report):
-        lists = [getattr(message, f.name) for f in fields(Report) if f.name != "table"]
-        if not all(_is_int_list(x) for x in lists) or len({len(x) for x in lists}) != 1:
-            return Invalid("report: per-backend fields must be int lists of one length")
-    elif isinstance(message, Counts):
-        if not _is_int_list(message.others):
-            return Invalid("counts: others must be a list of ints")
-    elif isinstance(message, Table):
-        for b in message.backends:
-            if not (
-                isinstance(b.host, str) and isinstance(b.port, int) and isinstance(b.weight, int)
-            ):
-                return Invalid("table: backend rows are [host, port, weight, up, backup]")
-    elif isinstance(message, Hello):
-        if not (isinstance(message.worker, int) and isinstance(message.pid, int)):
-            return Invalid("hello: worker and pid must be ints")
-    return message
+        return _fill(cls, body, kind)
+    except (_Bad, TypeError, ValueError) as exc:
+        return Invalid(str(exc))
 
 
 class Decoder:
     """Turns a byte stream into messages; tolerant of any split of the stream."""
 
     def __init__(self, max_buffer_size: int = 16 * 1024 * 1024):
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max_buffer_size)
+        self._max_buffer_size = max_buffer_size
+        self._unpacker = self._new_unpacker()
+
+    def _new_unpacker(self) -> msgpack.Unpacker:
+        # Integer map keys (backend ids in counts) need strict_map_key off.
+        return msgpack.Unpacker(
+            raw=False, max_buffer_size=self._max_buffer_size, strict_map_key=False
+        )
 
     def feed(self, data: bytes) -> list[Message | Invalid]:
         self._unpacker.feed(data)
@@ -172,7 +226,7 @@ class Decoder:
                 return out
             except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
                 # The stream cannot be resynchronised after a framing error: start afresh.
-                self._unpacker = msgpack.Unpacker(raw=False)
+                self._unpacker = self._new_unpacker()
                 out.append(Invalid(f"undecodable bytes: {exc}"))
                 return out
             out.append(_build(body))

@@ -10,7 +10,9 @@ health checks and the stats server. Each turn of the loop (:meth:`Arbiter.run`):
 3. does the housekeeping: reaps dead workers, spawns missing ones, starts due health checks,
    sends a new backend table if health changed and the global connection counts if they changed.
 
-The live state is ``self.workers``, ``{pid: WorkerHandle}``, and ``self.backends``.
+The live state is ``self.workers``, ``{pid: WorkerHandle}``, ``self.pools`` (one
+:class:`PoolState` per pool, its place being its id) and ``self.backends``, ``{backend id:
+BackendState}``. Backend ids are given once per (pool, address) and kept across reloads.
 
 Exit codes: 0 after a drain, 1 when stopped at once by a second signal, 3 when a worker could
 not boot (respawning it would only loop).
@@ -32,8 +34,8 @@ from fastlb.errors import EXIT_BOOT_FAILED, EXIT_FORCED, EXIT_OK, FastlbError
 from fastlb.health.checker import Checker
 from fastlb.health.state import FailureRun, HealthState
 from fastlb.metrics import StatsServer
+from fastlb.model import Address, BackendSpec, Config, FrontendSpec, PoolSpec
 from fastlb.protocol import messages as msg
-from fastlb.settings import OPTIONS, Backend, Settings
 from fastlb.supervisor import systemd
 
 log = logging.getLogger("fastlb.supervisor")
@@ -68,14 +70,18 @@ class WorkerHandle:
     events: int = selectors.EVENT_READ
     connected: bool = True  # the control socket is open
     ready: bool = False  # it said hello: it is accepting
-    active: list[int] = field(default_factory=list)  # from its last report
+    active: dict[int, int] = field(default_factory=dict)  # backend id -> its open connections
+    frontend_active: dict[int, int] = field(default_factory=dict)  # frontend id -> connections
+    others_sent: dict[int, int] = field(default_factory=dict)  # the counts it was last sent
 
 
 @dataclass
 class BackendState:
     """What the supervisor knows of one backend: health and totals over all workers."""
 
-    spec: Backend
+    id: int
+    pool: int  # its pool's id
+    spec: BackendSpec
     health: HealthState
     failures: FailureRun
     next_check: float = 0.0
@@ -89,23 +95,43 @@ class BackendState:
         return self.health.up
 
 
+@dataclass
+class PoolState:
+    id: int
+    spec: PoolSpec
+    backends: list[BackendState]  # in the order of the config
+
+
+@dataclass
+class FrontendState:
+    id: int
+    spec: FrontendSpec
+    connections: int = 0
+    rejected: int = 0
+
+
 class Arbiter:
     def __init__(
         self,
-        settings: Settings,
-        listeners: list[socket.socket],
+        config: Config,
+        listeners: list[list[tuple[int, socket.socket]]],
         stats_socket: socket.socket | None = None,
         on_ready: Callable[[], None] | None = None,
-        reload: Callable[[], Settings] | None = None,
+        reload: Callable[[], Config] | None = None,
     ):
-        self.settings = settings
-        self.reload_settings = reload  # SIGHUP: settings read anew (the --config file)
-        self.listeners = listeners
+        self.config = config
+        self.reload_config = reload  # SIGHUP: the config read anew (the --config file)
+        self.listeners = listeners  # by worker slot: (frontend id, socket) pairs
         self.on_ready = on_ready
         self.workers: dict[int, WorkerHandle] = {}
-        self.backends = [self.backend_state(spec) for spec in settings.backends]
+        self.backend_ids: dict[tuple[str, Address], int] = {}
+        self.backends: dict[int, BackendState] = {}
+        self.pools = [
+            PoolState(i, spec, [self.backend_state(i, spec, b) for b in spec.backends])
+            for i, spec in enumerate(config.pools)
+        ]
+        self.frontends = [FrontendState(i, spec) for i, spec in enumerate(config.frontends)]
         self.table_version = 1
-        self.backends_version = 1  # the table version since which self.backends is in order
         self.table_changed = False
         self.counts_changed = False
         self.signal_queue: list[int] = []
@@ -114,7 +140,7 @@ class Arbiter:
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self.wake_r, selectors.EVENT_READ, lambda mask: self.read_wakeups())
-        self.checker = Checker(self.selector, settings.check_timeout, self.on_check)
+        self.checker = Checker(self.selector, self.on_check)
         self.stats = (
             StatsServer(stats_socket, self.selector, self.snapshot) if stats_socket else None
         )
@@ -126,19 +152,26 @@ class Arbiter:
         self.exit_code: int | None = None  # set: the loop ends with it
         self.drain_exit_code = EXIT_OK
         self.announced_ready = False
-        self.address = _host_port(*listeners[0].getsockname()[:2])
+        self.address = ", ".join(
+            str(address) for frontend in config.frontends for address in frontend.listen
+        )
 
     # ---- the main loop -------------------------------------------------------------------------
 
     def run(self) -> int:
         self.init_signals()
-        log.info(
-            "listening on %s with %d workers, %s over %d backends",
-            self.address,
-            self.settings.workers,
-            self.settings.algorithm,
-            len(self.backends),
-        )
+        for frontend in self.config.frontends:
+            pool = self.config.pool(frontend.pool)
+            log.info(
+                "frontend %s on %s: pool %s, %s over %d backends%s",
+                frontend.name,
+                ", ".join(str(address) for address in frontend.listen),
+                pool.name,
+                pool.algorithm,
+                len(pool.backends),
+                f", SNI routes to {', '.join(frontend.pools()[1:])}" if frontend.sni else "",
+            )
+        log.info("%d workers", self.config.workers)
         if self.stats:
             host, port = self.stats.sock.getsockname()[:2]
             log.info("stats on http://%s/stats and /metrics", _host_port(host, port))
@@ -163,7 +196,9 @@ class Arbiter:
             deadlines.append(self.drain_deadline)
         else:
             deadlines += [
-                backend.next_check for backend in self.backends if self.wants_check(backend)
+                backend.next_check
+                for backend in self.backends.values()
+                if self.wants_check(backend)
             ]
             missing = self.missing_worker_ids()
             deadlines += [self.respawn_at.get(worker_id, 0.0) for worker_id in missing]
@@ -204,12 +239,12 @@ class Arbiter:
         self.publish()
         if not self.announced_ready and not self.draining:
             ready = sum(1 for worker in self.workers.values() if worker.ready)
-            if ready == self.settings.workers:
+            if ready == self.config.workers:
                 self.announce_ready()
 
     def announce_ready(self) -> None:
         self.announced_ready = True
-        log.info("ready: %d workers accepting on %s", self.settings.workers, self.address)
+        log.info("ready: %d workers accepting on %s", self.config.workers, self.address)
         systemd.notify("READY=1")
         if self.on_ready:
             self.on_ready()
@@ -244,23 +279,23 @@ class Arbiter:
     handle_int = handle_term
 
     def handle_hup(self) -> None:
-        if self.reload_settings is None or self.draining:
+        if self.reload_config is None or self.draining:
             log.warning("SIGHUP: nothing to reload (no --config file)")
             return
         try:
-            new = self.reload_settings()
+            new = self.reload_config()
         except FastlbError as exc:
             log.error("reload failed, the running settings stay: %s", exc)
             return
-        fixed = [
-            option.flag
-            for option in OPTIONS
-            if option.name not in ("backends", "max_conn")
-            and getattr(new, option.name) != getattr(self.settings, option.name)
-        ]
+        fixed = _needs_restart(self.config, new)
         if fixed:
             log.warning("reload: %s changed; restart fastlb to apply", ", ".join(fixed))
-        self.replace_backends(new.backends)
+        for pool in self.pools:
+            try:
+                specs = new.pool(pool.spec.name).backends
+            except KeyError:
+                continue
+            self.replace_backends(pool, specs)
 
     def handle_chld(self) -> None:
         pass  # every turn of the loop reaps
@@ -269,7 +304,7 @@ class Arbiter:
 
     def missing_worker_ids(self) -> list[int]:
         running = {worker.worker_id for worker in self.workers.values()}
-        return [i for i in range(self.settings.workers) if i not in running]
+        return [i for i in range(self.config.workers) if i not in running]
 
     def spawn_workers(self) -> None:
         now = time.monotonic()
@@ -296,7 +331,7 @@ class Arbiter:
                 parent_end.close()
                 self.close_after_fork(keep=worker_id)
                 worker_process.run(
-                    worker_id, self.listeners[worker_id], child_end, self.settings, table
+                    worker_id, self.listeners[worker_id], child_end, self.config, table
                 )
             finally:
                 os._exit(EXIT_FORCED)
@@ -324,9 +359,10 @@ class Arbiter:
         signal.set_wakeup_fd(-1)
         os.close(self.wake_r)
         os.close(self.wake_w)
-        for worker_id, sock in enumerate(self.listeners):
+        for worker_id, slot in enumerate(self.listeners):
             if worker_id != keep:
-                sock.close()
+                for _, sock in slot:
+                    sock.close()
         for worker in self.workers.values():
             worker.control.close()
         self.checker.close_after_fork()
@@ -388,19 +424,23 @@ class Arbiter:
         self.draining = True
         self.drain_exit_code = exit_code
         self.drain_started = time.monotonic()
-        self.drain_deadline = self.drain_started + self.settings.drain_timeout
+        self.drain_deadline = self.drain_started + self.config.drain_timeout
         systemd.notify("STOPPING=1")
         log.info(
             "draining: accepting no more connections, waiting up to %gs for open ones",
-            self.settings.drain_timeout,
+            self.config.drain_timeout,
         )
-        for sock in self.listeners:
-            sock.close()
+        self.close_listeners()
         for worker in self.workers.values():
             if worker.connected:
                 self.send(worker, msg.Drain())
             else:
                 self.kill_worker(worker, signal.SIGTERM)
+
+    def close_listeners(self) -> None:
+        for slot in self.listeners:
+            for _, sock in slot:
+                sock.close()
 
     def shutdown(self) -> None:
         """Leaves nothing behind: kills and reaps the workers still running, closes sockets."""
@@ -415,8 +455,7 @@ class Arbiter:
         self.checker.close()
         if self.stats:
             self.stats.close()
-        for sock in self.listeners:
-            sock.close()
+        self.close_listeners()
         self.selector.close()
         for signum, handler in self.saved_handlers.items():
             signal.signal(signum, handler)
@@ -472,32 +511,32 @@ class Arbiter:
         log.info("worker %d (pid %d) is accepting", worker.worker_id, worker.pid)
 
     def handle_report(self, worker: WorkerHandle, report: msg.Report) -> None:
-        if report.table < self.backends_version:
-            return  # its lists follow the backend order before the last reload
-        if len(report.active) != len(self.backends):
-            log.warning(
-                "worker %d: ignoring a report on %d backends, not %d",
-                worker.worker_id,
-                len(report.active),
-                len(self.backends),
-            )
-            return
-        for i, backend in enumerate(self.backends):
-            backend.connections += report.new[i]
-            backend.failed += report.failed[i]
-            backend.up_bytes += report.up_bytes[i]
-            backend.down_bytes += report.down_bytes[i]
-        if report.active != worker.active:
-            worker.active = report.active
-            self.counts_changed = True
+        for entry in report.backends:
+            backend = self.backends.get(entry.id)
+            if backend is None:
+                continue  # removed by a reload: its connections count nowhere now
+            backend.connections += entry.new
+            backend.failed += entry.failed
+            backend.up_bytes += entry.up_bytes
+            backend.down_bytes += entry.down_bytes
+            if worker.active.get(entry.id, 0) != entry.active:
+                worker.active[entry.id] = entry.active
+                self.counts_changed = True
+        for entry in report.frontends:
+            if 0 <= entry.id < len(self.frontends):
+                frontend = self.frontends[entry.id]
+                frontend.connections += entry.accepted
+                frontend.rejected += entry.rejected
+                worker.frontend_active[entry.id] = entry.active
         if report.table != self.table_version:
             return  # counted against an older table: its failures may predate the last change
-        for i, backend in enumerate(self.backends):
-            reached = backend.failures.report(
-                report.failed[i], report.succeeded[i], report.streak[i]
-            )
+        for entry in report.backends:
+            backend = self.backends.get(entry.id)
+            if backend is None:
+                continue
+            reached = backend.failures.report(entry.failed, entry.succeeded, entry.streak)
             if reached and backend.up:
-                self.mark_down(i, f"{backend.failures.count} connects failed in a row")
+                self.mark_down(backend, f"{backend.failures.count} connects failed in a row")
 
     def send(self, worker: WorkerHandle, message: msg.Message) -> None:
         if not worker.connected:
@@ -531,9 +570,10 @@ class Arbiter:
         self.selector.unregister(worker.control)
         worker.control.close()
         worker.outgoing.clear()
-        if any(worker.active):
+        if any(worker.active.values()):
             self.counts_changed = True
-        worker.active = []
+        worker.active = {}
+        worker.frontend_active = {}
 
     def publish(self) -> None:
         """Sends the workers what changed during this turn: the table, then the counts."""
@@ -548,102 +588,154 @@ class Arbiter:
             self.counts_changed = False
             totals = self.active_totals()
             for worker in self.workers.values():
-                own = worker.active or [0] * len(totals)
-                others = [total - mine for total, mine in zip(totals, own, strict=True)]
-                self.send(worker, msg.Counts(table=self.table_version, others=others))
+                changed = {}
+                for backend_id, total in totals.items():
+                    others = total - worker.active.get(backend_id, 0)
+                    if worker.others_sent.get(backend_id, 0) != others:
+                        changed[backend_id] = others
+                if changed:
+                    worker.others_sent.update(changed)
+                    self.send(worker, msg.Counts(table=self.table_version, others=changed))
 
     def table(self) -> msg.Table:
         return msg.Table(
             version=self.table_version,
-            backends=[
-                msg.BackendEntry(
-                    backend.spec.address.host,
-                    backend.spec.address.port,
-                    backend.spec.weight,
-                    backend.up,
-                    backend.spec.backup,
+            pools=[
+                msg.PoolTable(
+                    pool.id,
+                    [
+                        msg.BackendEntry(
+                            backend.id,
+                            backend.spec.address.host,
+                            backend.spec.address.port,
+                            backend.spec.weight,
+                            backend.up,
+                            backend.spec.backup,
+                        )
+                        for backend in pool.backends
+                    ],
                 )
-                for backend in self.backends
+                for pool in self.pools
             ],
         )
 
-    def active_totals(self) -> list[int]:
-        totals = [0] * len(self.backends)
+    def active_totals(self) -> dict[int, int]:
+        """Open connections by backend id, all workers together."""
+        totals = dict.fromkeys(self.backends, 0)
         for worker in self.workers.values():
-            for i, count in enumerate(worker.active):
-                totals[i] += count
+            for backend_id, count in worker.active.items():
+                if backend_id in totals:
+                    totals[backend_id] += count
         return totals
 
     # ---- health ---------------------------------------------------------------------------------
 
-    def backend_state(self, spec: Backend, old: BackendState | None = None) -> BackendState:
-        """A backend's state: kept from old (same address) with its new weight and role."""
-        if old is not None:
-            return replace(old, spec=spec)
-        rise, fall = self.settings.rise, self.settings.fall
-        return BackendState(spec, HealthState(rise, fall), FailureRun(fall))
+    def backend_state(self, pool_id: int, pool: PoolSpec, spec: BackendSpec) -> BackendState:
+        """The state of a backend of a pool: kept (with its new weight and role) when the pool
+        already has one at that address, else a new one with a new id."""
+        key = (pool.name, spec.address)
+        backend_id = self.backend_ids.get(key)
+        if backend_id is not None and backend_id in self.backends:
+            backend = replace(self.backends[backend_id], spec=spec)
+        else:
+            if backend_id is None:
+                backend_id = self.backend_ids[key] = len(self.backend_ids)
+            backend = BackendState(
+                backend_id,
+                pool_id,
+                spec,
+                HealthState(pool.rise, pool.fall),
+                FailureRun(pool.fall),
+            )
+        self.backends[backend_id] = backend
+        return backend
 
-    def replace_backends(self, specs: tuple[Backend, ...]) -> None:
-        """Swaps in a new backend list. Workers keep each open connection on its backend; a
-        backend that stays keeps its health and counters."""
-        if tuple(backend.spec for backend in self.backends) == tuple(specs):
-            log.info("reload: the backends are unchanged")
+    def replace_backends(self, pool: PoolState, specs: tuple[BackendSpec, ...]) -> None:
+        """Swaps in a new backend list for one pool. Workers keep each open connection on its
+        backend; a backend that stays keeps its id, health and counters."""
+        if tuple(backend.spec for backend in pool.backends) == tuple(specs):
+            log.info("reload: the backends of pool %s are unchanged", pool.spec.name)
             return
-        current = {backend.spec.address: backend for backend in self.backends}
-        self.checker.close()  # checks in flight name backends by their place in the old list
-        self.backends = [self.backend_state(spec, current.get(spec.address)) for spec in specs]
-        self.settings = replace(self.settings, backends=tuple(specs))
-        for worker in self.workers.values():
-            worker.active = []  # counted against the old list; the next report recounts
-        self.backends_version = self.table_version + 1  # the version publish() sends next
+        old = {backend.spec.address: backend for backend in pool.backends}
+        for backend in pool.backends:
+            self.checker.cancel(backend.id)
+        pool.backends = [self.backend_state(pool.id, pool.spec, spec) for spec in specs]
+        pool.spec = replace(pool.spec, backends=tuple(specs))
+        kept = {backend.id for backend in pool.backends}
+        for backend in old.values():
+            if backend.id not in kept:
+                del self.backends[backend.id]
+                for worker in self.workers.values():
+                    worker.active.pop(backend.id, None)
+                    worker.others_sent.pop(backend.id, None)
         self.table_changed = True
         self.counts_changed = True
-        kept = sum(1 for spec in specs if spec.address in current)
+        stayed = sum(1 for spec in specs if spec.address in old)
         log.info(
-            "reload: %d backends (%d kept, %d added, %d removed)",
+            "reload: pool %s has %d backends (%d kept, %d added, %d removed)",
+            pool.spec.name,
             len(specs),
-            kept,
-            len(specs) - kept,
-            len(current) - kept,
+            stayed,
+            len(specs) - stayed,
+            len(old) - stayed,
         )
 
+    def pool_spec(self, backend: BackendState) -> PoolSpec:
+        return self.pools[backend.pool].spec
+
     def wants_check(self, backend: BackendState) -> bool:
-        return self.settings.active_checks or not backend.up
+        return self.pool_spec(backend).active_checks or not backend.up
 
     def run_checks(self, now: float) -> None:
-        for i, backend in enumerate(self.backends):
-            if self.wants_check(backend) and now >= backend.next_check and not self.checker.busy(i):
-                backend.next_check = now + self.settings.check_interval
-                self.checker.check(i, backend.spec.address)
+        for backend in self.backends.values():
+            if (
+                self.wants_check(backend)
+                and now >= backend.next_check
+                and not self.checker.busy(backend.id)
+            ):
+                pool = self.pool_spec(backend)
+                backend.next_check = now + pool.check_interval
+                self.checker.check(
+                    backend.id, backend.spec.address, pool.check_timeout, pool.send_proxy
+                )
 
-    def on_check(self, index: int, ok: bool) -> None:
-        backend = self.backends[index]
+    def on_check(self, backend_id: int, ok: bool) -> None:
+        backend = self.backends.get(backend_id)
+        if backend is None:
+            return
         transition = backend.health.observe(ok)
         if transition == "down":
-            self.mark_down(index, f"{self.settings.fall} checks failed in a row")
+            self.mark_down(backend, f"{self.pool_spec(backend).fall} checks failed in a row")
         elif transition == "up":
-            self.mark_up(index)
+            self.mark_up(backend)
 
-    def mark_down(self, index: int, why: str) -> None:
-        backend = self.backends[index]
-        backend.health = HealthState(self.settings.rise, self.settings.fall, up=False)
+    def mark_down(self, backend: BackendState, why: str) -> None:
+        pool = self.pool_spec(backend)
+        backend.health = HealthState(pool.rise, pool.fall, up=False)
         backend.failures.reset()
-        backend.next_check = time.monotonic() + self.settings.check_interval
+        backend.next_check = time.monotonic() + pool.check_interval
         self.table_changed = True
-        log.warning("backend %s is down: %s", backend.spec.address, why)
+        log.warning("backend %s of pool %s is down: %s", backend.spec.address, pool.name, why)
 
-    def mark_up(self, index: int) -> None:
-        backend = self.backends[index]
+    def mark_up(self, backend: BackendState) -> None:
+        pool = self.pool_spec(backend)
         backend.failures.reset()
         self.table_changed = True
         log.info(
-            "backend %s is up: %d checks passed in a row", backend.spec.address, self.settings.rise
+            "backend %s of pool %s is up: %d checks passed in a row",
+            backend.spec.address,
+            pool.name,
+            pool.rise,
         )
 
     # ---- stats ----------------------------------------------------------------------------------
 
     def snapshot(self) -> dict:
         totals = self.active_totals()
+        frontend_active = [0] * len(self.frontends)
+        for worker in self.workers.values():
+            for frontend_id, count in worker.frontend_active.items():
+                frontend_active[frontend_id] += count
         return {
             "pid": os.getpid(),
             "workers": [
@@ -651,21 +743,68 @@ class Arbiter:
                 for worker in sorted(self.workers.values(), key=lambda w: w.worker_id)
             ],
             "table_version": self.table_version,
+            "frontends": [
+                {
+                    "name": frontend.spec.name,
+                    "listen": [str(address) for address in frontend.spec.listen],
+                    "pool": frontend.spec.pool,
+                    "sni": {route.pattern: route.pool for route in frontend.spec.sni},
+                    "accept_proxy": [str(net) for net in frontend.spec.accept_proxy],
+                    "active": frontend_active[frontend.id],
+                    "connections": frontend.connections,
+                    "rejected": frontend.rejected,
+                }
+                for frontend in self.frontends
+            ],
+            "pools": [
+                {
+                    "name": pool.spec.name,
+                    "algorithm": pool.spec.algorithm,
+                    "send_proxy": pool.spec.send_proxy,
+                    "backends": [backend.id for backend in pool.backends],
+                }
+                for pool in self.pools
+            ],
             "backends": [
                 {
+                    "id": backend.id,
+                    "pool": pool.spec.name,
                     "address": str(backend.spec.address),
                     "weight": backend.spec.weight,
                     "backup": backend.spec.backup,
                     "up": backend.up,
-                    "active": totals[i],
+                    "active": totals[backend.id],
                     "connections": backend.connections,
                     "failed": backend.failed,
                     "up_bytes": backend.up_bytes,
                     "down_bytes": backend.down_bytes,
                 }
-                for i, backend in enumerate(self.backends)
+                for pool in self.pools
+                for backend in pool.backends
             ],
         }
+
+
+def _needs_restart(old: Config, new: Config) -> list[str]:
+    """What differs between two configs besides the pools' backend lists (which a reload
+    applies): the names of the settings, frontends and pools that changed."""
+    changed = [
+        name
+        for name in ("workers", "stats", "drain_timeout", "buffer_size", "splice", "log_level")
+        if getattr(old, name) != getattr(new, name)
+    ]
+    if old.frontends != new.frontends:
+        changed.append("frontends")
+    old_pools = {pool.name: replace(pool, backends=()) for pool in old.pools}
+    new_pools = {pool.name: replace(pool, backends=()) for pool in new.pools}
+    if old_pools.keys() != new_pools.keys():
+        changed.append("the set of pools")
+    changed += [
+        f"pool {name}"
+        for name in old_pools.keys() & new_pools.keys()
+        if old_pools[name] != new_pools[name]
+    ]
+    return changed
 
 
 def _how_it_ended(code: int) -> str:

@@ -1,4 +1,5 @@
-"""The listening sockets: one per worker, in one SO_REUSEPORT group, made before forking.
+"""The listening sockets: one per worker slot and listen address, each address's sockets in one
+SO_REUSEPORT group, made before forking.
 
 The supervisor keeps every socket open for as long as it runs. A worker only ever uses its
 own, so when it dies its socket and the connections queued on it stay, and its replacement
@@ -10,7 +11,7 @@ from __future__ import annotations
 import socket
 
 from fastlb.errors import ConfigError
-from fastlb.settings import Address
+from fastlb.model import Address, Config
 
 MAX_BACKLOG = 65535
 
@@ -42,6 +43,23 @@ def open_listeners(address: Address, count: int) -> list[socket.socket]:
     return sockets
 
 
+def open_frontend_listeners(config: Config) -> list[list[tuple[int, socket.socket]]]:
+    """Every frontend's listening sockets by worker slot: for slot i, (frontend id, socket) for
+    each listen address of each frontend. Raises ConfigError; then nothing stays open."""
+    slots: list[list[tuple[int, socket.socket]]] = [[] for _ in range(config.workers)]
+    try:
+        for frontend_id, frontend in enumerate(config.frontends):
+            for address in frontend.listen:
+                for slot, sock in zip(slots, open_listeners(address, config.workers), strict=True):
+                    slot.append((frontend_id, sock))
+    except BaseException:
+        for slot in slots:
+            for _, sock in slot:
+                sock.close()
+        raise
+    return slots
+
+
 def open_listener(address: Address) -> socket.socket:
     """One non-blocking listening socket, for the stats server. Raises ConfigError."""
     try:
@@ -56,7 +74,7 @@ def _check_free(address: Address) -> None:
     if address.port == 0:
         return
     try:
-        with socket.socket(address.family, socket.SOCK_STREAM) as probe:
+        with socket.socket(_family(address), socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             _v6only(probe, address)
             probe.bind((address.host, address.port))
@@ -64,13 +82,17 @@ def _check_free(address: Address) -> None:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
 
+def _family(address: Address) -> socket.AddressFamily:
+    return socket.AF_INET6 if address.ipv6 else socket.AF_INET
+
+
 def _v6only(sock: socket.socket, address: Address) -> None:
-    if address.family == socket.AF_INET6:
+    if address.ipv6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 
 
 def _listener(address: Address, reuse_port: bool) -> socket.socket:
-    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(address), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
