@@ -26,6 +26,9 @@ include "lb/sampling.pxi"
 include "lb/p2c.pxi"
 include "lb/random.pxi"
 include "table.pxi"
+include "proto/proxy.pxi"
+include "proto/sni.pxi"
+include "proto/testing.pxi"
 
 DEF TAG_LISTEN = 1
 DEF TAG_WAKE = 2
