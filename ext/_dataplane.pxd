@@ -39,6 +39,50 @@ cdef enum:
     SPLICE_AUTO = 2         # copy; switch a direction to splice once a read fills the buffer
 
 
+# ---- read-before-pick parsers (ext/proto) -------------------------------------------------------
+# What a worker reads from a new connection before it picks a backend: a PROXY header, a TLS
+# ClientHello. The parsers take the whole prefix received so far and answer "need more", "done"
+# or "error".
+# Compact storage of an IPv4 or IPv6 socket address.
+cdef union SockAddr:
+    sockaddr sa
+    sockaddr_in v4
+    sockaddr_in6 v6
+
+cdef enum:
+    PEEK_MORE = 0           # the bytes so far are a prefix of a valid message: read more
+    PEEK_ERROR = -1         # not this protocol, or malformed
+
+cdef enum:
+    PROXY_LOCAL = 0         # v2 LOCAL, or v1 "PROXY UNKNOWN": keep the connection's own addresses
+    PROXY_PROXY = 1
+
+cdef enum:
+    PEEK_MAX = 16384        # bytes read before a pick: a ClientHello's records must fit in them
+    PROXY_V1_MAX = 107      # the longest v1 line, CRLF included
+    PROXY_MAX_HEADER = 107  # the longest header proxy_build writes (v1 TCP6; v2 TCP6 is 52)
+
+cdef struct ProxyHeader:
+    int command             # PROXY_LOCAL or PROXY_PROXY
+    int family              # AF_INET or AF_INET6 for PROXY over TCP4/TCP6 (or UDP in v2); 0 for
+                            # UNSPEC, UNKNOWN, AF_UNIX and LOCAL, when src and dst are unset
+    SockAddr src            # ports in network byte order, as in a sockaddr
+    SockAddr dst
+
+cdef struct SniRoute:
+    const char *pattern     # lower-case; a wildcard is stored as its suffix: ".example.test"
+    int len
+    bint wildcard
+    int pool                # opaque to the matcher (an index the data plane uses)
+
+cdef struct SniResult:
+    int found               # 1: the hello carried a host_name; 0: it had none
+    int len
+    char name[256]          # lower-cased copy of the host name (max 255 bytes), NUL-terminated
+
+# ---- end of read-before-pick parsers ------------------------------------------------------------
+
+
 cdef struct Table
 
 # What an algorithm's pick() reads besides the table (Algorithm.needs).
@@ -95,44 +139,7 @@ cdef struct Table:
     const Algorithm *algo
 
 
-# ---- read-before-pick parsers (ext/proto)
-
-# A compact IPv4 or IPv6 socket address.
-cdef union SockAddr:
-    sockaddr sa
-    sockaddr_in v4
-    sockaddr_in6 v6
-
-cdef enum:
-    PEEK_MORE = 0           # the bytes so far are a prefix of a valid message: read more
-    PEEK_ERROR = -1         # not this protocol, or malformed
-
-cdef enum:
-    PROXY_LOCAL = 0         # v2 LOCAL, or v1 "PROXY UNKNOWN": keep the connection's own addresses
-    PROXY_PROXY = 1
-
-cdef struct ProxyHeader:
-    int command             # PROXY_LOCAL or PROXY_PROXY
-    int family              # AF_INET or AF_INET6 for TCP4/TCP6; 0 for UNSPEC, UNKNOWN and LOCAL
-    SockAddr src            # ports in network byte order, as in a sockaddr
-    SockAddr dst
-
-cdef struct SniRoute:
-    const char *pattern     # lower-case; for a wildcard, the suffix with its dot: ".example.test"
-    int len
-    bint wildcard
-    int pool                # opaque to the matcher: an index the data plane uses
-
-cdef struct SniResult:
-    int found               # 1: the hello carried a host_name; 0: it had none
-    int len
-    char name[256]          # lower-cased copy of the host name, NUL-terminated
-
 # ---- services: pools, frontends, listeners
-
-cdef enum:
-    PROXY_HEADER_ROOM = 128 # room for any header proxy_build writes (v1 is at most 107 bytes)
-
 
 # Where connections go: one backend table and how its backends are connected.
 cdef struct Pool:

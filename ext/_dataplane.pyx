@@ -37,7 +37,6 @@ DEF TAG_BACKEND = 1           # a Conn, its backend socket
 DEF TAG_LISTENER = 2          # a Listener
 DEF TAG_WAKE = 3              # no pointer: a watched descriptor (control socket, signal pipe)
 DEF TAG_MASK = 3
-DEF MAX_PEEK = 16384          # bytes read before the pick, at most (PROXY header, ClientHello)
 DEF SCAN_INTERVAL_MS = 100    # how often connect and idle timeouts are checked
 DEF EMFILE_PAUSE_MS = 100     # accept pauses this long when out of file descriptors
 DEF NO_PIPE = -3              # _pump_splice could not get a pipe
@@ -558,13 +557,13 @@ cdef class Worker:
     cdef void _peek(self, Conn *c) noexcept nogil:
         # Reads what the frontend must see before the pick (a PROXY header from a trusted
         # sender, then a ClientHello for SNI routing) into the connection's first buffer, at
-        # most MAX_PEEK bytes, and picks once it has them. Called without the GIL; touches no
+        # most PEEK_MAX bytes, and picks once it has them. Called without the GIL; touches no
         # Python objects.
         cdef Frontend *fe = c.frontend
         cdef Buf *b = c.up.buf
         cdef ProxyHeader header
         cdef SniResult hello
-        cdef size_t cap = MAX_PEEK if MAX_PEEK < self.buffer_size else self.buffer_size
+        cdef size_t cap = PEEK_MAX if PEEK_MAX < self.buffer_size else self.buffer_size
         cdef size_t want
         cdef ssize_t n
         cdef int r, route
@@ -645,13 +644,13 @@ cdef class Worker:
         # Sends the PROXY header on a backend connection that has just connected: its socket
         # buffer is empty, so one small send goes out whole. Returns -1 when it did not.
         # Called without the GIL; touches no Python objects.
-        cdef uint8_t header[PROXY_HEADER_ROOM]
+        cdef uint8_t header[PROXY_MAX_HEADER]
         cdef socklen_t addrlen = sizeof(SockAddr)
         cdef int length, flags = MSG_NOSIGNAL
         if c.dst.sa.sa_family == 0:
             if getsockname(c.cfd, &c.dst.sa, &addrlen) < 0:
                 return -1
-        length = proxy_build(c.pool.send_proxy, &c.src, &c.dst, header, PROXY_HEADER_ROOM)
+        length = proxy_build(c.pool.send_proxy, &c.src, &c.dst, header, PROXY_MAX_HEADER)
         if length < 0:
             return -1
         if c.up.buf != NULL and c.up.buf.len > 0:

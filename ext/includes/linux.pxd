@@ -92,6 +92,7 @@ cdef extern from "<netinet/in.h>" nogil:
 
 cdef extern from "<arpa/inet.h>" nogil:
     int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
     uint16_t htons(uint16_t x)
     uint16_t ntohs(uint16_t x)
 
@@ -118,6 +119,22 @@ cdef extern from "<fcntl.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     int pipe2(int *pipefd, int flags)
     int close(int fd)
+    int getpagesize()
+
+
+# Guard pages: tests place parser input flush against one to catch any read past the end.
+cdef extern from "<sys/mman.h>" nogil:
+    enum:
+        PROT_NONE
+        PROT_READ
+        PROT_WRITE
+        MAP_PRIVATE
+        MAP_ANONYMOUS
+    void *MAP_FAILED
+
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int mprotect(void *addr, size_t length, int prot)
+    int munmap(void *addr, size_t length)
 
 
 cdef extern from "<time.h>" nogil:
