@@ -13,6 +13,7 @@ import socket
 import sys
 import textwrap
 
+import fastlb.config
 from fastlb import __version__, config_file, demo, settings
 from fastlb.errors import EXIT_UNREACHABLE, EXIT_USAGE, FastlbError
 from fastlb.settings import Settings
@@ -52,9 +53,11 @@ def build_parser() -> Parser:
 
     check = commands.add_parser(
         "check",
-        help="validate the flags of run and print the resolved settings",
-        description="Validate the flags of 'fastlb run' (resolving host names) and print the "
-        "settings it would use, one per line; exit status 2 on an error.",
+        help="validate the flags and --config file of run and print the resolved settings",
+        description="Validate the flags and the --config file of 'fastlb run' (resolving host "
+        "names), print the settings of the process, of every frontend and of every pool, one "
+        "per line, and try a TCP connect to every backend; exit status 2 on an error, 4 when "
+        "a backend does not accept.",
     )
     settings.add_arguments(check)
     check.set_defaults(handler=check_command)
@@ -127,20 +130,21 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def check_command(args: argparse.Namespace) -> int:
-    config = settings.parse(vars(args), read_config(args.config))
+    config = fastlb.config.load(vars(args), args.config)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    config, message = settings.fit_to_open_file_limit(config, _usable_limit(hard))
-    for line in settings.describe(config):
+    config, message = fastlb.config.fit_to_open_file_limit(config, _usable_limit(hard))
+    for line in fastlb.config.describe(config):
         print(line)
     if message:
         print(f"fastlb: note: {message}", file=sys.stderr)
     unreachable = 0
-    for backend in config.backends:
-        problem = probe(backend, config.check_timeout)
-        if problem:
-            print(f"fastlb: error: backend {backend.address} is unreachable: {problem}",
-                  file=sys.stderr)  # fmt: skip
-            unreachable += 1
+    for pool in config.pools:
+        for backend in pool.backends:
+            problem = probe(backend, pool.check_timeout)
+            if problem:
+                print(f"fastlb: error: pool {pool.name} backend {backend.address} is "
+                      f"unreachable: {problem}", file=sys.stderr)  # fmt: skip
+                unreachable += 1
     return EXIT_UNREACHABLE if unreachable else 0
 
 
@@ -238,7 +242,7 @@ def fit_max_conn(config: Settings, limit: int, warn: bool) -> Settings:
 def open_sockets(config: Settings) -> tuple[list[socket.socket], socket.socket | None]:
     """The listening sockets of the workers and of the stats server; ConfigError when one
     cannot be bound."""
-    listeners = open_listeners(config.listen, config.workers)
+    listeners = open_listeners(config.listen[0], config.workers)
     try:
         stats_socket = open_listener(config.stats) if config.stats else None
     except FastlbError:

@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from fastlb.settings import Address
+from fastlb.settings import Address, address_family
 
 log = logging.getLogger("fastlb.health")
 
@@ -38,7 +38,7 @@ class Checker:
     def check(self, index: int, address: Address) -> None:
         """Starts a check of backend ``index``; its result comes to ``on_result``."""
         try:
-            sock = socket.socket(address.family, socket.SOCK_STREAM)
+            sock = socket.socket(address_family(address), socket.SOCK_STREAM)
         except OSError as exc:  # e.g. no IPv6 on this host
             self._report(index, address, exc.errno or errno.EIO)
             return

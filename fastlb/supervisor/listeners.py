@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 
 from fastlb.errors import ConfigError
-from fastlb.settings import Address
+from fastlb.settings import Address, address_family
 
 MAX_BACKLOG = 65535
 
@@ -56,7 +56,7 @@ def _check_free(address: Address) -> None:
     if address.port == 0:
         return
     try:
-        with socket.socket(address.family, socket.SOCK_STREAM) as probe:
+        with socket.socket(address_family(address), socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             _v6only(probe, address)
             probe.bind((address.host, address.port))
@@ -65,12 +65,12 @@ def _check_free(address: Address) -> None:
 
 
 def _v6only(sock: socket.socket, address: Address) -> None:
-    if address.family == socket.AF_INET6:
+    if address.ipv6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 
 
 def _listener(address: Address, reuse_port: bool) -> socket.socket:
-    sock = socket.socket(address.family, socket.SOCK_STREAM)
+    sock = socket.socket(address_family(address), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
