@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastlb import config_file, settings
+from fastlb.config_file import Document
 from fastlb.errors import ConfigError
-from fastlb.model import DEFAULT, Config, FrontendSpec, PoolSpec, SniRoute
+from fastlb.model import DEFAULT, Address, Config, FrontendSpec, PoolSpec, SniRoute
 from fastlb.settings import FRONTEND, OPTIONS, POOL, PROCESS, Option
 
 FRONTEND_KEYS = ("pool", "sni", "sni-required")  # frontend table keys that are no flags
@@ -80,7 +81,7 @@ def load(values: Mapping[str, Any], path: str | None) -> Config:
         pools.append(_pool(name, top, table, document))
 
     frontends: list[FrontendSpec] = []
-    used: dict = {}  # listen addresses so far: the frontend using each
+    used: dict[Address, str] = {}  # listen addresses so far: the frontend using each
     if "listen" in top:
         if DEFAULT in frontend_tables:
             raise ConfigError(
@@ -103,7 +104,7 @@ def load(values: Mapping[str, Any], path: str | None) -> Config:
 # ---- reading -----------------------------------------------------------------------------------
 
 
-def _top_level(values: Mapping[str, Any], document: config_file.Document | None) -> dict:
+def _top_level(values: Mapping[str, Any], document: Document | None) -> dict:
     """Every option given by a flag or a top-level key, by name; a flag wins."""
     given: dict[str, _Given] = {}
     if document is not None:
@@ -128,7 +129,7 @@ def _top_level(values: Mapping[str, Any], document: config_file.Document | None)
     return given
 
 
-def _tables(document: config_file.Document | None, kind: str) -> dict[str, dict]:
+def _tables(document: Document | None, kind: str) -> dict[str, dict]:
     """The [frontend.NAME] or [pool.NAME] tables of the file, by name."""
     if document is None or kind not in document.values:
         return {}
@@ -147,7 +148,7 @@ def _tables(document: config_file.Document | None, kind: str) -> dict[str, dict]
 
 
 def _section(
-    kind: str, name: str, table: dict, document: config_file.Document | None, extra: tuple
+    kind: str, name: str, table: dict, document: Document | None, extra: tuple
 ) -> dict[str, _Given]:
     """The options set in one [frontend.NAME] or [pool.NAME] table, and its ``extra`` keys
     (by their names with dashes) as they are."""
@@ -185,7 +186,7 @@ def _value(option: Option, top: dict[str, _Given], section: dict[str, _Given], d
     return option.value(None)
 
 
-def _pool(name: str, top: dict, table: dict | None, document) -> PoolSpec:
+def _pool(name: str, top: dict, table: dict | None, document: Document | None) -> PoolSpec:
     """The default pool (``table`` None: flags and top level) or a [pool.NAME] table."""
     section = {} if table is None else _section(POOL, name, table, document, ())
     values = {option.name: _value(option, top, section, table is None) for option in _scoped(POOL)}
@@ -197,15 +198,19 @@ def _pool(name: str, top: dict, table: dict | None, document) -> PoolSpec:
     seen = set()
     for backend in values["backends"]:
         if backend.address in seen:
-            flat = table is None
-            what = "--backend" if flat else f"pool {name}: backend"
+            what = "--backend" if table is None else f"pool {name}: backend"
             raise given.error(f"{what} {backend.address} is given twice")
         seen.add(backend.address)
     return PoolSpec(name=name, **values)
 
 
 def _frontend(
-    name: str, top: dict, table: dict | None, document, pools: list[PoolSpec], used: dict
+    name: str,
+    top: dict,
+    table: dict | None,
+    document: Document | None,
+    pools: list[PoolSpec],
+    used: dict[Address, str],
 ) -> FrontendSpec:
     """The default frontend (``table`` None: flags and top level) or a [frontend.NAME] table.
     ``used`` holds the listen addresses of the frontends before, by address."""
@@ -262,7 +267,7 @@ def _pool_name(given: _Given, names: list[str], what: str) -> str:
 
 
 def _sni_routes(
-    given: _Given | None, names: list[str], frontend: str, document
+    given: _Given | None, names: list[str], frontend: str, document: Document | None
 ) -> tuple[SniRoute, ...]:
     if given is None:
         return ()
