@@ -7,17 +7,16 @@ error ends as one line on stderr, ``fastlb: error: ...``, and exit status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import resource
 import socket
 import sys
 import textwrap
 
-from fastlb import __version__, config_file, demo, model, settings
+import fastlb.config
+from fastlb import __version__, demo, settings
 from fastlb.errors import EXIT_UNREACHABLE, EXIT_USAGE, FastlbError
 from fastlb.model import Config
-from fastlb.settings import Settings
 from fastlb.supervisor.arbiter import Arbiter
 from fastlb.supervisor.listeners import open_frontend_listeners, open_listener
 
@@ -54,9 +53,11 @@ def build_parser() -> Parser:
 
     check = commands.add_parser(
         "check",
-        help="validate the flags of run and print the resolved settings",
-        description="Validate the flags of 'fastlb run' (resolving host names) and print the "
-        "settings it would use, one per line; exit status 2 on an error.",
+        help="validate the flags and --config file of run and print the resolved settings",
+        description="Validate the flags and the --config file of 'fastlb run' (resolving host "
+        "names), print the settings of the process, of every frontend and of every pool, one "
+        "per line, and try a TCP connect to every backend; exit status 2 on an error, 4 when "
+        "a backend does not accept.",
     )
     settings.add_arguments(check)
     check.set_defaults(handler=check_command)
@@ -115,43 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    return flat_config(settings.parse(vars(args), read_config(args.config)))
-
-
-def flat_config(flat: Settings) -> Config:
-    """One frontend and one pool, both named default, from the flat settings."""
-    pool = model.PoolSpec(
-        model.DEFAULT,
-        flat.backends,
-        algorithm=flat.algorithm,
-        hash_key=flat.hash_key,
-        hash_balance_factor=flat.hash_balance_factor,
-        retries=flat.retries,
-        connect_timeout=flat.connect_timeout,
-        fall=flat.fall,
-        rise=flat.rise,
-        check_interval=flat.check_interval,
-        check_timeout=flat.check_timeout,
-        active_checks=flat.active_checks,
-    )
-    listen = flat.listen if isinstance(flat.listen, tuple) else (flat.listen,)
-    frontend = model.FrontendSpec(
-        model.DEFAULT,
-        listen,
-        model.DEFAULT,
-        max_conn=flat.max_conn,
-        idle_timeout=flat.idle_timeout,
-    )
-    return Config(
-        (frontend,),
-        (pool,),
-        workers=flat.workers,
-        stats=flat.stats,
-        drain_timeout=flat.drain_timeout,
-        buffer_size=flat.buffer_size,
-        splice=flat.splice,
-        log_level=flat.log_level,
-    )
+    return fastlb.config.load(vars(args), args.config)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -162,26 +127,27 @@ def run_command(args: argparse.Namespace) -> int:
     config = fit_max_conn(config, limit, warn=args.max_conn is not None)
 
     def reload() -> Config:
-        return fit_to_open_file_limit(load_config(args), limit)[0]
+        return fastlb.config.fit_to_open_file_limit(load_config(args), limit)[0]
 
     return Arbiter(config, listeners, stats_socket, reload=reload if args.config else None).run()
 
 
 def check_command(args: argparse.Namespace) -> int:
-    config = settings.parse(vars(args), read_config(args.config))
+    config = fastlb.config.load(vars(args), args.config)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    config, message = settings.fit_to_open_file_limit(config, _usable_limit(hard))
-    for line in settings.describe(config):
+    config, message = fastlb.config.fit_to_open_file_limit(config, _usable_limit(hard))
+    for line in fastlb.config.describe(config):
         print(line)
     if message:
         print(f"fastlb: note: {message}", file=sys.stderr)
     unreachable = 0
-    for backend in config.backends:
-        problem = probe(backend, config.check_timeout)
-        if problem:
-            print(f"fastlb: error: backend {backend.address} is unreachable: {problem}",
-                  file=sys.stderr)  # fmt: skip
-            unreachable += 1
+    for pool in config.pools:
+        for backend in pool.backends:
+            problem = probe(backend, pool.check_timeout)
+            if problem:
+                print(f"fastlb: error: pool {pool.name} backend {backend.address} is "
+                      f"unreachable: {problem}", file=sys.stderr)  # fmt: skip
+                unreachable += 1
     return EXIT_UNREACHABLE if unreachable else 0
 
 
@@ -208,17 +174,16 @@ def status_command(args: argparse.Namespace) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     backends = demo.bind_backends(3)
     try:
-        config = flat_config(
-            settings.parse(
-                {
-                    "listen": args.listen,
-                    "workers": args.workers,
-                    "backends": [backend.address for backend in backends],
-                    "algorithm": "roundrobin",
-                    "stats": "127.0.0.1:0",
-                    "drain_timeout": DEMO_DRAIN_TIMEOUT,
-                }
-            )
+        config = fastlb.config.load(
+            {
+                "listen": [args.listen],
+                "workers": args.workers,
+                "backends": [str(backend.address) for backend in backends],
+                "algorithm": "roundrobin",
+                "stats": "127.0.0.1:0",
+                "drain_timeout": DEMO_DRAIN_TIMEOUT,
+            },
+            None,
         )
         listeners, stats_socket = open_sockets(config)
         setup_logging(config.log_level)
@@ -235,10 +200,6 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-
-
-def read_config(path: str | None) -> dict:
-    return config_file.read(path) if path else {}
 
 
 def setup_logging(level: str) -> None:
@@ -270,26 +231,8 @@ def raise_open_file_limit() -> int:
     return _usable_limit(soft)
 
 
-def fit_to_open_file_limit(config: Config, limit: int) -> tuple[Config, str | None]:
-    """Lowers the frontends' max-conn in proportion so that two descriptors per connection fit
-    in ``limit``; returns the config and, when it had to, a message saying so."""
-    most = max(1, (limit - settings.FD_RESERVE) // 2)
-    total = config.max_conn
-    if total <= most:
-        return config, None
-    frontends = tuple(
-        dataclasses.replace(frontend, max_conn=max(1, frontend.max_conn * most // total))
-        for frontend in config.frontends
-    )
-    message = (
-        f"--max-conn lowered from {total} to {sum(f.max_conn for f in frontends)} to fit the "
-        f"open-file limit ({limit}; raise it with ulimit -n or LimitNOFILE=)"
-    )
-    return dataclasses.replace(config, frontends=frontends), message
-
-
 def fit_max_conn(config: Config, limit: int, warn: bool) -> Config:
-    config, message = fit_to_open_file_limit(config, limit)
+    config, message = fastlb.config.fit_to_open_file_limit(config, limit)
     if message:
         # Lowering the default is routine; lowering what the user asked for deserves a warning.
         log.log(logging.WARNING if warn else logging.INFO, "%s", message)

@@ -18,6 +18,8 @@ DEFAULT = "default"  # the name of the frontend and the pool that flat flags des
 SEND_PROXY_VERSIONS = ("v1", "v2")
 MAX_PEEK = 16384  # bytes a frontend may read before it picks (PROXY header, TLS ClientHello)
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 @dataclass(frozen=True)
 class Address:
@@ -87,7 +89,7 @@ class FrontendSpec:
     pool: str  # the default route
     sni: tuple[SniRoute, ...] = ()
     sni_required: bool = False  # close a connection that no SNI route matches
-    accept_proxy: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    accept_proxy: tuple[Network, ...] = ()
     max_conn: int = 10000  # per worker
     idle_timeout: float = 0.0
     inspect_timeout: float = 5.0

@@ -1,9 +1,10 @@
 """Every setting of fastlb, declared once.
 
-:data:`OPTIONS` is the table: for each setting its flag, type, default, parser (which validates)
-and help. The command line of ``fastlb run`` and ``fastlb check``, their ``--help``, the lines
-``fastlb check`` prints and the frozen :class:`Settings` that the supervisor and the workers read
-are all made from it; adding a setting means adding one row.
+:data:`OPTIONS` is the table: for each setting its flag, type, default, parser (which validates),
+help and scope: the whole process, each frontend or each pool. The command line of ``fastlb run``
+and ``fastlb check``, their ``--help``, the keys of the configuration file (:mod:`fastlb.config`)
+and the flat, frozen :class:`Settings` of one listener and one backend list are all made from
+it; adding a setting means adding one row.
 
 Values arrive as the strings a user typed and are parsed here, so that every mistake becomes one
 line naming the flag. Host names are resolved once, here: the data plane takes numeric IPs only.
@@ -12,17 +13,16 @@ line naming the flag. Host names are resolved once, here: the data plane takes n
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastlb import _dataplane
+from fastlb import _dataplane, model
 from fastlb.errors import ConfigError
-from fastlb.model import Address
-from fastlb.model import BackendSpec as Backend
 
 MAX_WEIGHT = 1_000_000  # the data plane rejects larger weights
 MAX_RETRIES = 15  # the data plane tries at most 16 backends for one connection
@@ -30,6 +30,15 @@ MAX_WORKERS = 1024
 # Descriptors a worker needs besides two per connection: listener, control socket, epoll,
 # signal pipe, standard streams and the pool of splice pipes it keeps.
 FD_RESERVE = 160
+
+
+# The model's classes under the names the flat settings always used.
+Address = model.Address
+Backend = model.BackendSpec
+
+
+def address_family(address: Address) -> socket.AddressFamily:
+    return socket.AF_INET6 if address.ipv6 else socket.AF_INET
 
 
 # ---- parsers: a string as typed -> a value, or ValueError with a message for the user ----------
@@ -99,6 +108,20 @@ def parse_backend(text: str) -> Backend:
         else:
             raise ValueError(f"unknown backend option {extra!r} (expected weight=N or backup)")
     return Backend(resolve(host, parse_port(port, allow_zero=False)), weight, backup)
+
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A network in CIDR notation (127.0.0.0/8), or one address (a /32 or /128)."""
+    if "%" in text:
+        raise ValueError("scoped IPv6 addresses (with %) are not supported")
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as exc:
+        if "has host bits set" not in str(exc):
+            raise ValueError("expected an IP address or a network, as in 127.0.0.0/8") from None
+    address = text.partition("/")[0]
+    network = ipaddress.ip_network(text, strict=False)
+    raise ValueError(f"host bits are set: write {network} for the network, or {address} alone")
 
 
 def integer(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -180,6 +203,13 @@ class Option:
     many: bool = False  # may be repeated; the value is a tuple
     required: bool = False
     default_text: str | None = None  # how --help shows a computed default
+    # Whose setting it is: the whole process, each frontend, or each pool (see fastlb.config).
+    scope: str = field(kw_only=True)
+
+    @property
+    def key(self) -> str:
+        """The name in the configuration file: the flag without its dashes."""
+        return self.flag[2:]
 
     @property
     def is_switch(self) -> bool:
@@ -206,6 +236,8 @@ class Option:
         if raw is None:
             return self.default() if callable(self.default) else self.default
         if self.many:
+            if isinstance(raw, str):
+                raw = [raw]
             return tuple(self._parse_one(text) for text in raw)
         return self._parse_one(raw)
 
@@ -220,102 +252,126 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+PROCESS, FRONTEND, POOL = "process", "frontend", "pool"
+
 OPTIONS: tuple[Option, ...] = (
     Option(
-        "listen", "--listen", Address, parse_listen, None,
-        "address to accept clients on; [::]:PORT for IPv6 (IPv6 only), *:PORT for all IPv4, "
-        "port 0 for a free port",
-        metavar="HOST:PORT", required=True,
+        "listen", "--listen", tuple[Address, ...], parse_listen, (),
+        "address to accept clients on, repeated for each; [::]:PORT for IPv6 (IPv6 only), "
+        "*:PORT for all IPv4, port 0 for a free port",
+        metavar="HOST:PORT", many=True, required=True, scope=FRONTEND,
     ),
     Option(
         "backends", "--backend", tuple[Backend, ...], parse_backend, (),
         "a backend server, repeated for each; weight=N (0 to 1000000, default 1) sets its share, "
         "backup makes it take traffic only while no other backend is up",
-        metavar="HOST:PORT[,weight=N][,backup]", many=True, required=True,
+        metavar="HOST:PORT[,weight=N][,backup]", many=True, required=True, scope=POOL,
     ),
     Option(
         "algorithm", "--algorithm", str, OneOf(_dataplane.algorithm_names), "roundrobin",
-        "how each connection picks a backend", metavar="NAME",
+        "how each connection picks a backend", metavar="NAME", scope=POOL,
     ),
     Option(
         "workers", "--workers", int, integer(1, MAX_WORKERS), _cpu_count,
         "worker processes, each with its own listening socket", metavar="N",
-        default_text="number of CPUs",
+        default_text="number of CPUs", scope=PROCESS,
     ),
     Option(
         "max_conn", "--max-conn", int, integer(1), 10000,
         "client connections per worker; lowered to fit the open-file limit", metavar="N",
+        scope=FRONTEND,
     ),
     Option(
         "connect_timeout", "--connect-timeout", float, seconds(positive=True), 5.0,
         "give up connecting to a backend after this long and try another", metavar="S",
+        scope=POOL,
     ),
     Option(
         "idle_timeout", "--idle-timeout", float, seconds(), 0.0,
         "close a connection that carried no bytes either way for this long; 0: never",
-        metavar="S",
+        metavar="S", scope=FRONTEND,
+    ),
+    Option(
+        "inspect_timeout", "--inspect-timeout", float, seconds(positive=True), 5.0,
+        "close a connection whose PROXY header or TLS ClientHello is not complete after this "
+        "long (only frontends that read one)",
+        metavar="S", scope=FRONTEND,
+    ),
+    Option(
+        "accept_proxy", "--accept-proxy", tuple[model.Network, ...], parse_network, (),
+        "take a PROXY protocol header (v1 or v2) from clients in this network (127.0.0.0/8, or "
+        "one address), repeated for each; its addresses then stand for the client",
+        metavar="NETWORK", many=True, scope=FRONTEND,
+    ),
+    Option(
+        "send_proxy", "--send-proxy", str | None, one_of(*model.SEND_PROXY_VERSIONS), None,
+        "begin every connection to a backend with a PROXY protocol header of this version",
+        metavar="VERSION", scope=POOL,
     ),
     Option(
         "retries", "--retries", int, integer(0, MAX_RETRIES), 2,
-        "other backends to try when connecting to one fails", metavar="N",
+        "other backends to try when connecting to one fails", metavar="N", scope=POOL,
     ),
     Option(
         "fall", "--fall", int, integer(1, 1000), 3,
         "consecutive failed connects (all workers together) or checks that mark a backend down",
-        metavar="N",
+        metavar="N", scope=POOL,
     ),
     Option(
         "rise", "--rise", int, integer(1, 1000), 2,
         "consecutive successful checks that bring a down backend back", metavar="N",
+        scope=POOL,
     ),
     Option(
         "check_interval", "--check-interval", float, seconds(positive=True), 2.0,
-        "time between two health checks (TCP connects) of a backend", metavar="S",
+        "time between two health checks (TCP connects) of a backend", metavar="S", scope=POOL,
     ),
     Option(
         "check_timeout", "--check-timeout", float, seconds(positive=True), 1.0,
         "a health check that has not connected after this long fails", metavar="S",
+        scope=POOL,
     ),
     Option(
         "active_checks", "--check", bool, None, False,
         "check every backend every --check-interval; without it only backends marked down by "
         "failed connects are checked, until they rise",
+        scope=POOL,
     ),
     Option(
         "drain_timeout", "--drain-timeout", float, seconds(), 30.0,
         "on SIGTERM or SIGINT, stop accepting and wait this long for open connections to "
         "finish before closing them",
-        metavar="S",
+        metavar="S", scope=PROCESS,
     ),
     Option(
         "buffer_size", "--buffer-size", int, integer(4096, 64 << 20), 65536,
-        "bytes buffered in each direction of a connection", metavar="BYTES",
+        "bytes buffered in each direction of a connection", metavar="BYTES", scope=PROCESS,
     ),
     Option(
         "splice", "--splice", str, one_of("never", "always", "auto"), "auto",
         "forward with splice(2) inside the kernel; auto switches to it once a connection "
         "fills a whole buffer (bulk transfers)",
-        metavar="MODE",
+        metavar="MODE", scope=PROCESS,
     ),
     Option(
         "hash_key", "--hash-key", str, one_of("src-ip", "src-ip-port"), "src-ip",
-        "what the hashing algorithms hash of a client", metavar="KEY",
+        "what the hashing algorithms hash of a client", metavar="KEY", scope=POOL,
     ),
     Option(
         "hash_balance_factor", "--hash-balance-factor", float, balance_factor, 0.0,
         "bounded-load hashing: no backend takes more than F times the average number of active "
         "connections; 0: off",
-        metavar="F",
+        metavar="F", scope=POOL,
     ),
     Option(
         "stats", "--stats", Address | None, parse_listen, None,
         "serve GET /stats (JSON) and GET /metrics (Prometheus) over HTTP on this address",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT", scope=PROCESS,
     ),
     Option(
         "log_level", "--log-level", str,
         one_of("debug", "info", "warning", "error"), "info",
-        "least important messages to log (to stderr)", metavar="LEVEL",
+        "least important messages to log (to stderr)", metavar="LEVEL", scope=PROCESS,
     ),
 )  # fmt: skip
 
@@ -333,8 +389,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help='read settings from this TOML file (keys are the flag names: listen = "...", '
-        'backend = ["...", ...]); flags given here win over it',
+        help='read settings from this TOML file: keys are the flag names (listen = "...", '
+        'backend = ["...", ...]), [frontend.NAME] and [pool.NAME] tables describe several '
+        "services; flags given here win over its top-level keys",
     )
     for option in OPTIONS:
         if option.is_switch:
@@ -364,8 +421,10 @@ def parse(values: Mapping[str, Any], from_file: Mapping[str, Any] | None = None)
         return option.value(raw)
 
     settings = Settings(**{option.name: value(option) for option in OPTIONS})
-    if settings.listen is None:
+    if not settings.listen:
         raise ConfigError("--listen is required (or listen in the --config file)")
+    if len(settings.listen) > 1:
+        raise ConfigError("fastlb run listens on one --listen address")
     if not settings.backends:
         raise ConfigError("at least one --backend is required (or backend in the --config file)")
     seen = set()
@@ -376,21 +435,10 @@ def parse(values: Mapping[str, Any], from_file: Mapping[str, Any] | None = None)
     return settings
 
 
-def describe(settings: Settings) -> list[str]:
-    """One line per setting (one per backend), as ``fastlb check`` prints them."""
-    width = max(len(option.flag) for option in OPTIONS) - 2
-    lines = []
-    for option in OPTIONS:
-        value = getattr(settings, option.name)
-        for item in value if option.many else (value,):
-            lines.append(f"{option.flag[2:]:<{width}} = {option.show(item)}")
-    return lines
-
-
 def fit_to_open_file_limit(settings: Settings, limit: int) -> tuple[Settings, str | None]:
     """Lowers max_conn so that two descriptors per connection fit in ``limit``; returns the
     settings and, when it had to, a message saying so."""
-    most = max(1, (limit - FD_RESERVE) // 2)
+    most = max_connections(limit)
     if settings.max_conn <= most:
         return settings, None
     message = (
@@ -398,3 +446,8 @@ def fit_to_open_file_limit(settings: Settings, limit: int) -> tuple[Settings, st
         f"({limit}; raise it with ulimit -n or LimitNOFILE=)"
     )
     return dataclasses.replace(settings, max_conn=most), message
+
+
+def max_connections(limit: int) -> int:
+    """Connections one worker can hold with ``limit`` open files: two descriptors each."""
+    return max(1, (limit - FD_RESERVE) // 2)

@@ -80,13 +80,16 @@ def test_check_prints_the_resolved_settings():
     # Nothing listens on those backends: the settings are printed all the same.
     assert result.returncode == EXIT_UNREACHABLE, result.stderr
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert ["listen", "=", "127.0.0.1:8000"] in lines or ["listen", "=", "[::1]:8000"] in lines
-    assert ["backend", "=", "127.0.0.1:9000,weight=3"] in lines
-    assert ["backend", "=", "[::1]:9001,weight=1,backup"] in lines
-    assert ["algorithm", "=", "leastconn"] in lines
+    frontend, pool = ["frontend", "default:"], ["pool", "default:"]
+    localhost = ("127.0.0.1:8000", "[::1]:8000")
+    assert any([*frontend, "listen", "=", address] in lines for address in localhost)
+    assert [*pool, "backend", "=", "127.0.0.1:9000,weight=3"] in lines
+    assert [*pool, "backend", "=", "[::1]:9001,weight=1,backup"] in lines
+    assert [*pool, "algorithm", "=", "leastconn"] in lines
     assert ["workers", "=", "3"] in lines
-    assert ["check", "=", "on"] in lines
-    assert len(lines) == len(settings.OPTIONS) + 1
+    assert [*pool, "check", "=", "on"] in lines
+    # Every option once, the second backend, and the frontend's pool, sni and sni-required.
+    assert len(lines) == len(settings.OPTIONS) + 1 + 3
 
 
 def test_check_probes_every_backend(echo_backend, refused_address):
@@ -95,7 +98,7 @@ def test_check_probes_every_backend(echo_backend, refused_address):
                     "--backend", echo_backend, "--backend", refused_address)  # fmt: skip
     assert result.returncode == EXIT_UNREACHABLE
     assert result.stderr.splitlines() == [
-        f"fastlb: error: backend {refused_address} is unreachable: Connection refused"
+        f"fastlb: error: pool default backend {refused_address} is unreachable: Connection refused"
     ]
     result = fastlb(
         "check", "--listen", "127.0.0.1:0", "--max-conn", "100", "--backend", echo_backend

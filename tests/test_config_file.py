@@ -119,9 +119,9 @@ def test_check_prints_the_settings_of_a_file(tmp_path):
         capture_output=True, text=True, timeout=30, cwd=HERE,
     )  # fmt: skip
     lines = [line.split() for line in result.stdout.splitlines()]
-    assert ["algorithm", "=", "leastconn"] in lines
-    assert ["backend", "=", "127.0.0.1:9002,weight=2"] in lines
-    assert ["check", "=", "on"] in lines
+    assert ["pool", "default:", "algorithm", "=", "leastconn"] in lines
+    assert ["pool", "default:", "backend", "=", "127.0.0.1:9002,weight=2"] in lines
+    assert ["pool", "default:", "check", "=", "on"] in lines
 
 
 def test_the_example_file_is_valid():

@@ -179,7 +179,7 @@ def supervisor():
             "fall": "3",
         }
     )
-    arbiter = Arbiter(config, open_listeners(config.listen, 1))
+    arbiter = Arbiter(config, open_listeners(config.listen[0], 1))
     sleepers, peers = [], []
     for worker_id in range(2):
         sleeper = subprocess.Popen(["sleep", "60"])

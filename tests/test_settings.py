@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+import fastlb.config
 from fastlb import _dataplane, settings
 from fastlb.errors import ConfigError
 from fastlb.settings import Address, Backend
@@ -74,12 +75,12 @@ def test_settings_are_frozen():
     ],
 )
 def test_listen_addresses(text, address):
-    assert parse(listen=text).listen == address
+    assert parse(listen=text).listen == (address,)
 
 
 def test_host_names_are_resolved_to_numeric_addresses():
     config = parse("localhost:9000", listen="localhost:8000")
-    assert config.listen.host in ("127.0.0.1", "::1")
+    assert config.listen[0].host in ("127.0.0.1", "::1")
     assert config.backends[0].address.host in ("127.0.0.1", "::1")
 
 
@@ -175,12 +176,20 @@ def test_switch_and_optional_address():
 
 
 def test_describe_has_one_line_per_setting_and_per_backend():
-    config = parse("127.0.0.1:9000,weight=2", "127.0.0.1:9001,backup")
-    lines = settings.describe(config)
-    assert len(lines) == len(settings.OPTIONS) + 1
-    assert any(line.split() == ["backend", "=", "127.0.0.1:9000,weight=2"] for line in lines)
-    assert any(line.split() == ["backend", "=", "127.0.0.1:9001,weight=1,backup"] for line in lines)
-    assert any(line.split() == ["stats", "=", "off"] for line in lines)
+    config = fastlb.config.load(
+        {
+            "listen": ["127.0.0.1:8000"],
+            "backends": ["127.0.0.1:9000,weight=2", "127.0.0.1:9001,backup"],
+        },
+        None,
+    )
+    lines = [line.split() for line in fastlb.config.describe(config)]
+    # Every option once, the second backend, and the frontend's pool, sni and sni-required.
+    assert len(lines) == len(settings.OPTIONS) + 1 + 3
+    assert ["pool", "default:", "backend", "=", "127.0.0.1:9000,weight=2"] in lines
+    assert ["pool", "default:", "backend", "=", "127.0.0.1:9001,weight=1,backup"] in lines
+    assert ["frontend", "default:", "accept-proxy", "=", "off"] in lines
+    assert ["stats", "=", "off"] in lines
 
 
 def test_max_conn_is_lowered_to_fit_the_open_file_limit():

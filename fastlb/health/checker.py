@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from fastlb.model import Address
+from fastlb.settings import Address, address_family
 
 log = logging.getLogger("fastlb.health")
 
@@ -49,9 +49,8 @@ class Checker:
     ) -> None:
         """Starts a check of backend ``index``; its result comes to ``on_result``."""
         header = LOCAL_HEADERS[send_proxy] if send_proxy else b""
-        family = socket.AF_INET6 if address.ipv6 else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(address_family(address), socket.SOCK_STREAM)
         except OSError as exc:  # e.g. no IPv6 on this host
             self._report(index, address, exc.errno or errno.EIO)
             return

@@ -12,6 +12,7 @@ import socket
 
 from fastlb.errors import ConfigError
 from fastlb.model import Address, Config
+from fastlb.settings import address_family
 
 MAX_BACKLOG = 65535
 
@@ -74,16 +75,12 @@ def _check_free(address: Address) -> None:
     if address.port == 0:
         return
     try:
-        with socket.socket(_family(address), socket.SOCK_STREAM) as probe:
+        with socket.socket(address_family(address), socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             _v6only(probe, address)
             probe.bind((address.host, address.port))
     except OSError as exc:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
-
-
-def _family(address: Address) -> socket.AddressFamily:
-    return socket.AF_INET6 if address.ipv6 else socket.AF_INET
 
 
 def _v6only(sock: socket.socket, address: Address) -> None:
@@ -92,7 +89,7 @@ def _v6only(sock: socket.socket, address: Address) -> None:
 
 
 def _listener(address: Address, reuse_port: bool) -> socket.socket:
-    sock = socket.socket(_family(address), socket.SOCK_STREAM)
+    sock = socket.socket(address_family(address), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:

@@ -1,0 +1,372 @@
+"""The configuration of one fastlb: frontends and pools from the flags and the --config file.
+
+The file is TOML. Top-level keys are the flags (see :mod:`fastlb.config_file`); tables describe
+more services, each frontend naming the pool its clients go to::
+
+    workers = 4
+
+    [frontend.tls]
+    listen = ["127.0.0.1:8443", "[::1]:8443"]
+    pool = "web"                                   # the default route
+    sni = { "api.example.test" = "api", "*.example.test" = "web" }
+    accept-proxy = ["127.0.0.0/8"]
+
+    [pool.web]
+    algorithm = "leastconn"
+    backend = ["127.0.0.1:9001", "127.0.0.1:9002,weight=2"]
+    send-proxy = "v2"
+
+The flags and the top-level keys describe the frontend and the pool named ``default``: the
+frontend exists when ``listen`` is given, the pool when ``backend`` is. Their other frontend and
+pool settings are also the defaults of every table that does not set them itself, as HAProxy's
+``defaults`` section; a key in a table wins over both, and a flag wins over a top-level key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastlb import config_file, settings
+from fastlb.config_file import Document
+from fastlb.errors import ConfigError
+from fastlb.model import DEFAULT, Address, Config, FrontendSpec, PoolSpec, SniRoute
+from fastlb.settings import FRONTEND, OPTIONS, POOL, PROCESS, Option
+
+FRONTEND_KEYS = ("pool", "sni", "sni-required")  # frontend table keys that are no flags
+# Only the default frontend and pool have the listen and backend of the flags and top level.
+_NOT_INHERITED = ("listen", "backends")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+MAX_HOST_NAME = 253
+
+
+@dataclass(frozen=True)
+class _Given:
+    """A parsed value and where it was given: ``PATH:LINE``, or "" for a flag."""
+
+    value: Any
+    where: str
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {message}" if self.where else message)
+
+
+def _scoped(scope: str) -> tuple[Option, ...]:
+    return tuple(option for option in OPTIONS if option.scope == scope)
+
+
+def load(values: Mapping[str, Any], path: str | None) -> Config:
+    """The configuration from raw flag values by option name (strings as typed, lists of them
+    for repeatable flags; None or False when not given) and the TOML file at ``path``.
+
+    Raises ConfigError: one line, ``PATH:LINE:`` in front for a mistake in the file."""
+    document = config_file.open_document(path) if path else None
+    top = _top_level(values, document)
+    frontend_tables = _tables(document, "frontend")
+    pool_tables = _tables(document, "pool")
+
+    pools: list[PoolSpec] = []
+    if "backends" in top:
+        if DEFAULT in pool_tables:
+            raise ConfigError(
+                f"{document.where('pool', DEFAULT)}: [pool.{DEFAULT}] is also given by backend "
+                "at the top level (or --backend); use one of them"
+            )
+        pools.append(_pool(DEFAULT, top, None, document))
+    for name, table in pool_tables.items():
+        pools.append(_pool(name, top, table, document))
+
+    frontends: list[FrontendSpec] = []
+    used: dict[Address, str] = {}  # listen addresses so far: the frontend using each
+    if "listen" in top:
+        if DEFAULT in frontend_tables:
+            raise ConfigError(
+                f"{document.where('frontend', DEFAULT)}: [frontend.{DEFAULT}] is also given "
+                "by listen at the top level (or --listen); use one of them"
+            )
+        if not any(pool.name == DEFAULT for pool in pools):
+            raise ConfigError(
+                "at least one --backend is required (or backend in the --config file)"
+            )
+        frontends.append(_frontend(DEFAULT, top, None, document, pools, used))
+    for name, table in frontend_tables.items():
+        frontends.append(_frontend(name, top, table, document, pools, used))
+    if not frontends:
+        raise ConfigError("--listen is required (or a [frontend.NAME] in the --config file)")
+    process = {option.name: _value(option, top, {}, True) for option in _scoped(PROCESS)}
+    return Config(frontends=tuple(frontends), pools=tuple(pools), **process)
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+
+def _top_level(values: Mapping[str, Any], document: Document | None) -> dict:
+    """Every option given by a flag or a top-level key, by name; a flag wins."""
+    given: dict[str, _Given] = {}
+    if document is not None:
+        for key, value in document.values.items():
+            if key in ("frontend", "pool"):
+                continue
+            where = document.where(key)
+            option = config_file.option(key)
+            if option is None:
+                known = ", ".join(o.key for o in OPTIONS)
+                raise ConfigError(
+                    f"{where}: unknown setting {key!r} (known: {known}, and the tables "
+                    "[frontend.NAME] and [pool.NAME])"
+                )
+            if option.name in given:
+                raise ConfigError(f"{where}: {key} is set twice")
+            given[option.name] = _Given(config_file.parse(option, value, where), where)
+    for option in OPTIONS:
+        raw = values.get(option.name)
+        if raw is not None and raw is not False:
+            given[option.name] = _Given(option.value(raw), "")
+    return given
+
+
+def _tables(document: Document | None, kind: str) -> dict[str, dict]:
+    """The [frontend.NAME] or [pool.NAME] tables of the file, by name."""
+    if document is None or kind not in document.values:
+        return {}
+    tables = document.values[kind]
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{document.where(kind)}: {kind} takes tables: [{kind}.NAME]")
+    for name, table in tables.items():
+        where = document.where(kind, name)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {kind}.{name} is not a table; write [{kind}.{name}]")
+        if not _NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}: {kind} name {name!r}: use letters, digits, '_', '.' and '-'"
+            )
+    return tables
+
+
+def _section(
+    kind: str, name: str, table: dict, document: Document | None, extra: tuple
+) -> dict[str, _Given]:
+    """The options set in one [frontend.NAME] or [pool.NAME] table, and its ``extra`` keys
+    (by their names with dashes) as they are."""
+    own = _scoped(kind)
+    given: dict[str, _Given] = {}
+    for key, value in table.items():
+        where = document.where(kind, name, key)
+        option = config_file.option(key)
+        extra_key = key.replace("_", "-")
+        if extra_key in extra:
+            if extra_key in given:
+                raise ConfigError(f"{where}: {key} is set twice")
+            given[extra_key] = _Given(value, where)
+            continue
+        if option is None or option.scope != kind:
+            takes = ", ".join([o.key for o in own] + list(extra))
+            other = f"; {key} is a {option.scope} setting" if option else ""
+            raise ConfigError(
+                f"{where}: unknown key {key!r} in [{kind}.{name}]{other} (a {kind} takes: {takes})"
+            )
+        if option.name in given:
+            raise ConfigError(f"{where}: {key} is set twice")
+        given[option.name] = _Given(config_file.parse(option, value, where), where)
+    return given
+
+
+def _value(option: Option, top: dict[str, _Given], section: dict[str, _Given], default: bool):
+    """A setting of a frontend or pool: its table's, else the flag's or top level's, else the
+    option's default. Only the ``default`` frontend and pool take listen and backend from the
+    top."""
+    if option.name in section:
+        return section[option.name].value
+    if option.name in top and (default or option.name not in _NOT_INHERITED):
+        return top[option.name].value
+    return option.value(None)
+
+
+def _pool(name: str, top: dict, table: dict | None, document: Document | None) -> PoolSpec:
+    """The default pool (``table`` None: flags and top level) or a [pool.NAME] table."""
+    section = {} if table is None else _section(POOL, name, table, document, ())
+    values = {option.name: _value(option, top, section, table is None) for option in _scoped(POOL)}
+    given = top["backends"] if table is None else section.get("backends")
+    if given is None:
+        raise ConfigError(f"{document.where('pool', name)}: [pool.{name}] has no backend")
+    if not values["backends"]:
+        raise given.error(f"pool {name} has no backend")
+    seen = set()
+    for backend in values["backends"]:
+        if backend.address in seen:
+            what = "--backend" if table is None else f"pool {name}: backend"
+            raise given.error(f"{what} {backend.address} is given twice")
+        seen.add(backend.address)
+    return PoolSpec(name=name, **values)
+
+
+def _frontend(
+    name: str,
+    top: dict,
+    table: dict | None,
+    document: Document | None,
+    pools: list[PoolSpec],
+    used: dict[Address, str],
+) -> FrontendSpec:
+    """The default frontend (``table`` None: flags and top level) or a [frontend.NAME] table.
+    ``used`` holds the listen addresses of the frontends before, by address."""
+    section = {} if table is None else _section(FRONTEND, name, table, document, FRONTEND_KEYS)
+    values = {
+        option.name: _value(option, top, section, table is None) for option in _scoped(FRONTEND)
+    }
+    names = [pool.name for pool in pools]
+    given = top["listen"] if table is None else section.get("listen")
+    if given is None:
+        raise ConfigError(f"{document.where('frontend', name)}: [frontend.{name}] has no listen")
+    if not values["listen"]:
+        raise given.error(f"frontend {name} has no listen address")
+    for address in values["listen"]:
+        if address.port == 0:  # each one binds a port of its own
+            continue
+        if address in used:
+            if used[address] != name:
+                raise given.error(f"listen {address} is also used by frontend {used[address]}")
+            raise given.error(
+                f"{'--listen' if table is None else 'listen'} {address} is given twice"
+            )
+        used[address] = name
+
+    pool = section.get("pool")
+    if pool is None:
+        if DEFAULT not in names:
+            raise ConfigError(
+                f"{document.where('frontend', name)}: [frontend.{name}] has no pool = NAME "
+                "(the pool its clients go to)"
+            )
+        route = DEFAULT
+    else:
+        route = _pool_name(pool, names, f"frontend {name}: pool")
+    routes = _sni_routes(section.get("sni"), names, name, document)
+    required = section.get("sni-required")
+    sni_required = False
+    if required is not None:
+        if not isinstance(required.value, bool):
+            raise required.error("sni-required must be true or false")
+        if required.value and not routes:
+            raise required.error("sni-required is set but the frontend has no sni routes")
+        sni_required = required.value
+    return FrontendSpec(name=name, pool=route, sni=routes, sni_required=sni_required, **values)
+
+
+def _pool_name(given: _Given, names: list[str], what: str) -> str:
+    if not isinstance(given.value, str):
+        raise given.error(f"{what} takes the name of a pool, not {given.value!r}")
+    if given.value not in names:
+        known = ", ".join(names) or "none"
+        raise given.error(f"{what}: no pool named {given.value!r} (pools: {known})")
+    return given.value
+
+
+def _sni_routes(
+    given: _Given | None, names: list[str], frontend: str, document: Document | None
+) -> tuple[SniRoute, ...]:
+    if given is None:
+        return ()
+    if not isinstance(given.value, dict):
+        raise given.error(
+            'sni takes a table of host name = pool, as in sni = { "api.example.test" = "api" }'
+        )
+    routes: dict[str, SniRoute] = {}
+    for text, target in given.value.items():
+        where = _Given(target, document.where("frontend", frontend, "sni", text))
+        try:
+            pattern = sni_pattern(text)
+        except ValueError as exc:
+            raise where.error(f"sni {text!r}: {exc}") from None
+        if pattern in routes:
+            raise where.error(f"sni {text!r} is given twice (as {pattern!r})")
+        routes[pattern] = SniRoute(
+            pattern, _pool_name(where, names, f"frontend {frontend}: sni {text!r}")
+        )
+    return tuple(routes.values())
+
+
+def sni_pattern(text: str) -> str:
+    """The pattern of an SNI route, lower-cased: a DNS host name, or ``*.`` and one.
+
+    Raises ValueError saying what is wrong with it."""
+    if not text.isascii():
+        raise ValueError("write an international name in its xn-- (punycode) form")
+    pattern = text.lower()
+    if len(pattern) > MAX_HOST_NAME:
+        raise ValueError(f"a host name has at most {MAX_HOST_NAME} characters")
+    name = pattern[2:] if pattern.startswith("*.") else pattern
+    for label in name.split("."):
+        if "*" in label:
+            raise ValueError("* may only be the whole first label, as in *.example.test")
+        if not label:
+            raise ValueError("empty label (two dots in a row, or a dot at an end)")
+        if len(label) > 63:
+            raise ValueError(f"label {label[:20]}... is longer than 63 characters")
+        if not _LABEL.fullmatch(label):
+            raise ValueError(
+                f"label {label!r}: letters, digits and '-' only, and no '-' first or last"
+            )
+    return pattern
+
+
+# ---- what check prints, and the open-file limit ------------------------------------------------
+
+
+def describe(config: Config) -> list[str]:
+    """The lines ``fastlb check`` prints: the process settings, then every frontend and pool
+    with every setting it resolved to (one line per address, route and backend)."""
+    lines = _aligned(
+        "", [row for o in _scoped(PROCESS) for row in _rows(o, getattr(config, o.name))]
+    )
+    for frontend in config.frontends:
+        options = _scoped(FRONTEND)
+        rows = _rows(options[0], frontend.listen)  # listen first
+        rows.append(("pool", frontend.pool))
+        rows += [("sni", f"{r.pattern} -> {r.pool}") for r in frontend.sni] or [("sni", "off")]
+        rows.append(("sni-required", "on" if frontend.sni_required else "off"))
+        rows += [row for o in options[1:] for row in _rows(o, getattr(frontend, o.name))]
+        lines += _aligned(f"frontend {frontend.name}: ", rows)
+    for pool in config.pools:
+        rows = [row for o in _scoped(POOL) for row in _rows(o, getattr(pool, o.name))]
+        lines += _aligned(f"pool {pool.name}: ", rows)
+    return lines
+
+
+def _rows(option: Option, value: Any) -> list[tuple[str, str]]:
+    if option.many:
+        return [(option.key, option.show(item)) for item in value] or [(option.key, "off")]
+    return [(option.key, option.show(value))]
+
+
+def _aligned(prefix: str, rows: list[tuple[str, str]]) -> list[str]:
+    width = max(len(key) for key, _ in rows)
+    return [f"{prefix}{key:<{width}} = {value}" for key, value in rows]
+
+
+def fit_to_open_file_limit(config: Config, limit: int) -> tuple[Config, str | None]:
+    """Lowers every frontend's max_conn in proportion so that two descriptors per connection of
+    all of them fit in ``limit`` (each keeps at least 1); returns the configuration and, when it
+    had to, a message saying so."""
+    most = settings.max_connections(limit)
+    total = config.max_conn
+    if total <= most:
+        return config, None
+    frontends = tuple(
+        dataclasses.replace(frontend, max_conn=max(1, frontend.max_conn * most // total))
+        for frontend in config.frontends
+    )
+    why = f"to fit the open-file limit ({limit}; raise it with ulimit -n or LimitNOFILE=)"
+    if len(frontends) == 1:
+        message = f"--max-conn lowered from {total} to {frontends[0].max_conn} {why}"
+    else:
+        changes = ", ".join(
+            f"frontend {old.name} from {old.max_conn} to {new.max_conn}"
+            for old, new in zip(config.frontends, frontends, strict=True)
+        )
+        message = f"max-conn lowered {why}: {changes}"
+    return dataclasses.replace(config, frontends=frontends), message
