@@ -18,7 +18,7 @@ from fastlb import __version__, demo, settings
 from fastlb.errors import EXIT_UNREACHABLE, EXIT_USAGE, FastlbError
 from fastlb.model import Config
 from fastlb.supervisor.arbiter import Arbiter
-from fastlb.supervisor.listeners import open_frontend_listeners, open_listener
+from fastlb.supervisor.listeners import bound_addresses, open_frontend_listeners, open_listener
 
 log = logging.getLogger("fastlb")
 
@@ -122,6 +122,7 @@ def load_config(args: argparse.Namespace) -> Config:
 def run_command(args: argparse.Namespace) -> int:
     config = load_config(args)
     listeners, stats_socket = open_sockets(config)
+    config = bound_addresses(config, listeners)
     setup_logging(config.log_level)
     limit = raise_open_file_limit()
     config = fit_max_conn(config, limit, warn=args.max_conn is not None)
@@ -186,6 +187,7 @@ def demo_command(args: argparse.Namespace) -> int:
             None,
         )
         listeners, stats_socket = open_sockets(config)
+        config = bound_addresses(config, listeners)
         setup_logging(config.log_level)
         config = fit_max_conn(config, raise_open_file_limit(), warn=False)
         stats_host, stats_port = stats_socket.getsockname()[:2]

@@ -48,7 +48,7 @@ def fastlb(*args: str, **kwargs) -> subprocess.CompletedProcess:
     "argv, expected",
     [
         ([], "choose a command"),
-        (["run"], "--listen is required (or listen in the --config file)"),
+        (["run"], "--listen is required (or a [frontend.NAME] in the --config file)"),
         (["run", "--listen", "127.0.0.1:8000", "--backend", "127.0.0.1:9", "--bogus"], "--bogus"),
         (["run", "--listen", "127.0.0.1:80000", "--backend", "127.0.0.1:9"], "--listen"),
         (["run", "--listen", "::1:8000", "--backend", "127.0.0.1:9"], "in brackets"),

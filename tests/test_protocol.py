@@ -11,32 +11,38 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastlb import settings
+from fastlb import config as fastlb_config
 from fastlb.protocol import messages as msg
 from fastlb.supervisor.arbiter import Arbiter, WorkerHandle
-from fastlb.supervisor.listeners import open_listeners
+from fastlb.supervisor.listeners import open_frontend_listeners
 
 EXAMPLES = [
     msg.Hello(worker=3, pid=4242),
     msg.Report(
         table=7,
-        active=[1, 0, 5],
-        new=[2, 0, 9],
-        up_bytes=[100, 0, 1 << 40],
-        down_bytes=[5, 0, 123456],
-        failed=[0, 3, 0],
-        succeeded=[2, 0, 9],
-        streak=[0, 3, 0],
+        backends=[
+            msg.BackendReport(0, active=1, new=2, up_bytes=100, down_bytes=5, succeeded=2),
+            msg.BackendReport(3, active=0, failed=3, streak=3),
+            msg.BackendReport(17, active=5, new=9, up_bytes=1 << 40, down_bytes=123456),
+        ],
+        frontends=[msg.FrontendReport(0, active=6, accepted=11, rejected=1)],
     ),
+    msg.Report(table=1, backends=[], frontends=[]),
     msg.Table(
         version=2,
-        backends=[
-            msg.BackendEntry("127.0.0.1", 9000, 3, True, False),
-            msg.BackendEntry("::1", 9001, 1, False, True),
+        pools=[
+            msg.PoolTable(
+                0,
+                [
+                    msg.BackendEntry(0, "127.0.0.1", 9000, 3, True, False),
+                    msg.BackendEntry(5, "::1", 9001, 1, False, True),
+                ],
+            ),
+            msg.PoolTable(1, []),
         ],
     ),
-    msg.Table(version=1, backends=[]),
-    msg.Counts(table=7, others=[4, 0, 11]),
+    msg.Table(version=1, pools=[]),
+    msg.Counts(table=7, others={0: 4, 3: 0, 17: 11}),
     msg.Drain(),
 ]
 
@@ -75,25 +81,22 @@ def test_any_split_of_the_stream_gives_the_same_messages(cuts):
     assert decoded == EXAMPLES
 
 
-counts = st.lists(st.integers(min_value=0, max_value=2**63 - 1), min_size=0, max_size=8)
+number = st.integers(min_value=0, max_value=2**63 - 1)
+ident = st.integers(min_value=0, max_value=2**32 - 1)
+counts = st.dictionaries(ident, number, max_size=8)
 
 
 @given(
-    table=st.integers(min_value=0, max_value=2**32 - 1),
-    rows=st.integers(min_value=0, max_value=8).flatmap(
-        lambda n: st.lists(
-            st.lists(st.integers(min_value=0, max_value=2**63 - 1), min_size=n, max_size=n),
-            min_size=7,
-            max_size=7,
-        )
-    ),
+    table=ident,
+    backends=st.lists(st.builds(msg.BackendReport, ident, *[number] * 7), max_size=8),
+    frontends=st.lists(st.builds(msg.FrontendReport, ident, number, number, number), max_size=4),
 )
-def test_reports_of_any_size_round_trip(table, rows):
-    report = msg.Report(table, *rows)
+def test_reports_of_any_size_round_trip(table, backends, frontends):
+    report = msg.Report(table, backends, frontends)
     assert msg.Decoder().feed(msg.encode(report)) == [report]
 
 
-@given(others=counts, version=st.integers(min_value=0, max_value=2**32 - 1))
+@given(others=counts, version=ident)
 def test_counts_round_trip(others, version):
     message = msg.Counts(table=version, others=others)
     assert msg.Decoder().feed(msg.encode(message)) == [message]
@@ -106,26 +109,32 @@ def test_counts_round_trip(others, version):
         (raw(kind="hello"), "unknown message type"),
         (raw(t=5), "unknown message type"),
         (raw(t="hello", worker=1), "missing field 'pid'"),
-        (raw(t="counts", others=[1]), "missing field 'table'"),
+        (raw(t="counts", others={1: 1}), "missing field 'table'"),
         (raw(t="hello", worker="one", pid=2), "hello"),
-        (raw(t="counts", table=1, others=[1, "two"]), "counts"),
-        (raw(t="counts", table=1, others=7), "counts"),
-        (raw(t="table", version=1, backends=[["127.0.0.1", 80, 1, True]]), "table"),
-        (raw(t="table", version=1, backends=[[80, "127.0.0.1", 1, True, False]]), "table"),
-        (raw(t="table", version=1, backends=5), "table"),
+        (raw(t="counts", table=1, others={1: "two"}), "counts"),
+        (raw(t="counts", table=1, others=[1, 2]), "counts"),
+        (raw(t="table", version=1, pools=[{"id": 0}]), "missing field 'backends'"),
         (
-            raw(
-                t="report", table=1, active=[1, 2], new=[1], up_bytes=[1, 2],
-                down_bytes=[1, 2], failed=[1, 2], succeeded=[1, 2], streak=[1, 2],
-            ),
-            "report",
+            raw(t="table", version=1, pools=[{"id": 0, "backends": [["127.0.0.1", 80]]}]),
+            "not a map",
         ),
         (
-            raw(
-                t="report", table=1, active=[1], new=[1.5], up_bytes=[1], down_bytes=[1],
-                failed=[1], succeeded=[1], streak=[1],
-            ),
-            "report",
+            raw(t="table", version=1, pools=[{"id": 0, "backends": [
+                {"id": 1, "host": 80, "port": 80, "weight": 1, "up": True, "backup": False},
+            ]}]),
+            "host must be a string",
+        ),
+        (
+            raw(t="table", version=1, pools=[{"id": 0, "backends": [
+                {"id": 1, "host": "::1", "port": 80, "weight": 1, "up": 1, "backup": False},
+            ]}]),
+            "up must be true or false",
+        ),
+        (raw(t="table", version=1, pools=5), "pools must be a list"),
+        (raw(t="report", table=1, backends=[{"active": 1}], frontends=[]), "missing field 'id'"),
+        (
+            raw(t="report", table=1, backends=[{"id": 1, "active": 1, "new": 1.5}], frontends=[]),
+            "new must be a whole number",
         ),
         (msgpack.packb([1, 2, 3]), "not a map"),
         (msgpack.packb("hello"), "not a map"),
@@ -152,7 +161,7 @@ def test_messages_before_garbage_in_the_same_chunk_are_kept():
     out = decoder.feed(msg.encode(msg.Drain()) + b"\xc1")
     assert out[0] == msg.Drain()
     assert isinstance(out[1], msg.Invalid)
-    assert decoder.feed(msg.encode(msg.Counts(1, [2]))) == [msg.Counts(1, [2])]
+    assert decoder.feed(msg.encode(msg.Counts(1, {0: 2}))) == [msg.Counts(1, {0: 2})]
 
 
 @given(junk=st.binary(max_size=64))
@@ -171,15 +180,16 @@ def test_no_input_makes_the_decoder_raise(junk):
 
 @pytest.fixture
 def supervisor():
-    config = settings.parse(
+    config = fastlb_config.load(
         {
-            "listen": "127.0.0.1:0",
+            "listen": ["127.0.0.1:0"],
             "backends": ["127.0.0.1:9", "127.0.0.1:10"],
             "workers": "2",
             "fall": "3",
-        }
+        },
+        None,
     )
-    arbiter = Arbiter(config, open_listeners(config.listen[0], 1))
+    arbiter = Arbiter(config, open_frontend_listeners(config))
     sleepers, peers = [], []
     for worker_id in range(2):
         sleeper = subprocess.Popen(["sleep", "60"])
@@ -198,8 +208,14 @@ def supervisor():
 
 
 def report(table=1, active=(0, 0), new=(0, 0), failed=(0, 0), succeeded=(0, 0), streak=(0, 0)):
+    """A report on the two backends of the supervisor fixture (ids 0 and 1), by position."""
     return msg.Report(
-        table, list(active), list(new), [0, 0], [0, 0], list(failed), list(succeeded), list(streak)
+        table,
+        [
+            msg.BackendReport(i, active[i], new[i], 0, 0, failed[i], succeeded[i], streak[i])
+            for i in range(2)
+        ],
+        [],
     )
 
 
@@ -228,14 +244,13 @@ def test_the_supervisor_ignores_bad_bytes_and_keeps_reading(supervisor, caplog):
     deliver(arbiter, workers[0], peers[0], b"\xc1")
     deliver(arbiter, workers[0], peers[0], msg.encode(report(new=(4, 0), active=(2, 0))))
     assert arbiter.backends[0].connections == 4
-    assert workers[0].active == [2, 0]
-    bad_length = msg.Report(1, [1], [1], [1], [1], [1], [1], [1])
-    deliver(arbiter, workers[0], peers[0], msg.encode(bad_length))
-    assert arbiter.backends[0].connections == 4
+    assert workers[0].active == {0: 2}
+    unknown = msg.Report(1, [msg.BackendReport(99, active=1, new=1, failed=5)], [])
+    deliver(arbiter, workers[0], peers[0], msg.encode(unknown))
+    assert arbiter.backends[0].connections == 4 and 99 not in workers[0].active
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("unknown message type 'bogus'" in w for w in warnings)
     assert any("undecodable" in w for w in warnings)
-    assert any("report on 1 backends, not 2" in w for w in warnings)
 
 
 def test_counts_tell_each_worker_what_the_others_hold(supervisor):
@@ -243,10 +258,15 @@ def test_counts_tell_each_worker_what_the_others_hold(supervisor):
     deliver(arbiter, workers[0], peers[0], msg.encode(report(active=(3, 1))))
     deliver(arbiter, workers[1], peers[1], msg.encode(report(active=(1, 0))))
     arbiter.publish()  # once per turn of the loop, after all its messages
-    assert received(peers[0]) == [msg.Counts(table=1, others=[1, 0])]
-    assert received(peers[1]) == [msg.Counts(table=1, others=[3, 1])]
+    # Only the counts that differ from what each worker was last sent (0 at first).
+    assert received(peers[0]) == [msg.Counts(table=1, others={0: 1})]
+    assert received(peers[1]) == [msg.Counts(table=1, others={0: 3, 1: 1})]
     arbiter.publish()
     assert received(peers[0]) == []  # nothing changed: nothing sent
+    deliver(arbiter, workers[1], peers[1], msg.encode(report(active=(0, 0))))
+    arbiter.publish()
+    assert received(peers[0]) == [msg.Counts(table=1, others={0: 0})]
+    assert received(peers[1]) == []
 
 
 def test_failures_seen_by_different_workers_add_up_to_fall(supervisor):
@@ -264,10 +284,10 @@ def test_failures_seen_by_different_workers_add_up_to_fall(supervisor):
     assert not arbiter.backends[0].up and arbiter.backends[1].up
     arbiter.publish()
     for peer in peers:
-        table, counts = received(peer)
+        # The new table; no counts, as none changed.
+        (table,) = received(peer)
         assert table.version == 2
-        assert [b.up for b in table.backends] == [False, True]
-        assert counts.table == 2
+        assert [b.up for b in table.pools[0].backends] == [False, True]
     assert arbiter.snapshot()["backends"][0]["failed"] == 6
 
 

@@ -163,15 +163,15 @@ class Arbiter:
         for frontend in self.config.frontends:
             pool = self.config.pool(frontend.pool)
             log.info(
-                "frontend %s on %s: pool %s, %s over %d backends%s",
+                "frontend %s listening on %s (pool %s, %s over %d backends%s) with %d workers",
                 frontend.name,
                 ", ".join(str(address) for address in frontend.listen),
                 pool.name,
                 pool.algorithm,
                 len(pool.backends),
-                f", SNI routes to {', '.join(frontend.pools()[1:])}" if frontend.sni else "",
+                f"; SNI routes to {', '.join(frontend.pools()[1:])}" if frontend.sni else "",
+                self.config.workers,
             )
-        log.info("%d workers", self.config.workers)
         if self.stats:
             host, port = self.stats.sock.getsockname()[:2]
             log.info("stats on http://%s/stats and /metrics", _host_port(host, port))
@@ -715,17 +715,17 @@ class Arbiter:
         backend.failures.reset()
         backend.next_check = time.monotonic() + pool.check_interval
         self.table_changed = True
-        log.warning("backend %s of pool %s is down: %s", backend.spec.address, pool.name, why)
+        log.warning("backend %s is down: %s (pool %s)", backend.spec.address, why, pool.name)
 
     def mark_up(self, backend: BackendState) -> None:
         pool = self.pool_spec(backend)
         backend.failures.reset()
         self.table_changed = True
         log.info(
-            "backend %s of pool %s is up: %d checks passed in a row",
+            "backend %s is up: %d checks passed in a row (pool %s)",
             backend.spec.address,
-            pool.name,
             pool.rise,
+            pool.name,
         )
 
     # ---- stats ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ inherits both: clients are never refused while a worker restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 from fastlb.errors import ConfigError
@@ -59,6 +60,19 @@ def open_frontend_listeners(config: Config) -> list[list[tuple[int, socket.socke
                 sock.close()
         raise
     return slots
+
+
+def bound_addresses(config: Config, slots: list[list[tuple[int, socket.socket]]]) -> Config:
+    """The config with each listen address as bound: port 0 replaced by the port it got."""
+    bound = [sock for _, sock in slots[0]]
+    frontends = []
+    for frontend in config.frontends:
+        listen = []
+        for address in frontend.listen:
+            port = bound.pop(0).getsockname()[1]
+            listen.append(dataclasses.replace(address, port=port))
+        frontends.append(dataclasses.replace(frontend, listen=tuple(listen)))
+    return dataclasses.replace(config, frontends=tuple(frontends))
 
 
 def open_listener(address: Address) -> socket.socket:
