@@ -16,6 +16,8 @@ Modes, one thread per connection:
   sink       read until EOF, send back the sha256 hex digest of what was read, then close
   halfclose  send NAME + "\\n", shut down writing, then read until EOF (sha256_in says what)
   reset      send NAME + "\\n", wait for one byte from the client, then close with a reset (RST)
+  firstbytes read until EOF (or a reset), then report the first bytes read (at most 1 KiB)
+             as a ``{"event": "firstbytes", "peer", "hex"}`` event, and close
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ RECV_SIZE = 1 << 20
 # stream even though the pattern repeats.
 PATTERN_PERIOD = (1 << 20) + 13
 REPLY_OFFSET = 100  # replies mode sends its file from here: not page-aligned
+FIRST_BYTES = 1024  # what firstbytes mode reports: a PROXY header and a little after it
 
 _print_lock = threading.Lock()
 
@@ -135,6 +138,14 @@ class Connection:
         self.recv()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
+    def serve_firstbytes(self) -> None:
+        first = bytearray()
+        try:
+            while data := self.recv():
+                first += data[: FIRST_BYTES - len(first)]
+        finally:  # a health checker may close with a reset: what came before it still counts
+            report(event="firstbytes", peer=self.peer, hex=first.hex())
+
     def run(self) -> None:
         error = None
         report(event="open", peer=self.peer)
@@ -164,6 +175,7 @@ MODES = {
     "sink": Connection.serve_sink,
     "halfclose": Connection.serve_halfclose,
     "reset": Connection.serve_reset,
+    "firstbytes": Connection.serve_firstbytes,
 }
 
 

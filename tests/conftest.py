@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,6 +51,8 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         for balancer in getattr(item, "fastlb_balancers", ()):
             report.sections.append((f"fastlb stderr (pid {balancer.pid})", balancer.log()))
+        for peer in getattr(item, "peer_processes", ()):
+            report.sections.append((f"{peer.name} log (pid {peer.pid})", peer.log()))
     return report
 
 
@@ -72,6 +75,33 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def connect(
+    address: tuple[str, int], source: str | None = None, timeout: float = CLIENT_TIMEOUT
+) -> socket.socket:
+    """A TCP connection to ("host", port), IPv4 or IPv6, from the local address ``source``."""
+    host, port = address
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.settimeout(timeout)
+    try:
+        if source:
+            sock.bind((source, 0))
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def assert_closed(sock: socket.socket) -> None:
+    """Waits (up to the socket's timeout) for the peer to close, by EOF or by a reset, having sent
+    nothing."""
+    try:
+        data = sock.recv(4096)
+    except ConnectionResetError:
+        return
+    assert data == b"", f"expected the connection closed, got {data!r}"
 
 
 def recv_line(sock: socket.socket) -> str:
@@ -243,14 +273,17 @@ class Balancer:
     def __init__(self, backends: list, args: tuple[str, ...], workers: int, logdir: Path):
         self.port = free_port()
         self.stats_port = free_port()
-        self.workers = workers
-        self.stopped_by_test = False
         specs = []
         for backend in backends:
             specs += ["--backend", backend.address if isinstance(backend, Backend) else backend]
-        self.argv = [sys.executable, "-m", "fastlb", "run", "--listen", f"127.0.0.1:{self.port}"]
-        self.argv += ["--stats", f"127.0.0.1:{self.stats_port}", "--workers", str(workers)]
-        self.argv += specs + list(args)
+        argv = ["--listen", f"127.0.0.1:{self.port}", "--stats", f"127.0.0.1:{self.stats_port}"]
+        self.start(argv + ["--workers", str(workers)] + specs + list(args), workers, logdir)
+
+    def start(self, run_args: list[str], workers: int, logdir: Path) -> None:
+        """Starts ``fastlb run`` with these arguments; its log is named after ``self.port``."""
+        self.workers = workers
+        self.stopped_by_test = False
+        self.argv = [sys.executable, "-m", "fastlb", "run"] + run_args
         self.log_path = logdir / f"fastlb-{self.port}.log"
         with open(self.log_path, "wb") as log:
             # cwd away from the source tree: "-m" must import the installed package.
@@ -329,21 +362,19 @@ class Balancer:
 
     # -- clients
 
-    def connect(self, source: str | None = None, timeout: float = CLIENT_TIMEOUT) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        if source:
-            sock.bind((source, 0))
-        try:
-            sock.connect(("127.0.0.1", self.port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    def connect(
+        self,
+        source: str | None = None,
+        timeout: float = CLIENT_TIMEOUT,
+        address: tuple[str, int] | None = None,
+    ) -> socket.socket:
+        """A client connection from ``source`` (a local address) to ``address``, by default
+        127.0.0.1 on ``port``."""
+        return connect(address or ("127.0.0.1", self.port), source, timeout)
 
-    def ask_name(self, source: str | None = None) -> str:
+    def ask_name(self, source: str | None = None, address: tuple[str, int] | None = None) -> str:
         """Connects, reads the backend's name line and closes."""
-        with self.connect(source) as sock:
+        with self.connect(source, address=address) as sock:
             return recv_line(sock)
 
     # -- stopping
@@ -400,17 +431,17 @@ class Balancer:
             self.fail("; ".join(problems))
 
 
-@pytest.fixture
-def balancer(request, tmp_path):
-    """``balancer(backends, *flags, workers=1)`` runs ``fastlb run`` and waits until it is ready.
-
-    backends are Backend handles or "host:port[,weight=N][,backup]" strings."""
+def run_balancers(request, make):
+    """The fixture body of ``balancer`` and ``configured``: ``start(...)`` makes one with
+    ``make(...)`` and waits until it is ready; at teardown each is stopped and checked."""
     started: list[Balancer] = []
-    request.node.fastlb_balancers = started
+    if not hasattr(request.node, "fastlb_balancers"):
+        request.node.fastlb_balancers = []
 
-    def start(backends: list, *args: str, workers: int = 1) -> Balancer:
-        lb = Balancer(backends, args, workers, tmp_path)
+    def start(*args, **kwargs) -> Balancer:
+        lb = make(*args, **kwargs)
         started.append(lb)
+        request.node.fastlb_balancers.append(lb)
         lb.wait_ready()
         return lb
 
@@ -423,3 +454,127 @@ def balancer(request, tmp_path):
             errors.append(str(exc))
     if errors:
         pytest.fail("\n\n".join(errors), pytrace=False)
+
+
+@pytest.fixture
+def balancer(request, tmp_path):
+    """``balancer(backends, *flags, workers=1)`` runs ``fastlb run`` and waits until it is ready.
+
+    backends are Backend handles or "host:port[,weight=N][,backup]" strings."""
+
+    def make(backends: list, *args: str, workers: int = 1) -> Balancer:
+        return Balancer(backends, args, workers, tmp_path)
+
+    yield from run_balancers(request, make)
+
+
+# ---- a balancer from a configuration file: frontends, pools, PROXY protocol, SNI ---------------
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` different ports, each free on ``host`` when returned."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    held = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family)
+            held.append(sock)
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (containers often have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def free_port_on_both_loopbacks() -> int:
+    """A port free on 127.0.0.1 and on ::1 alike."""
+    while True:
+        with socket.socket(socket.AF_INET6) as v6, socket.socket() as v4:
+            v6.bind(("::1", 0))
+            port = v6.getsockname()[1]
+            try:
+                v4.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue  # taken on 127.0.0.1: another try
+
+
+def toml_array(values) -> str:
+    """A TOML array of strings, e.g. the backends of a pool (JSON writes them as TOML does)."""
+    return json.dumps([str(value) for value in values])
+
+
+def split_address(text: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class ConfiguredBalancer(Balancer):
+    """``fastlb run --config FILE``, the file being ``toml_text``; the stats address is the
+    file's ``stats``. ``listen`` maps each frontend to its addresses, in the file's order;
+    ``port`` is the first frontend's first port, where ``connect()`` goes by default."""
+
+    def __init__(self, toml_text: str, workers: int, logdir: Path):
+        document = tomllib.loads(toml_text)
+        frontends = document.get("frontend", {})
+        pools = document.get("pool", {})
+        assert frontends and "stats" in document, "the file needs stats and a [frontend.NAME]"
+        for name, frontend in frontends.items():
+            for pool in [frontend["pool"], *frontend.get("sni", {}).values()]:
+                assert pool in pools, f"frontend {name} routes to {pool}: no [pool.{pool}]"
+        self.listen = {
+            name: [split_address(address) for address in frontend["listen"]]
+            for name, frontend in frontends.items()
+        }
+        self.port = next(iter(self.listen.values()))[0][1]
+        self.stats_port = split_address(document["stats"])[1]
+        self.config_path = logdir / f"fastlb-{self.port}.toml"
+        self.config_path.write_text(toml_text)
+        self.start(["--config", str(self.config_path), "--workers", str(workers)], workers, logdir)
+
+    def address(self, frontend: str, index: int = 0) -> tuple[str, int]:
+        """The ``index``-th listen address of ``frontend``, for ``connect(address=...)``."""
+        return self.listen[frontend][index]
+
+    def frontend_stats(self, name: str, stats: dict | None = None) -> dict:
+        for entry in (stats or self.stats())["frontends"]:
+            if entry["name"] == name:
+                return entry
+        raise AssertionError(f"frontend {name} not in /stats")
+
+    def fail(self, message: str):
+        super().fail(f"{message}\n--config {self.config_path}:\n{self.config_path.read_text()}")
+
+
+@pytest.fixture
+def configured(request, tmp_path):
+    """``configured(toml_text, workers=1)`` runs ``fastlb run --config FILE`` and waits until it
+    is ready. The text sets ``stats`` (see ``free_ports``); ``workers`` goes on the command line,
+    which wins over the file."""
+
+    def make(toml_text: str, workers: int = 1) -> ConfiguredBalancer:
+        return ConfiguredBalancer(toml_text, workers, tmp_path)
+
+    yield from run_balancers(request, make)
+
+
+@pytest.fixture
+def peers(request, tmp_path):
+    """A ``peers.Peers``: HAProxy, nginx and ``openssl s_server`` processes, stopped at teardown."""
+    from peers import Peers  # peers.py builds on the helpers of this file
+
+    started = Peers(tmp_path)
+    request.node.peer_processes = started.started
+    yield started
+    started.stop_all()
