@@ -4,7 +4,10 @@ HTTP backends answer ``GET /`` with a short body that names the backend (``backe
 ``GET /1m`` with 1 MiB, over keep-alive connections unless the request says ``Connection: close``.
 nginx serves them when it is installed: one worker process listening on every backend port, fast
 enough not to be the bottleneck in front of a C-speed proxy. Without nginx a Python asyncio server
-takes its place (slower: the benchmark says so).
+takes its place (slower: the benchmark says so). nginx also serves two other kinds: ``proxy``
+expects a PROXY header (v1 or v2) first on every connection and answers ``GET /`` with the client
+address the header gave, and ``tls`` speaks HTTPS with a self-signed certificate made at start,
+with neither session cache nor tickets, so that every connection is a full handshake.
 
 The hold backend accepts connections, sends each one byte (so that a client that reads it knows
 the connection reaches the backend) and keeps them open; the memory benchmark uses it.
@@ -21,12 +24,21 @@ import argparse
 import asyncio
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import HERE, LOOPBACK, Processes, free_port, raise_nofile_limit, wait_for_port
+from harness import (
+    HERE,
+    LOOPBACK,
+    HarnessError,
+    Processes,
+    free_port,
+    raise_nofile_limit,
+    wait_for_port,
+)
 
 BULK_PATH = "/1m"
 BULK_SIZE = 1 << 20
@@ -44,16 +56,39 @@ class Backends:
     pids: list[int]
 
 
-def nginx_http_config(ports: list[int], prefix: Path, docroot: Path) -> str:
+# What each kind of nginx backend adds to its listen lines, and the body of ``GET /``: the PROXY
+# kind names the client address it was given, so a check can tell that the header went through.
+LISTEN_OPTIONS = {"plain": "", "proxy": " proxy_protocol", "tls": " ssl"}
+TLS_NAMES = ("bench.example.test", "*.example.test")  # the names the TLS backends' certificate has
+
+
+def proxy_body(index: int, client: str) -> bytes:
+    return f"backend {index} client {client}\n".encode()
+
+
+def nginx_body(index: int, kind: str) -> str:
+    if kind == "proxy":
+        return proxy_body(index, "$proxy_protocol_addr:$proxy_protocol_port").decode().strip()
+    return small_body(index).decode().strip()
+
+
+def nginx_http_config(ports: list[int], prefix: Path, docroot: Path, kind: str = "plain") -> str:
     servers = "\n".join(
         f"""\
     server {{
-        listen {LOOPBACK}:{port} backlog=4096;
+        listen {LOOPBACK}:{port}{LISTEN_OPTIONS[kind]} backlog=4096;
         root {docroot};
-        location = / {{ return 200 "{small_body(i).decode().strip()}\\n"; }}
+        location = / {{ return 200 "{nginx_body(i, kind)}\\n"; }}
     }}"""
         for i, port in enumerate(ports, 1)
     )
+    # Neither session cache nor tickets: every TLS connection is a full handshake.
+    tls = f"""\
+    ssl_certificate {prefix}/cert.pem;
+    ssl_certificate_key {prefix}/key.pem;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+"""
     return f"""\
 worker_processes 1;
 worker_rlimit_nofile 20000;
@@ -77,13 +112,27 @@ http {{
     fastcgi_temp_path {prefix}/fastcgi;
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
-{servers}
+{tls if kind == "tls" else ""}{servers}
 }}
 """
 
 
-def start_nginx_backends(procs: Processes, count: int, tmp: Path) -> Backends:
-    prefix = tmp / "nginx-backend"
+def make_certificate(directory: Path) -> None:
+    """A self-signed ECDSA P-256 certificate for :data:`TLS_NAMES`: cert.pem and key.pem."""
+    names = ",".join(f"DNS:{name}" for name in TLS_NAMES)
+    cmd = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    cmd += ["-nodes", "-days", "2", "-subj", f"/CN={TLS_NAMES[0]}"]
+    cmd += ["-addext", f"subjectAltName={names}"]
+    cmd += ["-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise HarnessError(f"openssl req failed ({done.returncode}): {done.stderr.strip()}")
+
+
+def start_nginx_backends(procs: Processes, count: int, tmp: Path, kind: str = "plain") -> Backends:
+    """``kind`` is ``plain`` (HTTP), ``proxy`` (HTTP after a PROXY header) or ``tls`` (HTTPS)."""
+    suffix = "" if kind == "plain" else f"-{kind}"
+    prefix = tmp / f"nginx-backend{suffix}"
     docroot = prefix / "www"
     docroot.mkdir(parents=True)
     (docroot / BULK_PATH.lstrip("/")).write_bytes(b"x" * BULK_SIZE)
@@ -91,11 +140,13 @@ def start_nginx_backends(procs: Processes, count: int, tmp: Path) -> Backends:
     for path in (tmp, prefix, docroot):
         path.chmod(0o755)
     (docroot / BULK_PATH.lstrip("/")).chmod(0o644)
+    if kind == "tls":
+        make_certificate(prefix)
     ports = [free_port() for _ in range(count)]
     config = prefix / "nginx.conf"
-    config.write_text(nginx_http_config(ports, prefix, docroot))
+    config.write_text(nginx_http_config(ports, prefix, docroot, kind))
     cmd = ["nginx", "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
-    proc = procs.start("backend-nginx", [*cmd, "-g", "daemon off;"])
+    proc = procs.start(f"backend-nginx{suffix}", [*cmd, "-g", "daemon off;"])
     for port in ports:
         wait_for_port(port, proc)
     return Backends("nginx", ports, [proc.pid])

@@ -8,6 +8,14 @@ wrk drives four workloads through it:
   bulk       1 MiB responses                                         MB/s
   paced      small requests at the same, moderate load for everyone  p99 latency
 
+Two more, on request (``--workloads proxy,sni``), compare only direct, fastlb and HAProxy, each
+with its own balancer configuration and backends:
+
+  proxy      a new connection per request with PROXY v2 on both hops:  connections/s
+             wrk -> fixed HAProxy (send-proxy-v2) -> balancer -> nginx (proxy_protocol)
+  sni        a new TLS connection (full handshake) per request,        handshakes/s
+             routed by SNI to one of two pools of nginx HTTPS backends
+
 Rounds are interleaved (every balancer once per round, then the next round) and the table gives
 medians with min and max, the ratio of each median to fastlb's and to direct's, and the balancer's
 CPU time (user + system of all its processes, children included) per request. Results go to a JSON
@@ -15,6 +23,7 @@ file and a bar chart next to it.
 
     python loadtests/compare.py                   # full run, about 5 minutes on 2 cores
     python loadtests/compare.py --quick           # about 1 minute sanity run
+    python loadtests/compare.py --workloads proxy,sni --quick   # under a minute
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import http.client
 import json
 import shlex
 import shutil
+import socket
+import ssl
 import statistics
 import sys
 import tempfile
@@ -31,7 +42,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from backend import BULK_PATH, BULK_SIZE, Backends, small_body, start_http_backends
+from backend import (
+    BULK_PATH,
+    BULK_SIZE,
+    Backends,
+    proxy_body,
+    small_body,
+    start_http_backends,
+    start_nginx_backends,
+)
 from harness import (
     HERE,
     INSTALL_HINT,
@@ -48,7 +67,9 @@ from harness import (
     nginx_missing,
     run_wrk,
     start_fastlb,
+    start_fastlb_sni,
     start_haproxy,
+    start_haproxy_sni,
     start_nginx_stream,
     write_wrk_script,
     wrk_command,
@@ -58,6 +79,17 @@ from rich.table import Table
 
 BALANCERS = ["direct", "fastlb", "haproxy", "haproxy-splice", "nginx"]
 BASELINE = "fastlb"
+# Each setup is a balancer configuration with its own backends, and the balancers it compares.
+SETUP_BALANCERS = {
+    "plain": BALANCERS,
+    "proxy": ["direct", "fastlb", "haproxy"],
+    "sni": ["direct", "fastlb", "haproxy"],
+}
+FASTLB_PROXY_ARGS = ["--accept-proxy", "127.0.0.0/8", "--send-proxy", "v2"]
+SNI_NAME = "bench.example.test"  # the name wrk sends: pool web
+OTHER_NAME = "other.example.test"  # matches *.example.test: pool other, checked, not measured
+SNI_ROUTES = {SNI_NAME: "web", "*.example.test": "other"}
+SNI_DEFAULT_POOL = "other"
 # A fixed width when piped keeps the tables readable in logs and notes.
 console = Console(width=None if sys.stdout.isatty() else 140)
 
@@ -70,6 +102,7 @@ class Workload:
     metric: str  # the headline figure's unit
     close: bool = False
     paced: bool = False
+    setup: str = "plain"  # a key of SETUP_BALANCERS
 
     def headline(self, run: dict) -> float:
         if self.metric == "MB/s":
@@ -90,8 +123,13 @@ WORKLOADS = {
         Workload("newconn", "new connection per request", "/", "conn/s", close=True),
         Workload("bulk", "1 MiB responses", BULK_PATH, "MB/s"),
         Workload("paced", "p99 latency at the same load", "/", "p99 ms", paced=True),
+        Workload(
+            "proxy", "PROXY v2 in and out, new connection", "/", "conn/s", close=True, setup="proxy"
+        ),
+        Workload("sni", "TLS routed by SNI, new handshake", "/", "hs/s", close=True, setup="sni"),
     ]
 }
+CLASSIC = [name for name, w in WORKLOADS.items() if w.setup == "plain"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,7 +154,9 @@ def parse_args() -> argparse.Namespace:
         "--balancers", default=",".join(BALANCERS), help=f"comma-separated, from {BALANCERS}"
     )
     parser.add_argument(
-        "--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {list(WORKLOADS)}"
+        "--workloads",
+        default=",".join(CLASSIC),
+        help=f"comma-separated, from {list(WORKLOADS)} (default {','.join(CLASSIC)})",
     )
     parser.add_argument(
         "--fastlb-args", default="", help="extra `fastlb run` flags, e.g. '--splice always'"
@@ -129,10 +169,13 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.rounds, args.duration, args.paced_duration, args.warmup = 1, 2, 2, 1
     args.balancers = [b.strip() for b in args.balancers.split(",") if b.strip()]
-    args.workloads = [WORKLOADS[w.strip()] for w in args.workloads.split(",") if w.strip()]
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = set(args.balancers) - set(BALANCERS)
     if unknown:
         parser.error(f"unknown balancers: {', '.join(sorted(unknown))}")
+    if set(names) - set(WORKLOADS):
+        parser.error(f"unknown workloads: {', '.join(sorted(set(names) - set(WORKLOADS)))}")
+    args.workloads = [WORKLOADS[name] for name in names]
     if args.out is None:
         args.out = HERE / "results" / time.strftime("compare-%Y%m%d-%H%M%S")
     return args
@@ -155,7 +198,7 @@ def available_balancers(names: list[str]) -> list[str]:
     return kept
 
 
-def start_balancer(
+def start_plain_balancer(
     name: str, procs: Processes, port: int, backends: Backends, args, tmp: Path
 ) -> Running:
     if name == "direct":
@@ -168,6 +211,19 @@ def start_balancer(
         splice = name == "haproxy-splice"
         return start_haproxy(procs, port, backends.ports, args.workers, tmp, splice=splice)
     return start_nginx_stream(procs, port, backends.ports, args.workers, tmp)
+
+
+def missing_for_setup(setup: str) -> str | None:
+    """Why a setup other than plain cannot run here, if it cannot."""
+    if setup == "plain":
+        return None
+    if not shutil.which("nginx"):
+        return f"its backends are nginx, which is not installed ({INSTALL_HINT})"
+    if setup == "proxy" and haproxy_missing():
+        return f"its first hop is HAProxy, which is not installed ({INSTALL_HINT})"
+    if setup == "sni" and not shutil.which("openssl"):
+        return "its certificate is made with openssl, which is missing (apt-get install openssl)"
+    return None
 
 
 def check_responses(port: int, backends: Backends, paths: list[str]) -> str | None:
@@ -191,17 +247,157 @@ def check_responses(port: int, backends: Backends, paths: list[str]) -> str | No
     return None
 
 
+def check_proxy_responses(port: int, backends: Backends) -> str | None:
+    """Through the first hop and the balancer, ``GET /`` twice over one keep-alive connection
+    and once more with ``Connection: close``: each answer must name this client's own address,
+    which reaches the backend only if both hops sent on the address their PROXY header gave."""
+    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=5)
+    headers: dict[str, str] = {}
+    try:
+        connection.connect()
+        client = "{}:{}".format(*connection.sock.getsockname())
+        expected = {proxy_body(i, client) for i in range(1, len(backends.ports) + 1)}
+        for headers in ({}, {}, {"Connection": "close"}):
+            connection.request("GET", "/", headers=headers)
+            body = connection.getresponse().read()
+            if body not in expected:
+                return f"GET / returned {body[:80]!r}, expected one of {sorted(expected)}"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"GET / {headers or ''} through the first hop and the balancer failed: {exc!r}"
+    finally:
+        connection.close()
+    return None
+
+
+def tls_get(port: int, server_name: str) -> bytes:
+    """The body of ``GET /`` over a new TLS connection to loopback that sends ``server_name``."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the backends' certificate is self-signed
+    with socket.create_connection((LOOPBACK, port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            tls.sendall(
+                f"GET / HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode()
+            )
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+    return reply.partition(b"\r\n\r\n")[2]
+
+
+def check_sni_responses(port: int, pools: dict[str, list[int]], routed: bool) -> str | None:
+    """Over new TLS connections, each name twice: SNI_NAME must reach a backend of pool web,
+    OTHER_NAME one of pool other (through its wildcard route). ``routed`` is False for direct,
+    where one backend answers whatever the name."""
+    numbers, first = {}, 1  # the TLS backends are numbered 1, 2, ... in the pools' order
+    for name, ports in pools.items():
+        numbers[name] = range(first, first + len(ports))
+        first += len(ports)
+    if routed:
+        expected = {
+            SNI_NAME: {small_body(i) for i in numbers[SNI_ROUTES[SNI_NAME]]},
+            OTHER_NAME: {small_body(i) for i in numbers[SNI_ROUTES["*.example.test"]]},
+        }
+    else:
+        expected = {SNI_NAME: {small_body(1)}}
+    for server_name, bodies in expected.items():
+        for _ in range(2):
+            try:
+                body = tls_get(port, server_name)
+            except OSError as exc:
+                return f"GET / over TLS with SNI {server_name} failed: {exc!r}"
+            if body not in bodies:
+                return f"SNI {server_name}: GET / returned {body[:80]!r}, expected {sorted(bodies)}"
+    return None
+
+
 class Benchmark:
-    def __init__(self, args, procs: Processes, backends: Backends, tmp: Path):
+    def __init__(self, args, procs: Processes, tmp: Path, setups: list[str]):
         self.args = args
         self.procs = procs
-        self.backends = backends
         self.tmp = tmp
+        self.setups = setups
         self.port = free_port()
         self.plain_script = write_wrk_script(tmp, delay=False)
         self.delay_script = write_wrk_script(tmp, delay=True)
+        self.loopback_script = write_wrk_script(tmp, delay=False, loopback=True)
+        self.backends: Backends | None = None  # plain HTTP
+        self.proxy_backends: Backends | None = None  # HTTP after a PROXY header
+        self.front: Running | None = None  # the first hop of proxy, to the balancer
+        self.front_direct: Running | None = None  # the same first hop, to the backends
+        self.sni_pools: dict[str, list[int]] = {}  # HTTPS backends
         self.runs: list[dict] = []
         self.problems: list[str] = []
+
+    def start_services(self) -> None:
+        """The backends of every setup, and proxy's first hop: they serve all the rounds."""
+        a, procs, tmp = self.args, self.procs, self.tmp
+        if "plain" in self.setups:
+            self.backends = start_http_backends(procs, a.backends, tmp, a.backend_kind)
+        if "proxy" in self.setups:
+            self.proxy_backends = start_nginx_backends(procs, a.backends, tmp, "proxy")
+            ports = self.proxy_backends.ports
+            # The same HAProxy, one thread, sends PROXY v2 to the balancer under test, or for
+            # direct straight to the backends; its CPU time is not counted.
+            self.front = start_haproxy(
+                procs, free_port(), [self.port], 1, tmp, send_proxy=True, name="haproxy-front"
+            )
+            self.front_direct = start_haproxy(
+                procs, free_port(), ports, 1, tmp, send_proxy=True, name="haproxy-front-direct"
+            )
+        if "sni" in self.setups:
+            tls = start_nginx_backends(procs, 3, tmp, "tls")
+            self.sni_pools = {"web": tls.ports[:2], "other": tls.ports[2:]}
+
+    def start_balancer(self, name: str, setup: str) -> Running:
+        a, procs, port, tmp = self.args, self.procs, self.port, self.tmp
+        extra = shlex.split(a.fastlb_args)
+        if setup == "proxy":
+            ports = self.proxy_backends.ports
+            if name == "direct":
+                return Running("direct", self.front_direct.port)
+            if name == "fastlb":
+                extra = [*FASTLB_PROXY_ARGS, *extra]
+                return start_fastlb(
+                    procs, port, ports, a.workers, extra_args=extra, log_name="fastlb-proxy"
+                )
+            return start_haproxy(
+                procs,
+                port,
+                ports,
+                a.workers,
+                tmp,
+                accept_proxy=True,
+                send_proxy=True,
+                name="haproxy-proxy",
+            )
+        if setup == "sni":
+            pools = self.sni_pools
+            if name == "direct":
+                return Running("direct", pools[SNI_ROUTES[SNI_NAME]][0])
+            if name == "fastlb":
+                return start_fastlb_sni(
+                    procs, port, pools, SNI_DEFAULT_POOL, SNI_ROUTES, a.workers, tmp, extra
+                )
+            return start_haproxy_sni(
+                procs, port, pools, SNI_DEFAULT_POOL, SNI_ROUTES, a.workers, tmp
+            )
+        return start_plain_balancer(name, procs, port, self.backends, a, tmp)
+
+    def entry_port(self, setup: str, running: Running) -> int:
+        """Where wrk connects: proxy's first hop in front of a balancer, else the balancer."""
+        if setup == "proxy" and running.name != "direct":
+            return self.front.port
+        return running.port
+
+    def check(self, setup: str, running: Running) -> str | None:
+        port = self.entry_port(setup, running)
+        if setup == "proxy":
+            return check_proxy_responses(port, self.proxy_backends)
+        if setup == "sni":
+            return check_sni_responses(port, self.sni_pools, routed=running.name != "direct")
+        paths = sorted({w.path for w in self.args.workloads if w.setup == setup})
+        return check_responses(port, self.backends, paths)
 
     def wrk_for(self, workload: Workload, port: int, duration: int) -> list[str]:
         a = self.args
@@ -211,6 +407,9 @@ class Benchmark:
         else:
             script, delay_ms = self.plain_script, 0
             connections = a.bulk_connections if workload.metric == "MB/s" else a.connections
+        if workload.setup == "sni":
+            # The name goes out as SNI; the script makes wrk connect to loopback all the same.
+            url, script = f"https://{SNI_NAME}:{port}{workload.path}", self.loopback_script
         return wrk_command(
             url, duration, connections, a.threads, script, close=workload.close, delay_ms=delay_ms
         )
@@ -223,32 +422,38 @@ class Benchmark:
         console.print(f"[red]{text}[/]")
 
     def round(self, number: int, balancers: list[str]) -> None:
-        for name in balancers:
-            try:
-                running = start_balancer(
-                    name, self.procs, self.port, self.backends, self.args, self.tmp
-                )
-            except HarnessError as exc:
-                self.problem(f"round {number}: {name} did not start: {exc}")
-                continue
-            try:
-                self.measure_all(number, running)
-            except HarnessError as exc:
-                self.problem(f"round {number}: {name}: {exc}", running)
-            finally:
-                if running.proc is not None:
-                    self.procs.stop(running.proc)
+        for setup in self.setups:
+            workloads = [w for w in self.args.workloads if w.setup == setup]
+            for name in balancers:
+                if name in SETUP_BALANCERS[setup]:
+                    self.run_balancer(number, name, setup, workloads)
 
-    def measure_all(self, number: int, running: Running) -> None:
-        paths = sorted({w.path for w in self.args.workloads})
-        wrong = check_responses(running.port, self.backends, paths)
+    def run_balancer(self, number: int, name: str, setup: str, workloads: list[Workload]) -> None:
+        try:
+            running = self.start_balancer(name, setup)
+        except HarnessError as exc:
+            self.problem(f"round {number}: {name} ({setup}) did not start: {exc}")
+            return
+        try:
+            self.measure_all(number, running, setup, workloads)
+        except HarnessError as exc:
+            self.problem(f"round {number}: {name}: {exc}", running)
+        finally:
+            if running.proc is not None:
+                self.procs.stop(running.proc)
+
+    def measure_all(
+        self, number: int, running: Running, setup: str, workloads: list[Workload]
+    ) -> None:
+        wrong = self.check(setup, running)
         if wrong:
-            self.problem(f"round {number}: {running.name}: {wrong}", running)
+            self.problem(f"round {number}: {running.name} ({setup}): {wrong}", running)
             return
         if self.args.warmup > 0:
-            warmup = self.wrk_for(WORKLOADS["keepalive"], running.port, self.args.warmup)
+            warm = WORKLOADS["keepalive"] if setup == "plain" else workloads[0]
+            warmup = self.wrk_for(warm, self.entry_port(setup, running), self.args.warmup)
             run_wrk(warmup, timeout=self.args.warmup + 30)
-        for workload in self.args.workloads:
+        for workload in workloads:
             self.measure(number, running, workload)
             if running.proc is not None and running.proc.poll() is not None:
                 self.problem(
@@ -260,7 +465,7 @@ class Benchmark:
 
     def measure(self, number: int, running: Running, workload: Workload) -> None:
         duration = self.args.paced_duration if workload.paced else self.args.duration
-        cmd = self.wrk_for(workload, running.port, duration)
+        cmd = self.wrk_for(workload, self.entry_port(workload.setup, running), duration)
         pids_before = running.refresh_pids()
         cpu_before = cpu_seconds(pids_before)
         result = run_wrk(cmd, timeout=duration + 60)
@@ -384,6 +589,29 @@ def versus_haproxy(summary: dict, workloads: list[Workload]) -> list[dict]:
     return verdicts
 
 
+def cpu_versus_haproxy(summary: dict, workloads: list[Workload]) -> list[dict]:
+    """The headline of proxy and sni: fastlb's CPU time per connection against HAProxy's."""
+    ratios = []
+    for workload in workloads:
+        rows = summary.get(workload.name, {})
+        if workload.setup == "plain" or BASELINE not in rows or "haproxy" not in rows:
+            continue
+        mine, theirs = rows[BASELINE]["cpu_us_per_request"], rows["haproxy"]["cpu_us_per_request"]
+        if not mine or not theirs:
+            continue
+        ratio = mine["median"] / theirs["median"]
+        ratios.append(
+            {
+                "workload": workload.name,
+                "fastlb_cpu_us_per_connection": mine["median"],
+                "haproxy_cpu_us_per_connection": theirs["median"],
+                "fastlb_to_haproxy": ratio,
+                "met": ratio <= 1.0,
+            }
+        )
+    return ratios
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -400,7 +628,7 @@ def workload_table(workload: Workload, rows: dict) -> tuple[str, list[str], list
         "min – max",
         "× fastlb",
         "× direct",
-        "CPU µs/req",
+        "CPU µs/req" if workload.setup == "plain" else "CPU µs/conn",
         "p50 ms",
         "p99 ms",
         "errors",
@@ -441,9 +669,28 @@ def verdict_table(verdicts: list[dict]) -> tuple[str, list[str], list[list[str]]
     return title, columns, cells
 
 
-def tables(summary: dict, workloads: list[Workload], verdicts: list[dict]) -> list[tuple]:
+def cpu_table(ratios: list[dict]) -> tuple[str, list[str], list[list[str]]]:
+    title = "CPU per connection, fastlb ÷ HAProxy (target ≤ 1), medians"
+    columns = ["workload", "fastlb µs/conn", "haproxy µs/conn", "fastlb ÷ haproxy", "target"]
+    cells = [
+        [
+            r["workload"],
+            fmt(r["fastlb_cpu_us_per_connection"]),
+            fmt(r["haproxy_cpu_us_per_connection"]),
+            fmt(r["fastlb_to_haproxy"], 2),
+            "met" if r["met"] else "missed",
+        ]
+        for r in ratios
+    ]
+    return title, columns, cells
+
+
+def tables(
+    summary: dict, workloads: list[Workload], verdicts: list[dict], cpu_ratios: list[dict]
+) -> list[tuple]:
     found = [workload_table(w, summary[w.name]) for w in workloads if summary.get(w.name)]
-    return found + ([verdict_table(verdicts)] if verdicts else [])
+    found += [verdict_table(verdicts)] if verdicts else []
+    return found + ([cpu_table(cpu_ratios)] if cpu_ratios else [])
 
 
 def print_tables(all_tables: list[tuple]) -> None:
@@ -458,8 +705,8 @@ def print_tables(all_tables: list[tuple]) -> None:
             table.add_row(*row, style=style)
         console.print(table)
     console.print(
-        "CPU µs/req: user+system time of all the balancer's processes over the run ÷ requests. "
-        "CPU/req ÷ and p99 ÷ compare with the lower of HAProxy's two modes."
+        "CPU µs/req (µs/conn): user+system time of all the balancer's processes over the run "
+        "÷ requests. CPU/req ÷ and p99 ÷ compare with the lower of HAProxy's two modes."
     )
 
 
@@ -524,6 +771,18 @@ def main() -> int:
         console.print(f"[red]compare.py needs wrk ({INSTALL_HINT})[/]")
         return 2
     balancers = available_balancers(args.balancers)
+    setups = []
+    for setup in SETUP_BALANCERS:
+        names = [w.name for w in args.workloads if w.setup == setup]
+        missing = missing_for_setup(setup) if names else None
+        if missing:
+            console.print(f"[yellow]skipping {', '.join(names)}: {missing}[/]")
+            args.workloads = [w for w in args.workloads if w.setup != setup]
+        elif names:
+            setups.append(setup)
+            if setup != "plain":
+                compared = [b for b in balancers if b in SETUP_BALANCERS[setup]]
+                console.print(f"{', '.join(names)}: {', '.join(compared)} only")
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()
     started = time.monotonic()
@@ -532,24 +791,35 @@ def main() -> int:
         logs = args.out / "logs"
         logs.mkdir(exist_ok=True)
         with Processes(logs) as procs:
-            backends = start_http_backends(procs, args.backends, tmp, args.backend_kind)
+            bench = Benchmark(args, procs, tmp, setups)
+            bench.start_services()
+            backends = bench.backends
+            if backends is not None:
+                console.print(f"{backends.kind} backends on ports {backends.ports}")
+            if bench.proxy_backends is not None:
+                console.print(
+                    f"proxy: nginx proxy_protocol backends on ports {bench.proxy_backends.ports}, "
+                    f"first hop HAProxy on {bench.front.port} (to the balancer) and "
+                    f"{bench.front_direct.port} (to the backends)"
+                )
+            if bench.sni_pools:
+                console.print(f"sni: nginx HTTPS backends, pools {bench.sni_pools}")
             console.print(
-                f"{backends.kind} backends on ports {backends.ports}; balancers on port "
-                f"{LOOPBACK}:<free port>; {args.workers} worker(s) each; "
+                f"balancers on port {LOOPBACK}:{bench.port}; {args.workers} worker(s) each; "
                 f"{args.rounds} round(s) of {', '.join(w.name for w in args.workloads)}"
             )
-            if backends.kind != "nginx":
+            if backends is not None and backends.kind != "nginx":
                 console.print(
                     "[yellow]the Python backend may be the bottleneck; install nginx for "
                     "meaningful numbers[/]"
                 )
-            bench = Benchmark(args, procs, backends, tmp)
             for number in range(1, args.rounds + 1):
                 console.print(f"round {number}/{args.rounds}")
                 bench.round(number, balancers)
     summary = summarize(bench.runs, balancers, args.workloads)
     verdicts = versus_haproxy(summary, args.workloads)
-    all_tables = tables(summary, args.workloads, verdicts)
+    cpu_ratios = cpu_versus_haproxy(summary, args.workloads)
+    all_tables = tables(summary, args.workloads, verdicts, cpu_ratios)
     print_tables(all_tables)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "workloads")}
     settings["workloads"] = [w.name for w in args.workloads]
@@ -557,10 +827,11 @@ def main() -> int:
         "environment": env,
         "settings": settings,
         "command": shlex.join(["python", *sys.argv]),
-        "backend": backends.kind,
+        "backend": backends.kind if backends is not None else "nginx",
         "workloads": {w.name: asdict(w) for w in args.workloads},
         "summary": summary,
         "versus_haproxy": verdicts,
+        "cpu_per_connection_versus_haproxy": cpu_ratios,
         "problems": bench.problems,
         "runs": bench.runs,
         "elapsed_s": time.monotonic() - started,

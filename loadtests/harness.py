@@ -246,6 +246,7 @@ def start_fastlb(
     workers: int,
     max_conn: int | None = None,
     extra_args: Sequence[str] = (),
+    log_name: str = "fastlb",
 ) -> Running:
     stats_port = free_port()
     cmd = [*fastlb_command(), "run", "--listen", f"{LOOPBACK}:{port}"]
@@ -254,8 +255,13 @@ def start_fastlb(
     cmd += ["--workers", str(workers), "--stats", f"{LOOPBACK}:{stats_port}"]
     if max_conn is not None:
         cmd += ["--max-conn", str(max_conn)]
-    cmd += list(extra_args)
-    proc = procs.start("fastlb", cmd)
+    return _run_fastlb(procs, [*cmd, *extra_args], port, stats_port, log_name)
+
+
+def _run_fastlb(
+    procs: Processes, cmd: list[str], port: int, stats_port: int, log_name: str
+) -> Running:
+    proc = procs.start(log_name, cmd)
     wait_for_fastlb_stats(stats_port, proc)
     wait_for_port(port, proc)
     running = Running("fastlb", port, proc)
@@ -263,20 +269,66 @@ def start_fastlb(
     return running
 
 
+def toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string of printable ASCII is a TOML basic string
+
+
+def fastlb_sni_config(
+    port: int,
+    stats_port: int,
+    workers: int,
+    pools: dict[str, list[int]],
+    default_pool: str,
+    sni: dict[str, str],
+) -> str:
+    """A fastlb TOML file: frontend ``tls`` on ``port`` routes by SNI (``{pattern: pool}``) to
+    ``pools`` (``{name: backend ports}``), and anything else to ``default_pool``."""
+    routes = ", ".join(f"{toml_string(name)} = {toml_string(pool)}" for name, pool in sni.items())
+    lines = [
+        f"workers = {workers}",
+        f"stats = {toml_string(f'{LOOPBACK}:{stats_port}')}",
+        "",
+        "[frontend.tls]",
+        f"listen = [{toml_string(f'{LOOPBACK}:{port}')}]",
+        f"pool = {toml_string(default_pool)}",
+        f"sni = {{ {routes} }}",
+    ]
+    for name, ports in pools.items():
+        backends = ", ".join(toml_string(f"{LOOPBACK}:{b}") for b in ports)
+        lines += ["", f"[pool.{name}]", f"backend = [{backends}]"]
+    return "\n".join(lines) + "\n"
+
+
+def start_fastlb_sni(
+    procs: Processes,
+    port: int,
+    pools: dict[str, list[int]],
+    default_pool: str,
+    sni: dict[str, str],
+    workers: int,
+    tmp: Path,
+    extra_args: Sequence[str] = (),
+) -> Running:
+    """fastlb with :func:`fastlb_sni_config` as its ``--config`` file."""
+    stats_port = free_port()
+    config = tmp / "fastlb-sni.toml"
+    config.write_text(fastlb_sni_config(port, stats_port, workers, pools, default_pool, sni))
+    cmd = [*fastlb_command(), "run", "--config", str(config), *extra_args]
+    return _run_fastlb(procs, cmd, port, stats_port, "fastlb-sni")
+
+
 # HAProxy 2.6's `option splice-auto` never splices these workloads (perf counts zero splice(2)
 # calls), so its zero-copy mode here is splice in both directions, always.
 SPLICE_OPTIONS = "    option splice-request\n    option splice-response"
 
 
-def haproxy_config(
-    port: int, backends: list[int], threads: int, splice: bool, maxconn: int, tmp: Path
-) -> str:
-    servers = "\n".join(f"    server s{i} {LOOPBACK}:{b}" for i, b in enumerate(backends))
+def haproxy_head(name: str, threads: int, maxconn: int, tmp: Path, splice: bool = False) -> str:
+    """The ``global`` and ``defaults`` sections every HAProxy here shares."""
     return f"""\
 global
     nbthread {threads}
     maxconn {maxconn}
-    pidfile {tmp}/haproxy.pid
+    pidfile {tmp}/{name}.pid
 
 defaults
     mode tcp
@@ -285,14 +337,71 @@ defaults
     timeout client 120s
     timeout server 120s
 {SPLICE_OPTIONS if splice else ""}
+"""
 
+
+def haproxy_config(
+    port: int,
+    backends: list[int],
+    threads: int,
+    splice: bool,
+    maxconn: int,
+    tmp: Path,
+    accept_proxy: bool = False,
+    send_proxy: bool = False,
+    name: str = "haproxy",
+) -> str:
+    """One frontend to one backend section; ``accept_proxy`` takes a PROXY header (v1 or v2)
+    from every client, ``send_proxy`` sends a v2 header first on every server connection."""
+    bind = f"{LOOPBACK}:{port}" + (" accept-proxy" if accept_proxy else "")
+    server_options = " send-proxy-v2" if send_proxy else ""
+    servers = "\n".join(
+        f"    server s{i} {LOOPBACK}:{b}{server_options}" for i, b in enumerate(backends)
+    )
+    return f"""\
+{haproxy_head(name, threads, maxconn, tmp, splice)}
 frontend bench
-    bind {LOOPBACK}:{port}
+    bind {bind}
     default_backend servers
 
 backend servers
 {servers}
 """
+
+
+def haproxy_sni_config(
+    port: int,
+    pools: dict[str, list[int]],
+    default_pool: str,
+    sni: dict[str, str],
+    threads: int,
+    maxconn: int,
+    tmp: Path,
+    name: str = "haproxy",
+) -> str:
+    """HAProxy's equivalent of :func:`fastlb_sni_config`: one backend section per pool, picked
+    from the SNI of the ClientHello; exact names first, then ``*.suffix`` patterns."""
+    rules = []
+    for pattern, pool in sorted(sni.items(), key=lambda item: item[0].startswith("*.")):
+        if pattern.startswith("*."):
+            rules.append(f"    use_backend {pool} if {{ req.ssl_sni -m end -i {pattern[1:]} }}")
+        else:
+            rules.append(f"    use_backend {pool} if {{ req.ssl_sni -i {pattern} }}")
+    sections = []
+    for pool, ports in pools.items():
+        servers = "\n".join(f"    server s{i} {LOOPBACK}:{b}" for i, b in enumerate(ports))
+        sections.append(f"backend {pool}\n{servers}\n")
+    rule_lines = "\n".join(rules)
+    return f"""\
+{haproxy_head(name, threads, maxconn, tmp)}
+frontend bench
+    bind {LOOPBACK}:{port}
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.ssl_hello_type 1 }}
+{rule_lines}
+    default_backend {default_pool}
+
+{chr(10).join(sections)}"""
 
 
 def start_haproxy(
@@ -303,13 +412,43 @@ def start_haproxy(
     tmp: Path,
     splice: bool = False,
     maxconn: int = 4096,
+    accept_proxy: bool = False,
+    send_proxy: bool = False,
+    name: str | None = None,
 ) -> Running:
-    name = "haproxy-splice" if splice else "haproxy"
+    """HAProxy with :func:`haproxy_config`, named haproxy or haproxy-splice; ``name``, by default
+    the same, names its log, configuration and PID files."""
+    label = "haproxy-splice" if splice else "haproxy"
+    name = name or label
+    text = haproxy_config(
+        port, backends, workers, splice, maxconn, tmp, accept_proxy, send_proxy, name
+    )
+    return _run_haproxy(procs, name, port, text, tmp, label)
+
+
+def start_haproxy_sni(
+    procs: Processes,
+    port: int,
+    pools: dict[str, list[int]],
+    default_pool: str,
+    sni: dict[str, str],
+    workers: int,
+    tmp: Path,
+    maxconn: int = 4096,
+) -> Running:
+    text = haproxy_sni_config(port, pools, default_pool, sni, workers, maxconn, tmp, "haproxy-sni")
+    return _run_haproxy(procs, "haproxy-sni", port, text, tmp, "haproxy")
+
+
+def _run_haproxy(
+    procs: Processes, name: str, port: int, text: str, tmp: Path, label: str
+) -> Running:
+    """Start HAProxy as ``name`` (log, configuration file); ``label`` names it in results."""
     config = tmp / f"{name}.cfg"
-    config.write_text(haproxy_config(port, backends, workers, splice, maxconn, tmp))
+    config.write_text(text)
     proc = procs.start(name, ["haproxy", "-db", "-f", str(config)])
     wait_for_port(port, proc)
-    running = Running(name, port, proc)
+    running = Running(label, port, proc)
     running.refresh_pids()
     return running
 
@@ -433,6 +572,14 @@ init = function(args) delay_ms = tonumber(args[1]) end
 delay = function() return delay_ms end
 """
 
+# wrk connects to the address its URL's host resolves to and sends that host as SNI and Host: this
+# resolves any host to loopback, so an https URL with a made-up name needs no /etc/hosts entry.
+WRK_LOOPBACK = f"""\
+wrk.resolve = function(host, service)
+    wrk.addrs = wrk.lookup("{LOOPBACK}", service)
+end
+"""
+
 
 @dataclass
 class WrkResult:
@@ -477,9 +624,13 @@ def wrk_command(
     return cmd
 
 
-def write_wrk_script(tmp: Path, delay: bool) -> Path:
-    path = tmp / ("wrk-delay.lua" if delay else "wrk-report.lua")
-    path.write_text((WRK_DELAY if delay else "") + WRK_REPORT)
+def write_wrk_script(tmp: Path, delay: bool, loopback: bool = False) -> Path:
+    """The wrk script that reports (WRK_REPORT); ``delay`` adds WRK_DELAY, ``loopback``
+    WRK_LOOPBACK (the URL's host name is sent, its address is 127.0.0.1)."""
+    name = "wrk-delay" if delay else "wrk-report"
+    name += "-loopback" if loopback else ""
+    path = tmp / f"{name}.lua"
+    path.write_text((WRK_DELAY if delay else "") + (WRK_LOOPBACK if loopback else "") + WRK_REPORT)
     return path
 
 
