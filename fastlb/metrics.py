@@ -4,7 +4,14 @@
 
     {"pid": <supervisor pid>, "table_version": <int>,
      "workers": [{"id": <int>, "pid": <int>, "ready": <bool>}, ...],
-     "backends": [{"address": "host:port", "weight": <int>, "backup": <bool>, "up": <bool>,
+     "frontends": [{"name": <str>, "listen": ["host:port", ...], "pool": <default pool>,
+                    "sni": {<pattern>: <pool>}, "accept_proxy": [<network>, ...],
+                    "active": <open connections>, "connections": <accepted>,
+                    "rejected": <closed before a pick>}, ...],
+     "pools": [{"name": <str>, "algorithm": <str>, "send_proxy": "v1" | "v2" | null,
+                "backends": [<backend id>, ...]}, ...],
+     "backends": [{"id": <int>, "pool": <pool name>, "address": "host:port",
+                   "weight": <int>, "backup": <bool>, "up": <bool>,
                    "active": <open connections, all workers>, "connections": <total new>,
                    "failed": <failed connects>, "up_bytes": <client -> backend>,
                    "down_bytes": <backend -> client>}, ...]}
@@ -61,7 +68,25 @@ class StatsCollector(Collector):
             "Version of the backend table sent to the workers; it grows at every up/down change.",
             stats["table_version"],
         )
-        label = ["backend"]
+        frontend_families = {
+            "active": GaugeMetricFamily(
+                "fastlb_frontend_active_connections", "Open connections.", labels=["frontend"]
+            ),
+            "connections": CounterMetricFamily(
+                "fastlb_frontend_connections", "Connections accepted.", labels=["frontend"]
+            ),
+            "rejected": CounterMetricFamily(
+                "fastlb_frontend_rejected",
+                "Connections closed before a pick: no valid PROXY header from a trusted sender, "
+                "or no SNI route with sni-required.",
+                labels=["frontend"],
+            ),
+        }
+        for frontend in stats["frontends"]:
+            for key, family in frontend_families.items():
+                family.add_metric([frontend["name"]], float(frontend[key]))
+        yield from frontend_families.values()
+        label = ["pool", "backend"]
         families = {
             "up": GaugeMetricFamily("fastlb_backend_up", "1 if the backend is up.", labels=label),
             "weight": GaugeMetricFamily("fastlb_backend_weight", "Weight.", labels=label),
@@ -81,13 +106,14 @@ class StatsCollector(Collector):
         transferred = CounterMetricFamily(
             "fastlb_backend_bytes",
             "Bytes forwarded: direction up is client to backend, down backend to client.",
-            labels=["backend", "direction"],
+            labels=["pool", "backend", "direction"],
         )
         for backend in stats["backends"]:
+            labels = [backend["pool"], backend["address"]]
             for key, family in families.items():
-                family.add_metric([backend["address"]], float(backend[key]))
-            transferred.add_metric([backend["address"], "up"], backend["up_bytes"])
-            transferred.add_metric([backend["address"], "down"], backend["down_bytes"])
+                family.add_metric(labels, float(backend[key]))
+            transferred.add_metric([*labels, "up"], backend["up_bytes"])
+            transferred.add_metric([*labels, "down"], backend["down_bytes"])
         yield from families.values()
         yield transferred
 

@@ -48,28 +48,53 @@ def console() -> Console:
 
 
 def render(stats: dict, console: Console) -> None:
-    """Workers on one line, then a row per backend: sent is client to backend, received the
-    other way."""
+    """Workers on one line, the frontends, then a table per pool with a row per backend: sent
+    is client to backend, received the other way."""
     workers = stats["workers"]
     ready = sum(1 for worker in workers if worker["ready"])
     console.print(
         f"fastlb pid {stats['pid']}: {ready}/{len(workers)} workers ready, "
         f"table version {stats['table_version']}"
     )
-    table = Table()
-    table.add_column("backend", no_wrap=True)
-    for column in ("weight", "role", "state", "active", "total", "failed", "sent", "received"):
-        table.add_column(column, justify="left" if column == "role" else "right", no_wrap=True)
-    for backend in stats["backends"]:
-        table.add_row(
-            backend["address"],
-            str(backend["weight"]),
-            "backup" if backend["backup"] else "primary",
-            "[green]up[/]" if backend["up"] else "[red]down[/]",
-            str(backend["active"]),
-            str(backend["connections"]),
-            str(backend["failed"]),
-            _size(backend["up_bytes"]),
-            _size(backend["down_bytes"]),
+    frontends = Table(title="frontends", title_justify="left")
+    frontends.add_column("frontend", no_wrap=True)
+    frontends.add_column("listen")
+    frontends.add_column("routes to")
+    for column in ("active", "total", "rejected"):
+        frontends.add_column(column, justify="right", no_wrap=True)
+    for frontend in stats["frontends"]:
+        routes = [frontend["pool"]] + [
+            f"{pool} ({pattern})" for pattern, pool in frontend["sni"].items()
+        ]
+        frontends.add_row(
+            frontend["name"],
+            " ".join(frontend["listen"]),
+            ", ".join(routes),
+            str(frontend["active"]),
+            str(frontend["connections"]),
+            str(frontend["rejected"]),
         )
-    console.print(table)
+    console.print(frontends)
+    backends = {backend["id"]: backend for backend in stats["backends"]}
+    for pool in stats["pools"]:
+        extra = f", send-proxy {pool['send_proxy']}" if pool["send_proxy"] else ""
+        table = Table(
+            title=f"pool {pool['name']} ({pool['algorithm']}{extra})", title_justify="left"
+        )
+        table.add_column("backend", no_wrap=True)
+        for column in ("weight", "role", "state", "active", "total", "failed", "sent", "received"):
+            table.add_column(column, justify="left" if column == "role" else "right", no_wrap=True)
+        for backend_id in pool["backends"]:
+            backend = backends[backend_id]
+            table.add_row(
+                backend["address"],
+                str(backend["weight"]),
+                "backup" if backend["backup"] else "primary",
+                "[green]up[/]" if backend["up"] else "[red]down[/]",
+                str(backend["active"]),
+                str(backend["connections"]),
+                str(backend["failed"]),
+                _size(backend["up_bytes"]),
+                _size(backend["down_bytes"]),
+            )
+        console.print(table)
