@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import recv_line, wait_until
+from conftest import free_ports, recv_line, wait_until
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,3 +39,37 @@ def test_status_of_nothing_is_one_error_line(refused_address):
     assert result.returncode == 1
     assert len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith("fastlb: error: cannot read stats from 127.0.0.1:")
+
+
+def test_status_shows_frontends_and_each_pool(backends, configured):
+    a, b = backends("name", name="a"), backends("name", name="b")
+    stats, one, two = free_ports(3)
+    lb = configured(f"""
+        stats = "127.0.0.1:{stats}"
+        [frontend.one]
+        listen = ["127.0.0.1:{one}"]
+        pool = "first"
+        [frontend.two]
+        listen = ["127.0.0.1:{two}"]
+        pool = "second"
+        [pool.first]
+        backend = ["{a.address}"]
+        [pool.second]
+        algorithm = "leastconn"
+        send-proxy = "v2"
+        backend = ["{b.address}"]
+    """)
+    assert lb.ask_name(address=("127.0.0.1", one)) == "a"
+    wait_until(lambda: lb.frontend_stats("one")["connections"] == 1, 10, "the report")
+    result = status(f"127.0.0.1:{stats}")
+    assert result.returncode == 0, result.stderr
+    assert "pool first (roundrobin)" in result.stdout
+    assert "pool second (leastconn, send-proxy v2)" in result.stdout
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if "│" in line}
+    cells = [cell.strip() for cell in rows["one"].split("│")[2:7]]
+    assert cells == [f"127.0.0.1:{one}", "first", "0", "1", "0"]
+    assert [cell.strip() for cell in rows["two"].split("│")[3:6]] == ["second", "0", "0"]
+    assert [cell.strip() for cell in rows[a.address].split("│")[2:7]] == [
+        "1", "primary", "up", "0", "1",
+    ]  # fmt: skip
+    assert rows[b.address].split("│")[6].strip() == "0"
