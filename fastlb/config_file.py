@@ -15,8 +15,8 @@ Keys are the flag names without their dashes (``max-conn``, or ``max_conn``); ``
 
 Every value is checked by the same parser as its flag, and every mistake becomes one line naming
 the file and line: ``fastlb.toml:3: --workers many: must be a whole number, not 'many'``.
-:func:`open_document` reads a whole file, tables included (:mod:`fastlb.config` makes frontends
-and pools of them); :func:`read` takes only its top-level keys, the flat settings.
+:func:`open_document` reads a whole file, tables included, and remembers the line of every key;
+:mod:`fastlb.config` makes frontends and pools of it.
 """
 
 from __future__ import annotations
@@ -79,23 +79,6 @@ def open_document(path: str) -> Document:
             raise ConfigError(f"{path}:{where}: {message}") from None
         raise ConfigError(f"{path}: {message}") from None
     return Document(path, values, _key_lines(text))
-
-
-def read(path: str) -> dict[str, Any]:
-    """Parsed values of the top-level keys by option name (as :class:`~fastlb.settings.Settings`
-    names them). Raises ConfigError with ``PATH:LINE:`` in front of the reason."""
-    document = open_document(path)
-    values: dict[str, Any] = {}
-    for key, value in document.values.items():
-        where = document.where(key)
-        found = option(key)
-        if found is None:
-            known = ", ".join(o.key for o in OPTIONS)
-            raise ConfigError(f"{where}: unknown setting {key!r} (known: {known})")
-        if found.name in values:
-            raise ConfigError(f"{where}: {key} is set twice")
-        values[found.name] = parse(found, value, where)
-    return values
 
 
 def parse(option: Option, value: Any, where: str) -> Any:

@@ -2,9 +2,10 @@
 
 :data:`OPTIONS` is the table: for each setting its flag, type, default, parser (which validates),
 help and scope: the whole process, each frontend or each pool. The command line of ``fastlb run``
-and ``fastlb check``, their ``--help``, the keys of the configuration file (:mod:`fastlb.config`)
-and the flat, frozen :class:`Settings` of one listener and one backend list are all made from
-it; adding a setting means adding one row.
+and ``fastlb check``, their ``--help``, the keys of the configuration file and what ``fastlb
+check`` prints are all made from it, and :mod:`fastlb.config` reads every value through it into
+the frozen classes of :mod:`fastlb.model`; adding a setting means adding one row and its
+attribute there.
 
 Values arrive as the strings a user typed and are parsed here, so that every mistake becomes one
 line naming the flag. Host names are resolved once, here: the data plane takes numeric IPs only.
@@ -12,12 +13,11 @@ line naming the flag. Host names are resolved once, here: the data plane takes n
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import math
 import os
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ MAX_WORKERS = 1024
 FD_RESERVE = 160
 
 
-# The model's classes under the names the flat settings always used.
+# The model's classes under the short names the parsers give them.
 Address = model.Address
 Backend = model.BackendSpec
 
@@ -193,7 +193,7 @@ def one_of(*names: str) -> OneOf:
 
 @dataclass(frozen=True)
 class Option:
-    name: str  # attribute of Settings
+    name: str  # attribute of the model's Config, FrontendSpec or PoolSpec (as scope says)
     flag: str
     type: Any
     parse: Callable[[str], Any] | None  # None: a switch without a value
@@ -377,15 +377,10 @@ OPTIONS: tuple[Option, ...] = (
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 
-Settings = dataclasses.make_dataclass(
-    "Settings", [(option.name, option.type) for option in OPTIONS], frozen=True
-)
-Settings.__module__ = __name__
-Settings.__doc__ = "The resolved settings of one fastlb instance, one attribute per OPTIONS row."
-
 
 def add_arguments(parser) -> None:
-    """Adds every option to an argparse parser; values stay strings until :func:`parse`."""
+    """Adds every option to an argparse parser; values stay strings until
+    :func:`fastlb.config.load`."""
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -406,46 +401,6 @@ def add_arguments(parser) -> None:
                 action="append" if option.many else "store",
                 help=option.help_text(),
             )
-
-
-def parse(values: Mapping[str, Any], from_file: Mapping[str, Any] | None = None) -> Settings:
-    """Settings from raw values by option name: strings as typed, lists of them for repeatable
-    options; a missing or None value takes the value from_file (parsed values from the
-    configuration file) or else the default. Raises ConfigError."""
-    from_file = from_file or {}
-
-    def value(option: Option) -> Any:
-        raw = values.get(option.name)
-        if (raw is None or raw is False) and option.name in from_file:
-            return from_file[option.name]
-        return option.value(raw)
-
-    settings = Settings(**{option.name: value(option) for option in OPTIONS})
-    if not settings.listen:
-        raise ConfigError("--listen is required (or listen in the --config file)")
-    if len(settings.listen) > 1:
-        raise ConfigError("fastlb run listens on one --listen address")
-    if not settings.backends:
-        raise ConfigError("at least one --backend is required (or backend in the --config file)")
-    seen = set()
-    for backend in settings.backends:
-        if backend.address in seen:
-            raise ConfigError(f"--backend {backend.address} is given twice")
-        seen.add(backend.address)
-    return settings
-
-
-def fit_to_open_file_limit(settings: Settings, limit: int) -> tuple[Settings, str | None]:
-    """Lowers max_conn so that two descriptors per connection fit in ``limit``; returns the
-    settings and, when it had to, a message saying so."""
-    most = max_connections(limit)
-    if settings.max_conn <= most:
-        return settings, None
-    message = (
-        f"--max-conn lowered from {settings.max_conn} to {most} to fit the open-file limit "
-        f"({limit}; raise it with ulimit -n or LimitNOFILE=)"
-    )
-    return dataclasses.replace(settings, max_conn=most), message
 
 
 def max_connections(limit: int) -> int:

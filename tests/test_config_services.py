@@ -189,6 +189,7 @@ accept-proxy = "10.1.0.0/16"
 backend = [
     "127.0.0.1:9001",
     "127.0.0.1:9002,weight=2",
+    "127.0.0.1:9003,backup",
 ]
 """
 
@@ -201,6 +202,7 @@ def test_a_flat_file_is_one_default_frontend_and_pool_as_the_flags_give(tmp_path
             "--connect-timeout", "250ms", "--max-conn", "500", "--check", "--send-proxy", "v1",
             "--accept-proxy", "10.1.0.0/16",
             "--backend", "127.0.0.1:9001", "--backend", "127.0.0.1:9002,weight=2",
+            "--backend", "127.0.0.1:9003,backup",
         ),
         None,
     )  # fmt: skip
@@ -212,6 +214,7 @@ def test_a_flat_file_is_one_default_frontend_and_pool_as_the_flags_give(tmp_path
         ipaddress.ip_network("10.1.0.0/16"),
     )
     assert (pool.algorithm, pool.connect_timeout, pool.active_checks) == ("leastconn", 0.25, True)
+    assert [(b.weight, b.backup) for b in pool.backends] == [(1, False), (2, False), (1, True)]
     assert from_file.workers == 3
 
 
@@ -435,8 +438,11 @@ def test_one_frontend_keeps_the_flat_message():
     config = fastlb.config.load(
         flags("--listen", "127.0.0.1:1", "--backend", "127.0.0.1:2", "--max-conn", "10000"), None
     )
+    same, message = fastlb.config.fit_to_open_file_limit(config, 1_000_000)
+    assert same is config and message is None
     fitted, message = fastlb.config.fit_to_open_file_limit(config, 4096)
     assert fitted.max_conn == (4096 - settings.FD_RESERVE) // 2
+    assert 2 * fitted.max_conn + settings.FD_RESERVE <= 4096
     assert message.startswith(f"--max-conn lowered from 10000 to {fitted.max_conn} to fit")
 
 
@@ -455,7 +461,7 @@ def test_the_example_files_are_valid():
         assert all(ipaddress.ip_address(b.address.host).is_loopback for b in pool.backends)
     flat = fastlb.config.load({}, str(CONTRIB / "fastlb.toml"))
     assert [f.name for f in flat.frontends] == [p.name for p in flat.pools] == [model.DEFAULT]
-    assert len(flat.pools[0].backends) == 3
+    assert flat.pools[0].active_checks and len(flat.pools[0].backends) == 3
 
 
 @pytest.fixture

@@ -10,12 +10,14 @@ import pytest
 import fastlb.config
 from fastlb import _dataplane, settings
 from fastlb.errors import ConfigError
-from fastlb.settings import Address, Backend
+from fastlb.model import Address, BackendSpec, Config, FrontendSpec, PoolSpec
 
 
-def parse(*backends: str, listen: str = "127.0.0.1:8000", **values) -> settings.Settings:
-    return settings.parse(
-        {"listen": listen, "backends": list(backends or ["127.0.0.1:9000"]), **values}
+def parse(*backends: str, listen: str = "127.0.0.1:8000", **values) -> Config:
+    """The configuration of flat flags: one --listen, the backends (one by default) and
+    ``values`` by option name, as typed."""
+    return fastlb.config.load(
+        {"listen": listen, "backends": list(backends or ["127.0.0.1:9000"]), **values}, None
     )
 
 
@@ -23,7 +25,7 @@ def error(**values) -> str:
     values.setdefault("listen", "127.0.0.1:8000")
     values.setdefault("backends", ["127.0.0.1:9000"])
     with pytest.raises(ConfigError) as info:
-        settings.parse(values)
+        fastlb.config.load(values, None)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -31,36 +33,55 @@ def error(**values) -> str:
 
 def test_defaults_follow_haproxy():
     config = parse()
-    assert config.algorithm == "roundrobin"
+    (frontend,) = config.frontends
+    (pool,) = config.pools
+    assert pool.algorithm == "roundrobin"
     assert config.workers == (os.cpu_count() or 1)
-    assert config.max_conn == 10000
-    assert config.connect_timeout == 5.0
-    assert config.idle_timeout == 0.0
-    assert config.retries == 2
-    assert (config.fall, config.rise) == (3, 2)
-    assert (config.check_interval, config.check_timeout) == (2.0, 1.0)
-    assert config.active_checks is False
+    assert frontend.max_conn == 10000
+    assert pool.connect_timeout == 5.0
+    assert frontend.idle_timeout == 0.0
+    assert pool.retries == 2
+    assert (pool.fall, pool.rise) == (3, 2)
+    assert (pool.check_interval, pool.check_timeout) == (2.0, 1.0)
+    assert pool.active_checks is False
     assert config.drain_timeout == 30.0
     assert config.buffer_size == 65536
     assert config.splice == "auto"
-    assert config.hash_key == "src-ip"
-    assert config.hash_balance_factor == 0.0
+    assert pool.hash_key == "src-ip"
+    assert pool.hash_balance_factor == 0.0
     assert config.stats is None
     assert config.log_level == "info"
 
 
+# The class that holds the settings of each scope, and its attributes that are no option.
+SCOPE_CLASSES = {
+    settings.PROCESS: (Config, {"frontends", "pools"}),
+    settings.FRONTEND: (FrontendSpec, {"name", "pool", "sni", "sni_required"}),
+    settings.POOL: (PoolSpec, {"name"}),
+}
+
+
 def test_the_worker_reads_these_names():
-    names = {field.name for field in dataclasses.fields(settings.Settings)}
+    names = {option.name for option in settings.OPTIONS}
     assert {
         "algorithm", "workers", "max_conn", "connect_timeout", "idle_timeout", "retries",
         "buffer_size", "splice", "hash_key", "hash_balance_factor",
     } <= names  # fmt: skip
-    assert names == {option.name for option in settings.OPTIONS}
+    # Every option is an attribute of the class of its scope, and every other attribute of it
+    # comes from the tables.
+    for scope, (cls, extra) in SCOPE_CLASSES.items():
+        own = {option.name for option in settings.OPTIONS if option.scope == scope}
+        assert {field.name for field in dataclasses.fields(cls)} == own | extra, scope
 
 
 def test_settings_are_frozen():
+    config = parse()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        parse().workers = 3
+        config.workers = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.frontends[0].max_conn = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.pools[0].algorithm = "leastconn"
 
 
 @pytest.mark.parametrize(
@@ -75,13 +96,13 @@ def test_settings_are_frozen():
     ],
 )
 def test_listen_addresses(text, address):
-    assert parse(listen=text).listen == (address,)
+    assert parse(listen=text).frontends[0].listen == (address,)
 
 
 def test_host_names_are_resolved_to_numeric_addresses():
     config = parse("localhost:9000", listen="localhost:8000")
-    assert config.listen[0].host in ("127.0.0.1", "::1")
-    assert config.backends[0].address.host in ("127.0.0.1", "::1")
+    assert config.frontends[0].listen[0].host in ("127.0.0.1", "::1")
+    assert config.pools[0].backends[0].address.host in ("127.0.0.1", "::1")
 
 
 def test_addresses_print_with_brackets_for_ipv6():
@@ -91,10 +112,10 @@ def test_addresses_print_with_brackets_for_ipv6():
 
 def test_backend_options():
     config = parse("127.0.0.1:9000,weight=3", "[::1]:9001,backup", "127.0.0.2:9002,backup,weight=0")
-    assert config.backends == (
-        Backend(Address("127.0.0.1", 9000), 3, False),
-        Backend(Address("::1", 9001), 1, True),
-        Backend(Address("127.0.0.2", 9002), 0, True),
+    assert config.pools[0].backends == (
+        BackendSpec(Address("127.0.0.1", 9000), 3, False),
+        BackendSpec(Address("::1", 9001), 1, True),
+        BackendSpec(Address("127.0.0.2", 9002), 0, True),
     )
 
 
@@ -123,11 +144,14 @@ def test_bad_backends(backend, expected):
 
 
 def test_the_same_backend_twice_is_an_error():
-    assert "given twice" in error(backends=["127.0.0.1:9000", "127.0.0.1:9000,weight=2"])
+    message = error(backends=["127.0.0.1:9000", "127.0.0.1:9000,weight=2"])
+    assert message == "--backend 127.0.0.1:9000 is given twice"
 
 
 def test_a_backend_is_required():
-    assert "--backend" in error(backends=[])
+    # None: no --backend on the command line, as argparse leaves it.
+    message = error(backends=None)
+    assert message == "at least one --backend is required (or backend in the --config file)"
 
 
 @pytest.mark.parametrize(
@@ -158,7 +182,7 @@ def test_algorithms_are_the_compiled_ones():
     names = _dataplane.algorithm_names()
     assert "roundrobin" in names
     for name in names:
-        assert parse(algorithm=name).algorithm == name
+        assert parse(algorithm=name).pool("default").algorithm == name
     assert ", ".join(names) in error(algorithm="nope")
 
 
@@ -166,12 +190,12 @@ def test_algorithms_are_the_compiled_ones():
     "text, value", [("5", 5.0), ("0.5", 0.5), ("250ms", 0.25), ("3s", 3.0), ("2m", 120.0)]
 )
 def test_durations(text, value):
-    assert parse(connect_timeout=text).connect_timeout == value
+    assert parse(connect_timeout=text).pools[0].connect_timeout == value
 
 
 def test_switch_and_optional_address():
     config = parse(active_checks=True, stats="[::1]:0")
-    assert config.active_checks is True
+    assert config.pools[0].active_checks is True
     assert config.stats == Address("::1", 0)
 
 
@@ -190,13 +214,3 @@ def test_describe_has_one_line_per_setting_and_per_backend():
     assert ["pool", "default:", "backend", "=", "127.0.0.1:9001,weight=1,backup"] in lines
     assert ["frontend", "default:", "accept-proxy", "=", "off"] in lines
     assert ["stats", "=", "off"] in lines
-
-
-def test_max_conn_is_lowered_to_fit_the_open_file_limit():
-    config = parse(max_conn="10000")
-    same, message = settings.fit_to_open_file_limit(config, 1_000_000)
-    assert same is config and message is None
-    lowered, message = settings.fit_to_open_file_limit(config, 4096)
-    assert 2 * lowered.max_conn + settings.FD_RESERVE <= 4096
-    assert lowered.max_conn > 1800
-    assert "lowered from 10000" in message
