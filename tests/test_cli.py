@@ -280,7 +280,7 @@ def test_run_forwards_reports_stats_and_stops_on_sigterm(start, echo_backend):
 
     status, content_type, body = lb.get("/metrics")
     assert status == 200 and content_type.startswith("text/plain")
-    assert f'fastlb_backend_up{{pool="default",backend="{echo_backend}"}} 1.0' in body.decode()
+    assert f'fastlb_backend_up{{backend="{echo_backend}",pool="default"}} 1.0' in body.decode()
     assert 'fastlb_frontend_connections_total{frontend="default"}' in body.decode()
     assert lb.get("/nothing")[0] == 404
 
