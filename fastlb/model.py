@@ -49,6 +49,50 @@ class BackendSpec:
         return text + ",backup" if self.backup else text
 
 
+CHECK_TYPES = ("tcp", "http", "send-expect", "redis", "postgres", "mysql", "tls", "agent")
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """How a pool's backends are checked: ``[pool.NAME.check]``, or the ``--check-*`` flags."""
+
+    type: str = "tcp"  # one of CHECK_TYPES
+    active: bool = False  # check every backend; otherwise only those marked down, until they rise
+    interval: float = 2.0  # between two checks of a backend
+    fast_interval: float | None = None  # while a change of state is pending; None: interval
+    down_interval: float | None = None  # while down; None: interval
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    jitter: float = 0.0  # seconds: each check starts up to this much later, at random
+    port: int | None = None  # check this port rather than the backend's
+    # http
+    method: str = "GET"
+    path: str = "/"
+    host: str | None = None  # the Host header; None: the backend's address
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)  # inclusive ranges
+    expect_body: str | None = None  # a substring the body must contain
+    expect_body_regex: str | None = None
+    # send-expect (tcp payloads) and the http/redis/... bodies are bytes on the wire
+    send: bytes = b""
+    expect: bytes | None = None  # a substring of the reply (given as text or hex)
+    expect_regex: str | None = None
+    # redis
+    username: str | None = None
+    password: str | None = None
+    # postgres
+    ssl_request: bool = True  # send an SSLRequest (any S/N answer is healthy), else a startup
+    user: str = "fastlb"
+    database: str | None = None
+    # tls
+    sni: str | None = None
+    # flap damping: a fall within flap_window of the last rise keeps the backend out for
+    # flap_base x the flaps in a row, at most flap_max
+    flap_window: float = 0.0  # 0: off
+    flap_base: float = 10.0
+    flap_max: float = 300.0
+
+
 @dataclass(frozen=True)
 class PoolSpec:
     """Where connections go: backends, how one is picked, how they are connected and checked."""
@@ -61,11 +105,12 @@ class PoolSpec:
     retries: int = 2
     connect_timeout: float = 5.0
     send_proxy: str | None = None  # "v1" or "v2": a PROXY header first on every connection
-    fall: int = 3
-    rise: int = 2
-    check_interval: float = 2.0
-    check_timeout: float = 1.0
-    active_checks: bool = False
+    check: CheckSpec = CheckSpec()
+    observe: str | None = None  # "first-byte": no reply in first_byte_timeout is a failure
+    first_byte_timeout: float = 10.0
+    on_down: str | None = None  # "close": reset the connections of a backend marked down
+    slow_start: float = 0.0  # seconds over which a backend that comes back ramps its weight
+    panic_threshold: float = 0.5  # fewer primaries up than this share: use all primaries
 
 
 @dataclass(frozen=True)
