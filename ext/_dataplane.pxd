@@ -133,6 +133,7 @@ cdef struct Table:
     int *eligible           # the backends in use: up primaries, else up backups, else all primaries
     int n_eligible
     int64_t eligible_weight # sum of the eligible backends' weights
+    double panic_threshold  # fewer primaries up than this share of them: use every primary
     double balance_factor   # bounded-load hashing: cap = factor * average active; 0 disables
     uint64_t rng            # per-table xorshift state for the randomised algorithms
     void *state             # the algorithm's own data (hash ring, lookup table), built by build()
@@ -149,6 +150,8 @@ cdef struct Pool:
     int max_tries           # retries + 1
     bint hash_port          # hash the client port too (hash key src-ip-port)
     int send_proxy          # 0: off; 1 or 2: the PROXY protocol version sent first to backends
+    bint close_on_down      # on-down = "close": reset the connections of a backend marked down
+    int64_t first_byte_timeout_ms   # observe = "first-byte": 0 off
 
 
 # A network of trusted PROXY senders (accept-proxy).
@@ -220,6 +223,8 @@ cdef struct Conn:
     SockAddr src            # the client: its PROXY source where one was accepted
     SockAddr dst            # the address it connected to; family 0 until read (send-proxy)
     int64_t active_ms       # last time bytes moved or the connection changed state
+    int64_t opened_ms       # when the backend connection was established
+    int64_t sent_ms         # first seen with the client's bytes sent and unanswered (observe)
     # Until the backend sends its first byte, everything sent to it is still in the first
     # buffer (replayable), so a reset (a backend that died with us in its accept queue) can be
     # retried on the next backend. replay holds that buffer once fully sent.
@@ -290,6 +295,7 @@ cdef class Worker:
     cdef void _start_pick(self, Conn *c, Pool *pool) noexcept nogil
     cdef int _send_proxy_header(self, Conn *c) noexcept nogil
     cdef int _connect_next(self, Conn *c) noexcept nogil
+    cdef bint _closed_early(self, Conn *c) noexcept nogil
     cdef void _connect_failed(self, Conn *c) noexcept nogil
     cdef void _drop_replay(self, Conn *c) noexcept nogil
     cdef bint _retry_after_reset(self, Conn *c) noexcept nogil

@@ -85,7 +85,8 @@ cdef class Worker:
     """The epoll loop of one worker process.
 
     ``Worker(pools, frontends, listeners, ...)`` takes the pools (dicts: id, algorithm,
-    connect_timeout, retries, hash_key, balance_factor, send_proxy), the frontends (dicts: id,
+    connect_timeout, retries, hash_key, balance_factor, send_proxy, panic_threshold, on_down,
+    first_byte_timeout (0: off)), the frontends (dicts: id,
     pool (index into pools), max_conn, idle_timeout, inspect_timeout, trusted (a list of
     (family, packed address, prefix length)), sni (a list of (pattern, pool index)),
     sni_required) and the listening, non-blocking sockets as (fd, frontend index) pairs.
@@ -169,8 +170,14 @@ cdef class Worker:
         send_proxy = spec.get("send_proxy") or 0
         if send_proxy not in (0, 1, 2):
             raise ValueError("send_proxy must be 0, 1 or 2")
+        on_down = spec.get("on_down")
+        if on_down not in (None, "close"):
+            raise ValueError("on_down must be None or 'close'")
         table_init(&pool.table, find_algorithm(spec["algorithm"]),
                    spec.get("balance_factor", 0.0))
+        pool.table.panic_threshold = spec.get("panic_threshold", 0.0)
+        pool.close_on_down = on_down == "close"
+        pool.first_byte_timeout_ms = <int64_t>(spec.get("first_byte_timeout", 0.0) * 1000)
         pool.id = spec["id"]
         pool.connect_timeout_ms = <int64_t>(spec.get("connect_timeout", 5.0) * 1000)
         pool.max_tries = retries + 1
@@ -668,6 +675,10 @@ cdef class Worker:
         while c.ntried < pool.max_tries:
             index = pool.table.algo.pick(&pool.table, c.key, c.tried, c.ntried)
             if index < 0:
+                # Every backend in use was tried: the up backups, then the primaries marked
+                # down, before giving up.
+                index = table_fallback(&pool.table, c.tried, c.ntried)
+            if index < 0:
                 return -1
             c.tried[c.ntried] = index
             c.ntried += 1
@@ -695,6 +706,14 @@ cdef class Worker:
             b.streak += 1
             self.counts_changed = True
         return -1
+
+    cdef bint _closed_early(self, Conn *c) noexcept nogil:
+        # A backend that closes before its first byte this soon after accepting, while the
+        # client still talks, counts as failed: it may be refusing work while its listener
+        # still accepts. (After the client's FIN, closing is the backend's answer.) Called
+        # without the GIL; touches no Python objects.
+        return (not c.cflags & READ_EOF
+                and self.now_ms - c.opened_ms <= c.pool.connect_timeout_ms)
 
     cdef void _connect_failed(self, Conn *c) noexcept nogil:
         # The backend refused, reset or did not answer in time: count it and try the next one.
@@ -762,6 +781,8 @@ cdef class Worker:
                     self._connect_failed(c)
                     return
                 c.state = CONN_OPEN
+                c.opened_ms = self.now_ms
+                c.sent_ms = 0
                 b = self._backend_of(c)
                 b.succeeded += 1
                 b.new_conns += 1
@@ -866,6 +887,8 @@ cdef class Worker:
                 return r
             ch.spliced = False
         if (sflags[0] & READ_EOF) and b == NULL and not dflags[0] & WRITE_SHUT:
+            if c.replayable and ch == &c.down and self._closed_early(c):
+                return -1  # the backend closed without answering: the caller retries
             propagate_eof(dst, dflags, sflags[0])
         return 0
 
@@ -974,6 +997,15 @@ cdef class Worker:
                     else:
                         self._peek_done(c, c.frontend.pool)
             else:
+                if c.pool.first_byte_timeout_ms and c.replayable and c.replay != NULL:
+                    # The client's bytes went out and nothing came back yet (to within a scan).
+                    if c.sent_ms == 0:
+                        c.sent_ms = self.now_ms
+                    elif self.now_ms - c.sent_ms >= c.pool.first_byte_timeout_ms:
+                        if not self._retry_after_reset(c):
+                            self._close(c, True)
+                        c = nxt
+                        continue
                 idle_ms = c.frontend.idle_timeout_ms
                 if idle_ms > 0 and self.now_ms - c.active_ms >= idle_ms:
                     self._close(c, False)
@@ -1033,6 +1065,7 @@ cdef class Worker:
         cdef int old_n = table.n
         cdef int *remap = NULL
         cdef Conn *c
+        cdef Conn *nxt
         cdef int i, j
         new = table_parse(rows, True)
         remap = <int *>malloc((old_n + 1) * sizeof(int))
@@ -1054,17 +1087,33 @@ cdef class Worker:
                 new.backends[j].down_bytes = old[i].down_bytes
                 new.backends[j].failed = old[i].failed
                 new.backends[j].succeeded = old[i].succeeded
+        # on-down = "close": the connections of a backend that went down are reset.
+        for i in range(old_n):
+            if remap[i] >= 0 and not (pool.close_on_down and old[i].up
+                                      and not new.backends[remap[i]].up):
+                remap[i] = remap[i] + 1  # kept; 0 below means "close", -1 "detach"
+            elif remap[i] >= 0:
+                remap[i] = 0
+            else:
+                remap[i] = -1
         table_swap(table, &new)
         c = self.live
         while c != NULL:
+            nxt = c.next
             if c.pool == pool:
-                if c.backend >= 0:
-                    c.backend = remap[c.backend]
-                    if c.backend >= 0:
-                        table.backends[c.backend].local_active += 1
                 for i in range(c.ntried):
-                    c.tried[i] = remap[c.tried[i]]
-            c = c.next
+                    j = remap[c.tried[i]]
+                    c.tried[i] = j - 1 if j > 0 else -1
+                if c.backend >= 0:
+                    j = remap[c.backend]
+                    if j == 0:
+                        c.backend = -1  # counted nowhere now: the new table never held it
+                        self._close(c, True)
+                    else:
+                        c.backend = j - 1 if j > 0 else -1
+                        if c.backend >= 0:
+                            table.backends[c.backend].local_active += 1
+            c = nxt
         free(remap)
         if table_refresh(table) < 0:
             raise MemoryError()

@@ -54,6 +54,11 @@ cdef void table_init(Table *table, const Algorithm *algo, double balance_factor)
     table.rng = 0x9E3779B97F4A7C15ULL
 
 
+# Users give weights up to 1,000,000; the supervisor may scale them by 100 (slow start, agent
+# percentages) for a finer ramp. Sums stay in int64.
+DEF MAX_TABLE_WEIGHT = 100000000
+
+
 cdef Table table_parse(list rows, bint with_ids) except *:
     """A table holding only the backends from rows of (host, port, weight, up, backup), each row
     led by the backend's id when with_ids (else its position is its id)."""
@@ -72,7 +77,7 @@ cdef Table table_parse(list rows, bint with_ids) except *:
             else:
                 backend_id = i
                 host, port, weight, up, backup = row
-            if not 0 <= weight <= 1000000:
+            if not 0 <= weight <= MAX_TABLE_WEIGHT:
                 raise ValueError(f"weight out of range: {weight}")
             b = &new.backends[i]
             b.id = backend_id
@@ -103,14 +108,23 @@ cdef int table_refresh(Table *table) noexcept nogil:
     """Recomputes the eligible set and rebuilds the algorithm's state. Returns -1 on ENOMEM.
 
     In use: the primaries that are up; if none, the backups that are up (active-passive); if
-    none of those either, every primary, so that a stale health mark cannot cause an outage."""
-    cdef int i, n = 0, pass_
+    none of those either, every primary, so that a stale health mark cannot cause an outage.
+    Panic: when some primaries are up but fewer than panic_threshold of them, every primary
+    (as if none were up and no backup either), so that the few left are not crushed; a
+    connection that meets a down one is retried on the next."""
+    cdef int i, n = 0, pass_, first = 0, primaries = 0, up_primaries = 0
     cdef Backend *b
     free(table.eligible)
     table.eligible = <int *>malloc((table.n + 1) * sizeof(int))
     if table.eligible == NULL:
         return -1
-    for pass_ in range(3):
+    for i in range(table.n):
+        if not table.backends[i].backup:
+            primaries += 1
+            up_primaries += table.backends[i].up
+    if up_primaries and up_primaries < table.panic_threshold * primaries:
+        first = 2
+    for pass_ in range(first, 3):
         for i in range(table.n):
             b = &table.backends[i]
             if ((pass_ == 0 and b.up and not b.backup) or (pass_ == 1 and b.up and b.backup)
@@ -126,6 +140,26 @@ cdef int table_refresh(Table *table) noexcept nogil:
     table.algo.release(table)
     table.state = NULL
     return table.algo.build(table)
+
+
+cdef int table_fallback(Table *table, const int *tried, int ntried) noexcept nogil:
+    """A backend outside the eligible set for a connection that tried every one in it: an up
+    backup, else a primary marked down (a last resort), else -1. Starts at a random place so
+    that such connections spread. Called without the GIL; touches no Python objects."""
+    cdef int k, i, pass_, start
+    cdef Backend *b
+    if table.n == 0:
+        return -1
+    start = <int>(next_random(table) % <uint64_t>table.n)
+    for pass_ in range(2):
+        for k in range(table.n):
+            i = (start + k) % table.n
+            b = &table.backends[i]
+            if b.weight <= 0 or is_tried(i, tried, ntried):
+                continue
+            if (pass_ == 0 and b.up and b.backup) or (pass_ == 1 and not b.up and not b.backup):
+                return i
+    return -1
 
 
 cdef void table_free(Table *table) noexcept nogil:

@@ -144,7 +144,7 @@ def check_command(args: argparse.Namespace) -> int:
     unreachable = 0
     for pool in config.pools:
         for backend in pool.backends:
-            problem = probe(backend, pool.check_timeout)
+            problem = probe(backend, pool.check.timeout)
             if problem:
                 print(f"fastlb: error: pool {pool.name} backend {backend.address} is "
                       f"unreachable: {problem}", file=sys.stderr)  # fmt: skip

@@ -24,7 +24,7 @@ from typing import Any
 from fastlb import _dataplane, model
 from fastlb.errors import ConfigError
 
-MAX_WEIGHT = 1_000_000  # the data plane rejects larger weights
+MAX_WEIGHT = 1_000_000  # x 100 (slow start, agent weights) is what the data plane takes
 MAX_RETRIES = 15  # the data plane tries at most 16 backends for one connection
 MAX_WORKERS = 1024
 # Descriptors a worker needs besides two per connection: listener, control socket, epoll,

@@ -47,6 +47,9 @@ def dataplane_specs(config: Config) -> tuple[list[dict], list[dict]]:
             "hash_key": pool.hash_key,
             "balance_factor": pool.hash_balance_factor,
             "send_proxy": SEND_PROXY[pool.send_proxy],
+            "panic_threshold": pool.panic_threshold,
+            "on_down": pool.on_down,
+            "first_byte_timeout": pool.first_byte_timeout if pool.observe == "first-byte" else 0.0,
         }
         for i, pool in enumerate(config.pools)
     ]

@@ -18,6 +18,10 @@ Modes, one thread per connection:
   reset      send NAME + "\\n", wait for one byte from the client, then close with a reset (RST)
   firstbytes read until EOF (or a reset), then report the first bytes read (at most 1 KiB)
              as a ``{"event": "firstbytes", "peer", "hex"}`` event, and close
+  close      close at once, sending nothing: a server that accepts but does no work
+  silent     read until EOF and never answer: a hung server whose kernel still accepts
+  http       answer one HTTP request with NAME + "\n" and close; the status is the number in
+             --status-file (200 when there is none), read anew for every request
 """
 
 from __future__ import annotations
@@ -146,6 +150,30 @@ class Connection:
         finally:  # a health checker may close with a reset: what came before it still counts
             report(event="firstbytes", peer=self.peer, hex=first.hex())
 
+    def serve_close(self) -> None:
+        pass
+
+    def serve_silent(self) -> None:
+        while self.recv():
+            pass
+
+    def serve_http(self) -> None:
+        head = bytearray()
+        while b"\r\n\r\n" not in head and (data := self.recv()):
+            head += data
+        status = 200
+        if self.args.status_file:
+            try:
+                with open(self.args.status_file) as f:
+                    status = int(f.read().strip() or 200)
+            except (OSError, ValueError):
+                pass
+        body = self.name_line()
+        self.send(
+            f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+
     def run(self) -> None:
         error = None
         report(event="open", peer=self.peer)
@@ -176,6 +204,9 @@ MODES = {
     "halfclose": Connection.serve_halfclose,
     "reset": Connection.serve_reset,
     "firstbytes": Connection.serve_firstbytes,
+    "close": Connection.serve_close,
+    "silent": Connection.serve_silent,
+    "http": Connection.serve_http,
 }
 
 
@@ -185,6 +216,7 @@ def main() -> None:
     parser.add_argument("--name", default="backend")
     parser.add_argument("--bytes", type=int, default=0, help="what source sends")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--status-file", help="http: the file holding the status to answer")
     parser.add_argument("--lifetime", type=float, default=600.0, help="exit after this long")
     args = parser.parse_args()
 

@@ -189,12 +189,13 @@ class ClientLoop:
 class Backend:
     """One ``backends.py`` process; ``events`` receives its JSON event lines."""
 
-    def __init__(self, mode: str, name: str, nbytes: int = 0, port: int = 0):
+    def __init__(self, mode: str, name: str, nbytes: int = 0, port: int = 0, status_file: str = ""):
         self.mode = mode
         self.name = name
         self.proc = subprocess.Popen(
             [sys.executable, str(BACKENDS_PROGRAM), mode, "--name", name]
-            + ["--bytes", str(nbytes), "--port", str(port)],
+            + ["--bytes", str(nbytes), "--port", str(port)]
+            + (["--status-file", status_file] if status_file else []),
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
@@ -254,8 +255,14 @@ def backends():
     started: list[Backend] = []
     counter = iter(range(1, 1000))
 
-    def start(mode: str = "name", name: str | None = None, nbytes: int = 0, port: int = 0):
-        backend = Backend(mode, name or f"{mode}{next(counter)}", nbytes, port)
+    def start(
+        mode: str = "name",
+        name: str | None = None,
+        nbytes: int = 0,
+        port: int = 0,
+        status_file: str = "",
+    ):
+        backend = Backend(mode, name or f"{mode}{next(counter)}", nbytes, port, status_file)
         started.append(backend)
         return backend
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import selectors
 import signal
 import socket
@@ -31,8 +32,8 @@ from dataclasses import dataclass, field, replace
 
 from fastlb import worker as worker_process
 from fastlb.errors import EXIT_BOOT_FAILED, EXIT_FORCED, EXIT_OK, FastlbError
-from fastlb.health.checker import Checker
-from fastlb.health.state import FailureRun, HealthState
+from fastlb.health.probes import Checker, CheckResult
+from fastlb.health.state import Damping, FailureRun, HealthState, History, effective_weight
 from fastlb.metrics import StatsServer
 from fastlb.model import Address, BackendSpec, Config, FrontendSpec, PoolSpec
 from fastlb.protocol import messages as msg
@@ -45,6 +46,9 @@ QUICK_DEATH = 1.0  # a worker that dies sooner than this after starting is crash
 RESPAWN_DELAY = 0.1  # delay before the second quick respawn; it doubles each time after
 MAX_RESPAWN_DELAY = 5.0
 MAX_PENDING = 1 << 20  # past this many unsent bytes to a worker, counts are dropped
+RAMP_STEP = 0.5  # while a backend ramps up its weight (slow start), tables go out this often
+# Pools whose weights change by fractions (slow start, agent percentages) send weights x this.
+WEIGHT_SCALE = 100
 # A stop signal this soon after the one that started the drain is the same request: timeout(1)
 # and some process managers signal both the process and its process group.
 REPEAT_WINDOW = 0.5
@@ -84,7 +88,13 @@ class BackendState:
     spec: BackendSpec
     health: HealthState
     failures: FailureRun
+    damping: Damping
+    history: History
     next_check: float = 0.0
+    held_until: float = 0.0  # flap damping: it may not rise before this
+    admin: str | None = None  # "drain" or "maint", as its agent said
+    agent_weight: int | None = None  # percent of its weight, as its agent said
+    ramp_from: float | None = None  # slow start: when it came back
     connections: int = 0
     failed: int = 0
     up_bytes: int = 0
@@ -93,6 +103,17 @@ class BackendState:
     @property
     def up(self) -> bool:
         return self.health.up
+
+    @property
+    def in_use(self) -> bool:
+        """Up, and not put in maintenance by its agent."""
+        return self.health.up and self.admin != "maint"
+
+    @property
+    def state(self) -> str:
+        if not self.health.up:
+            return "down"
+        return self.admin or "up"
 
 
 @dataclass
@@ -126,13 +147,16 @@ class Arbiter:
         self.workers: dict[int, WorkerHandle] = {}
         self.backend_ids: dict[tuple[str, Address], int] = {}
         self.backends: dict[int, BackendState] = {}
+        self.backends_started = False  # backends there at start do not ramp up (slow start)
         self.pools = [
             PoolState(i, spec, [self.backend_state(i, spec, b) for b in spec.backends])
             for i, spec in enumerate(config.pools)
         ]
+        self.backends_started = True
         self.frontends = [FrontendState(i, spec) for i, spec in enumerate(config.frontends)]
         self.table_version = 1
         self.table_changed = False
+        self.next_ramp = 0.0  # when ramping weights next go out
         self.counts_changed = False
         self.signal_queue: list[int] = []
         self.saved_handlers: dict[int, object] = {}  # restored on the way out
@@ -202,6 +226,8 @@ class Arbiter:
             ]
             missing = self.missing_worker_ids()
             deadlines += [self.respawn_at.get(worker_id, 0.0) for worker_id in missing]
+            if self.ramping():
+                deadlines.append(self.next_ramp)
         timeout = max(0.0, min(d for d in deadlines if d is not None) - time.monotonic())
         stats_events = []
         for key, mask in self.selector.select(timeout):
@@ -236,6 +262,9 @@ class Arbiter:
         else:
             self.spawn_workers()
             self.run_checks(now)
+            if now >= self.next_ramp and self.ramping():
+                self.table_changed = True
+                self.next_ramp = now + RAMP_STEP
         self.publish()
         if not self.announced_ready and not self.draining:
             ready = sum(1 for worker in self.workers.values() if worker.ready)
@@ -598,6 +627,7 @@ class Arbiter:
                     self.send(worker, msg.Counts(table=self.table_version, others=changed))
 
     def table(self) -> msg.Table:
+        now = time.monotonic()
         return msg.Table(
             version=self.table_version,
             pools=[
@@ -608,8 +638,8 @@ class Arbiter:
                             backend.id,
                             backend.spec.address.host,
                             backend.spec.address.port,
-                            backend.spec.weight,
-                            backend.up,
+                            self.effective_weight(backend, now),
+                            backend.in_use,
                             backend.spec.backup,
                         )
                         for backend in pool.backends
@@ -632,7 +662,8 @@ class Arbiter:
 
     def backend_state(self, pool_id: int, pool: PoolSpec, spec: BackendSpec) -> BackendState:
         """The state of a backend of a pool: kept (with its new weight and role) when the pool
-        already has one at that address, else a new one with a new id."""
+        already has one at that address, else a new one with a new id. A backend added after
+        start ramps up its weight like one that came back (slow start)."""
         key = (pool.name, spec.address)
         backend_id = self.backend_ids.get(key)
         if backend_id is not None and backend_id in self.backends:
@@ -640,12 +671,17 @@ class Arbiter:
         else:
             if backend_id is None:
                 backend_id = self.backend_ids[key] = len(self.backend_ids)
+            check = pool.check
+            now = time.monotonic()
             backend = BackendState(
                 backend_id,
                 pool_id,
                 spec,
-                HealthState(pool.rise, pool.fall),
-                FailureRun(pool.fall),
+                HealthState(check.rise, check.fall),
+                FailureRun(check.fall),
+                Damping(check.flap_window, check.flap_base, check.flap_max),
+                History(time.time()),
+                ramp_from=now if pool.slow_start and self.backends_started else None,
             )
         self.backends[backend_id] = backend
         return backend
@@ -683,8 +719,46 @@ class Arbiter:
     def pool_spec(self, backend: BackendState) -> PoolSpec:
         return self.pools[backend.pool].spec
 
+    def weight_scale(self, pool: PoolSpec) -> int:
+        return WEIGHT_SCALE if pool.slow_start or pool.check.type == "agent" else 1
+
+    def effective_weight(self, backend: BackendState, now: float) -> int:
+        """The weight the workers use, in units of 1 / weight_scale: the configured one, times
+        its agent's percentage, ramped up while slow start lasts; 0 while its agent drains it."""
+        if backend.admin == "drain":
+            return 0
+        weight = backend.spec.weight * self.weight_scale(self.pool_spec(backend))
+        if backend.agent_weight is not None:
+            weight = weight * backend.agent_weight // 100
+        slow_start = self.pool_spec(backend).slow_start
+        if backend.ramp_from is not None:
+            elapsed = now - backend.ramp_from
+            if not slow_start or elapsed >= slow_start:
+                backend.ramp_from = None
+            else:
+                weight = effective_weight(weight, elapsed, slow_start)
+        return weight
+
+    def ramping(self) -> bool:
+        return any(backend.ramp_from is not None for backend in self.backends.values())
+
     def wants_check(self, backend: BackendState) -> bool:
-        return self.pool_spec(backend).active_checks or not backend.up
+        return self.pool_spec(backend).check.active or not backend.up
+
+    def check_interval(self, backend: BackendState) -> float:
+        """The time to the next check: fast while a change of state is pending, the down
+        interval while down, plus up to the jitter at random."""
+        check = self.pool_spec(backend).check
+        health = backend.health
+        top = health.rise + health.fall - 1
+        pending = (health.up and health.health < top) or (not health.up and health.health > 0)
+        if pending:
+            interval = check.fast_interval or check.interval
+        elif not health.up:
+            interval = check.down_interval or check.interval
+        else:
+            interval = check.interval
+        return interval + (random.uniform(0, check.jitter) if check.jitter else 0.0)
 
     def run_checks(self, now: float) -> None:
         for backend in self.backends.values():
@@ -694,43 +768,79 @@ class Arbiter:
                 and not self.checker.busy(backend.id)
             ):
                 pool = self.pool_spec(backend)
-                backend.next_check = now + pool.check_interval
-                self.checker.check(
-                    backend.id, backend.spec.address, pool.check_timeout, pool.send_proxy
-                )
+                backend.next_check = now + self.check_interval(backend)
+                self.checker.check(backend.id, backend.spec.address, pool.check, pool.send_proxy)
 
-    def on_check(self, backend_id: int, ok: bool) -> None:
+    def on_check(self, backend_id: int, result: CheckResult) -> None:
         backend = self.backends.get(backend_id)
         if backend is None:
             return
-        transition = backend.health.observe(ok)
+        now = time.monotonic()
+        backend.history.checked(time.time(), result.ok, result.reason, result.duration)
+        self.apply_agent(backend, result)
+        if not backend.up and now < backend.held_until:
+            return  # flap damping: held down whatever the checks say
+        transition = backend.health.observe(result.ok)
         if transition == "down":
-            self.mark_down(backend, f"{self.pool_spec(backend).fall} checks failed in a row")
+            check = self.pool_spec(backend).check
+            self.mark_down(backend, f"{check.fall} checks failed in a row ({result.reason})")
         elif transition == "up":
-            self.mark_up(backend)
+            self.mark_up(backend, f"{self.pool_spec(backend).check.rise} checks passed in a row")
+
+    def apply_agent(self, backend: BackendState, result: CheckResult) -> None:
+        """What an agent check said beyond up or down: drain, maint, ready, a weight."""
+        admin = backend.admin
+        if result.agent_state in ("drain", "maint"):
+            admin = result.agent_state
+        elif result.agent_state in ("up", "ready"):
+            admin = None
+        if admin != backend.admin:
+            was = backend.state
+            backend.admin = admin
+            self.table_changed = True
+            backend.history.transition(time.time(), was, backend.state, f"agent: {result.reason}")
+            log.info(
+                "backend %s is %s: its agent said so (pool %s)",
+                backend.spec.address,
+                backend.state,
+                self.pool_spec(backend).name,
+            )
+        if result.agent_weight is not None and result.agent_weight != backend.agent_weight:
+            backend.agent_weight = result.agent_weight
+            self.table_changed = True
 
     def mark_down(self, backend: BackendState, why: str) -> None:
         pool = self.pool_spec(backend)
-        backend.health = HealthState(pool.rise, pool.fall, up=False)
+        now = time.monotonic()
+        was = backend.state
+        backend.health = HealthState(pool.check.rise, pool.check.fall, up=False)
         backend.failures.reset()
-        backend.next_check = time.monotonic() + pool.check_interval
+        backend.ramp_from = None
+        hold = backend.damping.on_fall(now)
+        backend.held_until = now + hold
+        backend.next_check = now + self.check_interval(backend)
         self.table_changed = True
+        if hold:
+            why += f"; held down {hold:g}s for flapping"
+        backend.history.transition(time.time(), was, "down", why)
         log.warning("backend %s is down: %s (pool %s)", backend.spec.address, why, pool.name)
 
-    def mark_up(self, backend: BackendState) -> None:
+    def mark_up(self, backend: BackendState, why: str) -> None:
         pool = self.pool_spec(backend)
+        now = time.monotonic()
         backend.failures.reset()
+        backend.damping.on_rise(now)
+        if pool.slow_start:
+            backend.ramp_from = now
+            self.next_ramp = now  # the first lowered weight goes out with this table
         self.table_changed = True
-        log.info(
-            "backend %s is up: %d checks passed in a row (pool %s)",
-            backend.spec.address,
-            pool.rise,
-            pool.name,
-        )
+        backend.history.transition(time.time(), "down", backend.state, why)
+        log.info("backend %s is up: %s (pool %s)", backend.spec.address, why, pool.name)
 
     # ---- stats ----------------------------------------------------------------------------------
 
     def snapshot(self) -> dict:
+        now = time.monotonic()
         totals = self.active_totals()
         frontend_active = [0] * len(self.frontends)
         for worker in self.workers.values():
@@ -771,8 +881,13 @@ class Arbiter:
                     "pool": pool.spec.name,
                     "address": str(backend.spec.address),
                     "weight": backend.spec.weight,
+                    "effective_weight": round(
+                        self.effective_weight(backend, now) / self.weight_scale(pool.spec), 2
+                    ),
                     "backup": backend.spec.backup,
                     "up": backend.up,
+                    "state": backend.state,
+                    "history": backend.history.as_dict(),
                     "active": totals[backend.id],
                     "connections": backend.connections,
                     "failed": backend.failed,
