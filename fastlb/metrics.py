@@ -9,12 +9,17 @@
                     "active": <open connections>, "connections": <accepted>,
                     "rejected": <closed before a pick>}, ...],
      "pools": [{"name": <str>, "algorithm": <str>, "send_proxy": "v1" | "v2" | null,
+                "check": <active check type> | null, "panic": <bool>,
                 "backends": [<backend id>, ...]}, ...],
      "backends": [{"id": <int>, "pool": <pool name>, "address": "host:port",
-                   "weight": <int>, "backup": <bool>, "up": <bool>,
+                   "weight": <int>, "effective_weight": <as the workers use it>,
+                   "backup": <bool>, "up": <bool>,
                    "active": <open connections, all workers>, "connections": <total new>,
                    "failed": <failed connects>, "up_bytes": <client -> backend>,
-                   "down_bytes": <backend -> client>}, ...]}
+                   "down_bytes": <backend -> client>, "transitions": <changes of state>,
+                   "history": {"state": "up" | "down" | "drain" | "maint", "since": <time>,
+                               "last_check": null | {"ok", "reason", "duration", "at"},
+                               "transitions": [{"at", "from", "to", "reason"}, ...]}}, ...]}
 
 ``GET /metrics`` answers the same numbers in the Prometheus text format, through a
 prometheus_client collector over the snapshot on a registry of its own.
@@ -116,6 +121,31 @@ class StatsCollector(Collector):
             transferred.add_metric([*labels, "down"], backend["down_bytes"])
         yield from families.values()
         yield transferred
+        check_ok = GaugeMetricFamily(
+            "fastlb_backend_check_status",
+            "1 if the last health check passed, 0 if not.",
+            labels=label,
+        )
+        check_duration = GaugeMetricFamily(
+            "fastlb_backend_check_duration_seconds",
+            "How long the last health check took.",
+            labels=label,
+        )
+        transitions = CounterMetricFamily(
+            "fastlb_backend_transitions",
+            "Changes of state (up, down, drain, maint) since start.",
+            labels=label,
+        )
+        for backend in stats["backends"]:
+            labels = [backend["pool"], backend["address"]]
+            transitions.add_metric(labels, backend["transitions"])
+            last = backend["history"]["last_check"]
+            if last is not None:
+                check_ok.add_metric(labels, 1.0 if last["ok"] else 0.0)
+                check_duration.add_metric(labels, last["duration"])
+        yield check_ok
+        yield check_duration
+        yield transitions
 
 
 @dataclass

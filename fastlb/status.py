@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import sys
+import time
 
 from rich.console import Console
 from rich.table import Table
@@ -42,6 +43,35 @@ def _size(count: int) -> str:
     return f"{value / 1024:.1f} TiB"
 
 
+_STATE_STYLE = {
+    "up": "[green]up[/]",
+    "down": "[red]down[/]",
+    "drain": "[yellow]drain[/]",
+    "maint": "[yellow]maint[/]",
+}
+
+
+def _weight(backend: dict) -> str:
+    """The configured weight, and the one in use when slow start or an agent changed it."""
+    weight, effective = backend["weight"], backend["effective_weight"]
+    return str(weight) if effective == weight else f"{effective:g}/{weight}"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _last_check(check: dict | None) -> str:
+    if check is None:
+        return "-"
+    mark = "[green]ok[/]" if check["ok"] else "[red]failed[/]"
+    return f"{mark} {check['reason']} ({check['duration'] * 1000:.0f} ms)"
+
+
 def console() -> Console:
     # A pipe or a file gets the whole table rather than 80 squeezed columns.
     return Console() if sys.stdout.isatty() else Console(width=120)
@@ -76,6 +106,7 @@ def render(stats: dict, console: Console) -> None:
         )
     console.print(frontends)
     backends = {backend["id"]: backend for backend in stats["backends"]}
+    now = time.time()
     for pool in stats["pools"]:
         extra = f", send-proxy {pool['send_proxy']}" if pool["send_proxy"] else ""
         table = Table(
@@ -84,17 +115,22 @@ def render(stats: dict, console: Console) -> None:
         table.add_column("backend", no_wrap=True)
         for column in ("weight", "role", "state", "active", "total", "failed", "sent", "received"):
             table.add_column(column, justify="left" if column == "role" else "right", no_wrap=True)
+        table.add_column("since", justify="right", no_wrap=True)
+        table.add_column("last check")
         for backend_id in pool["backends"]:
             backend = backends[backend_id]
+            history = backend["history"]
             table.add_row(
                 backend["address"],
-                str(backend["weight"]),
+                _weight(backend),
                 "backup" if backend["backup"] else "primary",
-                "[green]up[/]" if backend["up"] else "[red]down[/]",
+                _STATE_STYLE[history["state"]],
                 str(backend["active"]),
                 str(backend["connections"]),
                 str(backend["failed"]),
                 _size(backend["up_bytes"]),
                 _size(backend["down_bytes"]),
+                _age(now - history["since"]),
+                _last_check(history["last_check"]),
             )
         console.print(table)

@@ -33,7 +33,14 @@ from dataclasses import dataclass, field, replace
 from fastlb import worker as worker_process
 from fastlb.errors import EXIT_BOOT_FAILED, EXIT_FORCED, EXIT_OK, FastlbError
 from fastlb.health.probes import Checker, CheckResult
-from fastlb.health.state import Damping, FailureRun, HealthState, History, effective_weight
+from fastlb.health.state import (
+    Damping,
+    FailureRun,
+    HealthState,
+    History,
+    effective_weight,
+    in_panic,
+)
 from fastlb.metrics import StatsServer
 from fastlb.model import Address, BackendSpec, Config, FrontendSpec, PoolSpec
 from fastlb.protocol import messages as msg
@@ -91,10 +98,10 @@ class BackendState:
     damping: Damping
     history: History
     next_check: float = 0.0
-    held_until: float = 0.0  # flap damping: it may not rise before this
     admin: str | None = None  # "drain" or "maint", as its agent said
     agent_weight: int | None = None  # percent of its weight, as its agent said
     ramp_from: float | None = None  # slow start: when it came back
+    transitions: int = 0  # changes of state since start
     connections: int = 0
     failed: int = 0
     up_bytes: int = 0
@@ -680,7 +687,7 @@ class Arbiter:
                 HealthState(check.rise, check.fall),
                 FailureRun(check.fall),
                 Damping(check.flap_window, check.flap_base, check.flap_max),
-                History(time.time()),
+                History("up", time.time()),
                 ramp_from=now if pool.slow_start and self.backends_started else None,
             )
         self.backends[backend_id] = backend
@@ -739,6 +746,13 @@ class Arbiter:
                 weight = effective_weight(weight, elapsed, slow_start)
         return weight
 
+    def in_panic(self, pool: PoolState) -> bool:
+        """Whether the workers spread this pool's traffic over every primary (as the data plane
+        decides it, from the same table)."""
+        primaries = [backend for backend in pool.backends if not backend.spec.backup]
+        up = sum(1 for backend in primaries if backend.in_use)
+        return up > 0 and in_panic(up, len(primaries), pool.spec.panic_threshold)
+
     def ramping(self) -> bool:
         return any(backend.ramp_from is not None for backend in self.backends.values())
 
@@ -778,7 +792,7 @@ class Arbiter:
         now = time.monotonic()
         backend.history.checked(time.time(), result.ok, result.reason, result.duration)
         self.apply_agent(backend, result)
-        if not backend.up and now < backend.held_until:
+        if not backend.up and not backend.damping.may_rise(now):
             return  # flap damping: held down whatever the checks say
         transition = backend.health.observe(result.ok)
         if transition == "down":
@@ -795,10 +809,9 @@ class Arbiter:
         elif result.agent_state in ("up", "ready"):
             admin = None
         if admin != backend.admin:
-            was = backend.state
             backend.admin = admin
             self.table_changed = True
-            backend.history.transition(time.time(), was, backend.state, f"agent: {result.reason}")
+            self.record(backend, f"agent: {result.reason}")
             log.info(
                 "backend %s is %s: its agent said so (pool %s)",
                 backend.spec.address,
@@ -809,20 +822,22 @@ class Arbiter:
             backend.agent_weight = result.agent_weight
             self.table_changed = True
 
+    def record(self, backend: BackendState, why: str) -> None:
+        if backend.history.transition(time.time(), backend.state, why):
+            backend.transitions += 1
+
     def mark_down(self, backend: BackendState, why: str) -> None:
         pool = self.pool_spec(backend)
         now = time.monotonic()
-        was = backend.state
         backend.health = HealthState(pool.check.rise, pool.check.fall, up=False)
         backend.failures.reset()
         backend.ramp_from = None
         hold = backend.damping.on_fall(now)
-        backend.held_until = now + hold
         backend.next_check = now + self.check_interval(backend)
         self.table_changed = True
         if hold:
             why += f"; held down {hold:g}s for flapping"
-        backend.history.transition(time.time(), was, "down", why)
+        self.record(backend, why)
         log.warning("backend %s is down: %s (pool %s)", backend.spec.address, why, pool.name)
 
     def mark_up(self, backend: BackendState, why: str) -> None:
@@ -834,7 +849,7 @@ class Arbiter:
             backend.ramp_from = now
             self.next_ramp = now  # the first lowered weight goes out with this table
         self.table_changed = True
-        backend.history.transition(time.time(), "down", backend.state, why)
+        self.record(backend, why)
         log.info("backend %s is up: %s (pool %s)", backend.spec.address, why, pool.name)
 
     # ---- stats ----------------------------------------------------------------------------------
@@ -871,6 +886,8 @@ class Arbiter:
                     "name": pool.spec.name,
                     "algorithm": pool.spec.algorithm,
                     "send_proxy": pool.spec.send_proxy,
+                    "check": pool.spec.check.type if pool.spec.check.active else None,
+                    "panic": self.in_panic(pool),
                     "backends": [backend.id for backend in pool.backends],
                 }
                 for pool in self.pools
@@ -886,8 +903,8 @@ class Arbiter:
                     ),
                     "backup": backend.spec.backup,
                     "up": backend.up,
-                    "state": backend.state,
                     "history": backend.history.as_dict(),
+                    "transitions": backend.transitions,
                     "active": totals[backend.id],
                     "connections": backend.connections,
                     "failed": backend.failed,
