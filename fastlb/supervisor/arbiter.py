@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 
 from fastlb import worker as worker_process
 from fastlb.errors import EXIT_BOOT_FAILED, EXIT_FORCED, EXIT_OK, FastlbError
-from fastlb.health.checker import Checker
+from fastlb.health.probes import Checker, CheckResult
 from fastlb.health.state import FailureRun, HealthState
 from fastlb.metrics import StatsServer
 from fastlb.model import Address, BackendSpec, Config, FrontendSpec, PoolSpec
@@ -695,15 +695,13 @@ class Arbiter:
             ):
                 pool = self.pool_spec(backend)
                 backend.next_check = now + pool.check_interval
-                self.checker.check(
-                    backend.id, backend.spec.address, pool.check_timeout, pool.send_proxy
-                )
+                self.checker.check(backend.id, backend.spec.address, pool.check, pool.send_proxy)
 
-    def on_check(self, backend_id: int, ok: bool) -> None:
+    def on_check(self, backend_id: int, result: CheckResult) -> None:
         backend = self.backends.get(backend_id)
         if backend is None:
             return
-        transition = backend.health.observe(ok)
+        transition = backend.health.observe(result.ok)
         if transition == "down":
             self.mark_down(backend, f"{self.pool_spec(backend).fall} checks failed in a row")
         elif transition == "up":
