@@ -90,6 +90,8 @@ def build_parser() -> Parser:
 def _flags_summary() -> str:
     lines = ["run and check take these flags (details: fastlb run --help):"]
     for option in settings.OPTIONS:
+        if not option.command_line:
+            continue
         name = f"{option.flag} {option.metavar}" if option.metavar else option.flag
         first = option.help.split(";")[0]
         lines += textwrap.wrap(
@@ -144,7 +146,7 @@ def check_command(args: argparse.Namespace) -> int:
     unreachable = 0
     for pool in config.pools:
         for backend in pool.backends:
-            problem = probe(backend, pool.check_timeout)
+            problem = probe(backend, pool.check.timeout)
             if problem:
                 print(f"fastlb: error: pool {pool.name} backend {backend.address} is "
                       f"unreachable: {problem}", file=sys.stderr)  # fmt: skip
