@@ -90,6 +90,8 @@ def build_parser() -> Parser:
 def _flags_summary() -> str:
     lines = ["run and check take these flags (details: fastlb run --help):"]
     for option in settings.OPTIONS:
+        if not option.command_line:
+            continue
         name = f"{option.flag} {option.metavar}" if option.metavar else option.flag
         first = option.help.split(";")[0]
         lines += textwrap.wrap(

@@ -33,10 +33,11 @@ from typing import Any
 from fastlb import config_file, settings
 from fastlb.config_file import Document
 from fastlb.errors import ConfigError
-from fastlb.model import DEFAULT, Address, Config, FrontendSpec, PoolSpec, SniRoute
-from fastlb.settings import FRONTEND, OPTIONS, POOL, PROCESS, Option
+from fastlb.model import DEFAULT, Address, CheckSpec, Config, FrontendSpec, PoolSpec, SniRoute
+from fastlb.settings import CHECK, FRONTEND, OPTIONS, POOL, PROCESS, Option
 
 FRONTEND_KEYS = ("pool", "sni", "sni-required")  # frontend table keys that are no flags
+POOL_KEYS = ("check",)  # true, false or the [pool.NAME.check] table
 # Only the default frontend and pool have the listen and backend of the flags and top level.
 _NOT_INHERITED = ("listen", "backends")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -66,6 +67,7 @@ def load(values: Mapping[str, Any], path: str | None) -> Config:
     Raises ConfigError: one line, ``PATH:LINE:`` in front for a mistake in the file."""
     document = config_file.open_document(path) if path else None
     top = _top_level(values, document)
+    _check_top_level(top)
     frontend_tables = _tables(document, "frontend")
     pool_tables = _tables(document, "pool")
 
@@ -97,7 +99,7 @@ def load(values: Mapping[str, Any], path: str | None) -> Config:
         frontends.append(_frontend(name, top, table, document, pools, used))
     if not frontends:
         raise ConfigError("--listen is required (or a [frontend.NAME] in the --config file)")
-    process = {option.name: _value(option, top, {}, True) for option in _scoped(PROCESS)}
+    process = {option.attribute: _value(option, top, {}, True) for option in _scoped(PROCESS)}
     return Config(frontends=tuple(frontends), pools=tuple(pools), **process)
 
 
@@ -125,6 +127,9 @@ def _top_level(values: Mapping[str, Any], document: Document | None) -> dict:
     for option in OPTIONS:
         raw = values.get(option.name)
         if raw is not None and raw is not False:
+            for other in OPTIONS:  # a flag wins over the file's other spelling of its value
+                if other.attribute == option.attribute and other.scope == option.scope:
+                    given.pop(other.name, None)
             given[option.name] = _Given(option.value(raw), "")
     return given
 
@@ -163,6 +168,12 @@ def _section(
                 raise ConfigError(f"{where}: {key} is set twice")
             given[extra_key] = _Given(value, where)
             continue
+        if option is not None and option.scope == CHECK:
+            table = f"[pool.{name}.check]" if kind == POOL else "a [pool.NAME.check] table"
+            raise ConfigError(
+                f"{where}: {key} in [{kind}.{name}] is a check setting: set "
+                f"{option.table_key} in {table}"
+            )
         if option is None or option.scope != kind:
             takes = ", ".join([o.key for o in own] + list(extra))
             other = f"; {key} is a {option.scope} setting" if option else ""
@@ -188,8 +199,10 @@ def _value(option: Option, top: dict[str, _Given], section: dict[str, _Given], d
 
 def _pool(name: str, top: dict, table: dict | None, document: Document | None) -> PoolSpec:
     """The default pool (``table`` None: flags and top level) or a [pool.NAME] table."""
-    section = {} if table is None else _section(POOL, name, table, document, ())
-    values = {option.name: _value(option, top, section, table is None) for option in _scoped(POOL)}
+    section = {} if table is None else _section(POOL, name, table, document, POOL_KEYS)
+    values = {
+        option.attribute: _value(option, top, section, table is None) for option in _scoped(POOL)
+    }
     given = top["backends"] if table is None else section.get("backends")
     if given is None:
         raise ConfigError(f"{document.where('pool', name)}: [pool.{name}] has no backend")
@@ -201,7 +214,7 @@ def _pool(name: str, top: dict, table: dict | None, document: Document | None) -
             what = "--backend" if table is None else f"pool {name}: backend"
             raise given.error(f"{what} {backend.address} is given twice")
         seen.add(backend.address)
-    return PoolSpec(name=name, **values)
+    return PoolSpec(name=name, check=_check(name, top, section.get("check"), document), **values)
 
 
 def _frontend(
@@ -216,7 +229,8 @@ def _frontend(
     ``used`` holds the listen addresses of the frontends before, by address."""
     section = {} if table is None else _section(FRONTEND, name, table, document, FRONTEND_KEYS)
     values = {
-        option.name: _value(option, top, section, table is None) for option in _scoped(FRONTEND)
+        option.attribute: _value(option, top, section, table is None)
+        for option in _scoped(FRONTEND)
     }
     names = [pool.name for pool in pools]
     given = top["listen"] if table is None else section.get("listen")
@@ -314,12 +328,143 @@ def sni_pattern(text: str) -> str:
     return pattern
 
 
+# ---- health checks: [pool.NAME.check] ----------------------------------------------------------
+
+_CHECK_OPTIONS = tuple(option for option in OPTIONS if option.scope == CHECK)
+_CHECK_BY_KEY = {option.table_key: option for option in _CHECK_OPTIONS}
+_TYPE = _CHECK_BY_KEY["type"]
+_ACTIVE = _CHECK_BY_KEY["active"]
+
+
+def _fits(option: Option, check_type: str) -> bool:
+    """Whether a check of ``check_type`` takes the option."""
+    return not option.check_types or check_type in option.check_types
+
+
+def _for_types(option: Option) -> str:
+    return f"type{'s' if len(option.check_types) > 1 else ''} {', '.join(option.check_types)}"
+
+
+def check_keys(check_type: str) -> list[str]:
+    """The keys of a [pool.NAME.check] table of ``check_type``."""
+    return [option.table_key for option in _CHECK_OPTIONS if _fits(option, check_type)]
+
+
+def _check_top_level(top: dict[str, _Given]) -> None:
+    """The flags and top-level keys of the checks are one check description, the defaults of
+    every pool's: each must fit its type, and text and hex spellings of one value exclude each
+    other."""
+    check_type = top[_TYPE.name].value if _TYPE.name in top else _TYPE.value(None)
+    given = [settings.OPTIONS_BY_NAME[name] for name in top]
+    given = [option for option in given if option.scope == CHECK]
+    for option in given:
+        if not _fits(option, check_type):
+            raise top[option.name].error(
+                f"{option.label} is for {_for_types(option)}, and the check type is "
+                f"{check_type} ({_TYPE.label})"
+            )
+    _one_spelling_each(given, lambda option: top[option.name], lambda option: option.label)
+
+
+def _one_spelling_each(given: list[Option], where: Any, label: Any) -> None:
+    by_attribute: dict[str, Option] = {}
+    for option in given:
+        other = by_attribute.setdefault(option.attribute, option)
+        if other is not option:
+            raise where(option).error(f"{label(other)} and {label(option)} are both given; use one")
+
+
+def _check(
+    pool: str, top: dict[str, _Given], given: _Given | None, document: Document | None
+) -> CheckSpec:
+    """The check of a pool: its ``check`` (true, false or a table) over the top level's."""
+    table: dict[str, _Given] = {}  # by option name
+    active = top[_ACTIVE.name].value if _ACTIVE.name in top else _ACTIVE.value(None)
+    if given is not None:
+        if isinstance(given.value, bool):
+            active = given.value
+        elif isinstance(given.value, dict):
+            table = _check_table(pool, given.value, top, document)
+            active = table.pop(_ACTIVE.name).value if _ACTIVE.name in table else True
+        else:
+            raise given.error(
+                f"check takes true, false or a table: [pool.{pool}.check], not {given.value!r}"
+            )
+    for_type = table.get(_TYPE.name) or top.get(_TYPE.name)
+    check_type = for_type.value if for_type else _TYPE.value(None)
+    values: dict[str, Any] = {"active": active}
+    for option in _CHECK_OPTIONS:
+        if option.attribute in values or not _fits(option, check_type):
+            continue
+        same = [o for o in _CHECK_OPTIONS if o.attribute == option.attribute]
+        chosen = next((table[o.name] for o in same if o.name in table), None) or next(
+            (top[o.name] for o in same if o.name in top), None
+        )
+        values[option.attribute] = option.value(None) if chosen is None else chosen.value
+    check = CheckSpec(**values)
+    # What a check of its type cannot do without; where it belongs, as near as it is known.
+    where = given or top.get(_TYPE.name) or _Given(None, "")
+    if check.type == "agent" and check.port is None:
+        raise where.error(f"pool {pool}: an agent check needs the port its agent answers on (port)")
+    if check.type == "send-expect" and not (
+        check.send or check.expect is not None or check.expect_regex is not None
+    ):
+        raise where.error(
+            f"pool {pool}: a send-expect check needs something to send or expect (send, "
+            "send-hex, expect, expect-hex or expect-regex)"
+        )
+    if check.type == "redis" and check.username is not None and check.password is None:
+        raise where.error(f"pool {pool}: a redis check with a username needs its password")
+    return check
+
+
+def _check_table(
+    pool: str, raw: dict, top: dict[str, _Given], document: Document
+) -> dict[str, _Given]:
+    """The settings of a [pool.NAME.check] table, by option name, checked against its type
+    (its own, else the top level's)."""
+    section = f"[pool.{pool}.check]"
+
+    def where(key: str) -> str:
+        return document.where("pool", pool, "check", key)
+
+    type_key = next((key for key in raw if key == _TYPE.table_key), None)
+    if type_key is not None:
+        check_type = config_file.parse(_TYPE, raw[type_key], where(type_key), type_key)
+    else:
+        check_type = top[_TYPE.name].value if _TYPE.name in top else _TYPE.value(None)
+    table: dict[str, _Given] = {}
+    keys: dict[str, str] = {}  # the key each option was given as
+    for key, value in raw.items():
+        option = _CHECK_BY_KEY.get(key.replace("_", "-"))
+        if option is None:
+            named = config_file.option(key)
+            hint = f"; write {named.table_key}" if named and named.scope == CHECK else ""
+            raise ConfigError(
+                f"{where(key)}: unknown key {key!r} in {section}{hint} (a check of type "
+                f"{check_type} takes: {', '.join(check_keys(check_type))})"
+            )
+        if not _fits(option, check_type):
+            raise ConfigError(
+                f"{where(key)}: {key} is for {_for_types(option)}, and {section} has type "
+                f"{check_type}"
+            )
+        if option.name in table:
+            raise ConfigError(f"{where(key)}: {key} is set twice")
+        table[option.name] = _Given(config_file.parse(option, value, where(key), key), where(key))
+        keys[option.name] = key
+    given = [settings.OPTIONS_BY_NAME[name] for name in table]  # in the file's order
+    _one_spelling_each(given, lambda option: table[option.name], lambda option: keys[option.name])
+    return table
+
+
 # ---- what check prints, and the open-file limit ------------------------------------------------
 
 
 def describe(config: Config) -> list[str]:
     """The lines ``fastlb check`` prints: the process settings, then every frontend and pool
-    with every setting it resolved to (one line per address, route and backend)."""
+    with every setting it resolved to (one line per address, route and backend; for a pool's
+    check, ``check.KEY`` lines of the settings its type uses)."""
     lines = _aligned(
         "", [row for o in _scoped(PROCESS) for row in _rows(o, getattr(config, o.name))]
     )
@@ -333,8 +478,22 @@ def describe(config: Config) -> list[str]:
         lines += _aligned(f"frontend {frontend.name}: ", rows)
     for pool in config.pools:
         rows = [row for o in _scoped(POOL) for row in _rows(o, getattr(pool, o.name))]
-        lines += _aligned(f"pool {pool.name}: ", rows)
+        lines += _aligned(f"pool {pool.name}: ", rows + _check_rows(pool.check))
     return lines
+
+
+def _check_rows(check: CheckSpec) -> list[tuple[str, str]]:
+    """``check.KEY`` and value for each setting of a check that its type uses."""
+    rows = []
+    shown = set()
+    for option in _CHECK_OPTIONS:
+        if option.attribute in shown or not _fits(option, check.type):
+            continue
+        if option.attribute in ("flap_base", "flap_max") and not check.flap_window:
+            continue  # no flap damping
+        shown.add(option.attribute)
+        rows.append((f"check.{option.table_key}", option.show(getattr(check, option.attribute))))
+    return rows
 
 
 def _rows(option: Option, value: Any) -> list[tuple[str, str]]:

@@ -1,7 +1,8 @@
 """The configuration file: TOML, keys named after the flags, mistakes reported as FILE:LINE.
 
 Keys are the flag names without their dashes (``max-conn``, or ``max_conn``); ``backend`` (or
-``backends``) takes a list of the strings ``--backend`` takes, and ``check`` a boolean::
+``backends``) takes a list of the strings ``--backend`` takes, and ``check`` a boolean. Settings
+of the health checks that have no flag have top-level keys all the same (``check-jitter``)::
 
     listen = "0.0.0.0:80"
     algorithm = "leastconn"
@@ -81,25 +82,36 @@ def open_document(path: str) -> Document:
     return Document(path, values, _key_lines(text))
 
 
-def parse(option: Option, value: Any, where: str) -> Any:
-    """A TOML value parsed as its flag's value; ConfigError with ``where`` in front."""
+def parse(option: Option, value: Any, where: str, label: str | None = None) -> Any:
+    """A TOML value parsed as its flag's value; ConfigError with ``where`` in front. Messages
+    name the option as ``label`` (by default its flag, or its key when it has no flag)."""
+    key = label or option.key  # type mistakes name the key; bad values, the flag as elsewhere
     try:
-        if option.is_switch:
+        if option.is_switch or option.type is bool:
             if not isinstance(value, bool):
-                raise ConfigError(f"{option.key} must be true or false")
-            return value
+                raise ConfigError(f"{key} must be true or false")
+            return value if option.is_switch else option.value(str(value).lower(), label)
+        if option.joins_list and isinstance(value, list) and value:
+            value = ",".join(_scalar(option, item, key) for item in value)
         if option.many:
             items = value if isinstance(value, list) else [value]
-            return option.value([_scalar(option, item) for item in items])
-        return option.value(_scalar(option, value))
+            return option.value([_scalar(option, item, key) for item in items], label)
+        return option.value(_scalar(option, value, key), label)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _scalar(option: Option, value: Any) -> str:
+_TEXT_TYPES = (str, str | None, bytes, bytes | None)
+
+
+def _scalar(option: Option, value: Any, label: str) -> str:
     # Values reach the flag's parser as the text a user would type after the flag.
+    if option.type in _TEXT_TYPES:
+        if not isinstance(value, str):
+            raise ConfigError(f"{label} takes a string, not {value!r}")
+        return value
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ConfigError(f"{option.key} takes a string or a number, not {value!r}")
+        raise ConfigError(f"{label} takes a string or a number, not {value!r}")
     return str(value)
 
 

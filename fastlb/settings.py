@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -171,6 +172,155 @@ def balance_factor(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """A share from 0 to 1: a number (0.5) or a percentage (50%)."""
+    number, percent = (text[:-1], True) if text.endswith("%") else (text, False)
+    try:
+        value = float(number) / (100 if percent else 1)
+    except ValueError:
+        raise ValueError("expected a share, as in 0.5 or 50%") from None
+    if not 0 <= value <= 1:
+        raise ValueError("must be from 0 to 1 (0% to 100%)")
+    return value
+
+
+def boolean(text: str) -> bool:
+    if text in ("true", "false"):
+        return text == "true"
+    raise ValueError("must be true or false")
+
+
+def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, and "off" for None (to turn off what a default set)."""
+
+    def parse_or_off(text: str) -> Any:
+        return None if text == "off" else parse(text)
+
+    return parse_or_off
+
+
+_ESCAPES = {"\\": "\\", "r": "\r", "n": "\n", "t": "\t", "0": "\0"}
+_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|.?)", re.DOTALL)
+
+
+def escaped_bytes(text: str) -> bytes:
+    """Text to send or expect, as bytes: UTF-8, with the escapes \\r \\n \\t \\0 \\\\ and \\xHH
+    (as nginx's check_http_send)."""
+    if not text:
+        raise ValueError("must not be empty")
+    value = bytearray()
+    position = 0
+    for match in _ESCAPE.finditer(text):
+        value += text[position : match.start()].encode()
+        code = match.group(1)
+        if len(code) == 3:
+            value.append(int(code[1:], 16))
+        elif code in _ESCAPES:
+            value += _ESCAPES[code].encode()
+        else:
+            raise ValueError(f"unknown escape \\{code}: use \\r, \\n, \\t, \\0, \\\\ or \\xHH")
+        position = match.end()
+    value += text[position:].encode()
+    return bytes(value)
+
+
+def hex_bytes(text: str) -> bytes:
+    """Bytes as hex digits, with spaces allowed between bytes: ``2a31 0d0a``."""
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("expected pairs of hex digits, as in 2a310d0a") from None
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def show_bytes(value: bytes) -> str:
+    """Bytes as :func:`escaped_bytes` reads them back; "off" for none."""
+    if not value:
+        return "off"
+    named = {ord(v): f"\\{k}" for k, v in _ESCAPES.items()}
+    return "".join(
+        named.get(byte) or (chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}")
+        for byte in value
+    )
+
+
+def regex(text: str) -> str:
+    """A regular expression, matched against the bytes received."""
+    try:
+        re.compile(text.encode())
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    return text
+
+
+def text_without(forbidden: str, what: str) -> Callable[[str], str]:
+    """Non-empty text with none of ``forbidden`` (and no control characters)."""
+
+    def parse(text: str) -> str:
+        if not text:
+            raise ValueError("must not be empty")
+        if any(char in forbidden or ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+            raise ValueError(what)
+        return text
+
+    return parse
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token: a method name
+
+
+def http_method(text: str) -> str:
+    if not _TOKEN.fullmatch(text):
+        raise ValueError("expected a method name, as in GET or HEAD")
+    return text
+
+
+def http_path(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError("must start with /")
+    return text_without(" ", "no spaces or control characters; escape them as %20")(text)
+
+
+_STATUS = re.compile(r"([1-5])xx|([1-5]\d\d)(?:-([1-5]\d\d))?")
+
+
+def status_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """HTTP statuses: comma-separated statuses (200), ranges (200-399) and classes (2xx)."""
+    ranges = []
+    for part in text.split(","):
+        match = _STATUS.fullmatch(part.strip())
+        if not match:
+            raise ValueError(
+                f"bad status range {part.strip()!r}: expected a status (200), a range (200-399) "
+                "or a class (2xx), from 100 to 599"
+            )
+        hundreds, low, high = match.groups()
+        if hundreds:
+            ranges.append((int(hundreds) * 100, int(hundreds) * 100 + 99))
+            continue
+        if high is not None and int(high) < int(low):
+            raise ValueError(f"bad status range {part.strip()!r}: it ends below its start")
+        ranges.append((int(low), int(high or low)))
+    return tuple(ranges)
+
+
+def show_status_ranges(ranges: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def host_name(text: str) -> str:
+    """A DNS host name (for TLS SNI): ASCII labels joined by dots."""
+    labels = text.removesuffix(".").split(".")
+    if len(text) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError("expected a host name, as in db.example.test (international: xn--)")
+    return text
+
+
 class OneOf:
     """A name from a list that is read when parsing: compiled algorithms register themselves."""
 
@@ -193,8 +343,8 @@ def one_of(*names: str) -> OneOf:
 
 @dataclass(frozen=True)
 class Option:
-    name: str  # attribute of the model's Config, FrontendSpec or PoolSpec (as scope says)
-    flag: str
+    name: str  # the flag's argparse dest, and the key of the raw values config.load takes
+    flag: str  # for a file-only option (command_line False), what its file key is made of
     type: Any
     parse: Callable[[str], Any] | None  # None: a switch without a value
     default: Any  # a callable is called for the default at parse time
@@ -203,13 +353,32 @@ class Option:
     many: bool = False  # may be repeated; the value is a tuple
     required: bool = False
     default_text: str | None = None  # how --help shows a computed default
-    # Whose setting it is: the whole process, each frontend, or each pool (see fastlb.config).
+    # Whose setting it is: the whole process, each frontend, each pool, or each pool's check
+    # (see fastlb.config).
     scope: str = field(kw_only=True)
+    command_line: bool = field(default=True, kw_only=True)  # False: in the file only
+    # The attribute of the model's class (Config, FrontendSpec, PoolSpec or CheckSpec) that
+    # it sets; "": the name. Two options may set one attribute (send as text or as hex).
+    attribute: str = field(default="", kw_only=True)
+    table_key: str = field(default="", kw_only=True)  # its key in [pool.NAME.check]
+    check_types: tuple[str, ...] = field(default=(), kw_only=True)  # (): every type
+    joins_list: bool = field(default=False, kw_only=True)  # a list in the file is "a,b,c"
+    display: Callable[[Any], str] | None = field(default=None, kw_only=True)
+    none_text: str = field(default="off", kw_only=True)  # how None shows
+
+    def __post_init__(self) -> None:
+        if not self.attribute:
+            object.__setattr__(self, "attribute", self.name)
 
     @property
     def key(self) -> str:
         """The name in the configuration file: the flag without its dashes."""
         return self.flag[2:]
+
+    @property
+    def label(self) -> str:
+        """How messages name it: the flag, or the file key of a file-only option."""
+        return self.flag if self.command_line else self.key
 
     @property
     def is_switch(self) -> bool:
@@ -225,12 +394,16 @@ class Option:
 
     def show(self, value: Any) -> str:
         if value is None:
-            return "off"
+            return self.none_text
+        if self.display is not None:
+            return self.display(value)
         if isinstance(value, bool):
             return "on" if value else "off"
         return str(value)
 
-    def value(self, raw: Any) -> Any:
+    def value(self, raw: Any, label: str | None = None) -> Any:
+        """The value of raw text (a list of texts for ``many``); None: the default. Errors
+        name ``label``, by default the option's."""
         if self.is_switch:
             return bool(raw)
         if raw is None:
@@ -238,21 +411,23 @@ class Option:
         if self.many:
             if isinstance(raw, str):
                 raw = [raw]
-            return tuple(self._parse_one(text) for text in raw)
-        return self._parse_one(raw)
+            return tuple(self._parse_one(text, label) for text in raw)
+        return self._parse_one(raw, label)
 
-    def _parse_one(self, text: str) -> Any:
+    def _parse_one(self, text: str, label: str | None) -> Any:
         try:
             return self.parse(str(text))
         except ValueError as exc:
-            raise ConfigError(f"{self.flag} {text}: {exc}") from None
+            raise ConfigError(f"{label or self.label} {text}: {exc}") from None
 
 
 def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-PROCESS, FRONTEND, POOL = "process", "frontend", "pool"
+_CHECK = model.CheckSpec()  # the defaults of the check options
+
+PROCESS, FRONTEND, POOL, CHECK = "process", "frontend", "pool", "check"
 
 OPTIONS: tuple[Option, ...] = (
     Option(
@@ -287,9 +462,10 @@ OPTIONS: tuple[Option, ...] = (
         scope=POOL,
     ),
     Option(
-        "idle_timeout", "--idle-timeout", float, seconds(), 0.0,
-        "close a connection that carried no bytes either way for this long; 0: never",
-        metavar="S", scope=FRONTEND,
+        "idle_timeout", "--idle-timeout", float, seconds(), 600.0,
+        "close a connection that carried no bytes either way for this long; 0: never (10m is "
+        "nginx stream's proxy_timeout; HAProxy has no default and warns)",
+        metavar="S", default_text="10m", scope=FRONTEND,
     ),
     Option(
         "inspect_timeout", "--inspect-timeout", float, seconds(positive=True), 5.0,
@@ -313,29 +489,200 @@ OPTIONS: tuple[Option, ...] = (
         "other backends to try when connecting to one fails", metavar="N", scope=POOL,
     ),
     Option(
-        "fall", "--fall", int, integer(1, 1000), 3,
-        "consecutive failed connects (all workers together) or checks that mark a backend down",
-        metavar="N", scope=POOL,
+        "observe", "--observe", str | None, optional(one_of("first-byte")), None,
+        "passive checks of live traffic: with first-byte, a backend that sends nothing within "
+        "--first-byte-timeout of a client's first bytes counts as a failed connect",
+        metavar="WHAT", scope=POOL,
     ),
     Option(
-        "rise", "--rise", int, integer(1, 1000), 2,
-        "consecutive successful checks that bring a down backend back", metavar="N",
+        "first_byte_timeout", "--first-byte-timeout", float, seconds(positive=True), 10.0,
+        "with --observe first-byte, how long a backend may take to answer", metavar="S",
         scope=POOL,
     ),
     Option(
-        "check_interval", "--check-interval", float, seconds(positive=True), 2.0,
-        "time between two health checks (TCP connects) of a backend", metavar="S", scope=POOL,
+        "on_down", "--on-down", str | None, optional(one_of("close")), None,
+        "close: reset the open connections of a backend as it is marked down (default: they "
+        "stay until they end)",
+        metavar="ACTION", scope=POOL,
     ),
     Option(
-        "check_timeout", "--check-timeout", float, seconds(positive=True), 1.0,
-        "a health check that has not connected after this long fails", metavar="S",
-        scope=POOL,
+        "slow_start", "--slow-start", float, seconds(), 0.0,
+        "a backend that comes back up ramps its weight from 5% to full over this long; 0: off",
+        metavar="S", scope=POOL,
     ),
     Option(
-        "active_checks", "--check", bool, None, False,
+        "panic_threshold", "--panic-threshold", float, share, 0.5,
+        "with fewer than this share of primaries up, send to every primary, down or not, "
+        "rather than overload the few (0.5 or 50%); 0: never",
+        metavar="SHARE", scope=POOL,
+    ),
+    # ---- the check of each pool: [pool.NAME.check]; flags and top-level keys are defaults ----
+    Option(
+        "check_type", "--check-type", str, one_of(*model.CHECK_TYPES), _CHECK.type,
+        "what a health check does: connects (tcp), or speaks the backend's protocol",
+        metavar="TYPE", scope=CHECK, attribute="type", table_key="type",
+    ),
+    Option(
+        "active_checks", "--check", bool, None, _CHECK.active,
         "check every backend every --check-interval; without it only backends marked down by "
         "failed connects are checked, until they rise",
-        scope=POOL,
+        scope=CHECK, attribute="active", table_key="active",
+    ),
+    Option(
+        "check_interval", "--check-interval", float, seconds(positive=True), _CHECK.interval,
+        "time between two health checks of a backend", metavar="S",
+        scope=CHECK, attribute="interval", table_key="interval",
+    ),
+    Option(
+        "check_fast_interval", "--check-fast-interval", float | None, seconds(positive=True),
+        None, "time between checks while a backend is between up and down",
+        none_text="the interval",
+        scope=CHECK, command_line=False, attribute="fast_interval", table_key="fast-interval",
+    ),
+    Option(
+        "check_down_interval", "--check-down-interval", float | None, seconds(positive=True),
+        None, "time between checks of a backend that is down", none_text="the interval",
+        scope=CHECK, command_line=False, attribute="down_interval", table_key="down-interval",
+    ),
+    Option(
+        "check_timeout", "--check-timeout", float, seconds(positive=True), _CHECK.timeout,
+        "a health check that has not passed after this long fails", metavar="S",
+        scope=CHECK, attribute="timeout", table_key="timeout",
+    ),
+    Option(
+        "rise", "--rise", int, integer(1, 1000), _CHECK.rise,
+        "consecutive successful checks that bring a down backend back", metavar="N",
+        scope=CHECK, table_key="rise",
+    ),
+    Option(
+        "fall", "--fall", int, integer(1, 1000), _CHECK.fall,
+        "consecutive failed connects (all workers together) or checks that mark a backend down",
+        metavar="N", scope=CHECK, table_key="fall",
+    ),
+    Option(
+        "check_jitter", "--check-jitter", float, seconds(), _CHECK.jitter,
+        "start each check up to this much later, at random, so that checks spread out",
+        scope=CHECK, command_line=False, attribute="jitter", table_key="jitter",
+    ),
+    Option(
+        "check_port", "--check-port", int | None, lambda text: parse_port(text, False), None,
+        "check this port of each backend rather than the one traffic goes to",
+        metavar="PORT", none_text="the backend's", scope=CHECK, attribute="port",
+        table_key="port",
+    ),
+    Option(
+        "check_method", "--check-method", str, http_method, _CHECK.method,
+        "the method of an http check", scope=CHECK, command_line=False, attribute="method",
+        table_key="method", check_types=("http",),
+    ),
+    Option(
+        "check_path", "--check-path", str, http_path, _CHECK.path,
+        "the path an http check asks for", metavar="PATH",
+        scope=CHECK, attribute="path", table_key="path", check_types=("http",),
+    ),
+    Option(
+        "check_host", "--check-host", str | None, text_without(" ", "no spaces"), None,
+        "the Host header of an http check", metavar="HOST", none_text="the backend's address",
+        scope=CHECK, attribute="host", table_key="host", check_types=("http",),
+    ),
+    Option(
+        "check_expect_status", "--check-expect-status", tuple[tuple[int, int], ...],
+        status_ranges, _CHECK.expect_status,
+        "the statuses that pass an http check: 200, 200-399, 2xx, comma-separated",
+        metavar="STATUSES", display=show_status_ranges, joins_list=True,
+        scope=CHECK, attribute="expect_status", table_key="expect-status", check_types=("http",),
+    ),
+    Option(
+        "check_expect_body", "--check-expect-body", str | None, text_without("", ""), None,
+        "text the body of an http check's answer must contain",
+        scope=CHECK, command_line=False, attribute="expect_body", table_key="expect-body",
+        check_types=("http",),
+    ),
+    Option(
+        "check_expect_body_regex", "--check-expect-body-regex", str | None, regex, None,
+        "a regular expression the body of an http check's answer must match",
+        scope=CHECK, command_line=False, attribute="expect_body_regex",
+        table_key="expect-body-regex", check_types=("http",),
+    ),
+    Option(
+        "check_send", "--check-send", bytes, escaped_bytes, _CHECK.send,
+        "what a send-expect check sends (escapes: \\r \\n \\t \\0 \\\\ \\xHH)",
+        metavar="TEXT", display=show_bytes, scope=CHECK, attribute="send", table_key="send",
+        check_types=("send-expect",),
+    ),
+    Option(
+        "check_send_hex", "--check-send-hex", bytes, hex_bytes, _CHECK.send,
+        "what a send-expect check sends, as hex digits",
+        display=show_bytes, scope=CHECK, command_line=False, attribute="send",
+        table_key="send-hex", check_types=("send-expect",),
+    ),
+    Option(
+        "check_expect", "--check-expect", bytes | None, escaped_bytes, None,
+        "what the answer to a send-expect check must contain (escapes as --check-send)",
+        metavar="TEXT", display=show_bytes, scope=CHECK, attribute="expect", table_key="expect",
+        check_types=("send-expect",),
+    ),
+    Option(
+        "check_expect_hex", "--check-expect-hex", bytes | None, hex_bytes, None,
+        "what the answer to a send-expect check must contain, as hex digits",
+        display=show_bytes, scope=CHECK, command_line=False, attribute="expect",
+        table_key="expect-hex", check_types=("send-expect",),
+    ),
+    Option(
+        "check_expect_regex", "--check-expect-regex", str | None, regex, None,
+        "a regular expression the answer to a send-expect check must match",
+        scope=CHECK, command_line=False, attribute="expect_regex", table_key="expect-regex",
+        check_types=("send-expect",),
+    ),
+    Option(
+        "check_username", "--check-username", str | None, text_without(" ", "no spaces"), None,
+        "the user a redis check authenticates as (AUTH USERNAME PASSWORD)",
+        scope=CHECK, command_line=False, attribute="username", table_key="username",
+        check_types=("redis",),
+    ),
+    Option(
+        "check_password", "--check-password", str | None, text_without("", ""), None,
+        "the password of a redis check (AUTH)", display=lambda _: "(set)",
+        scope=CHECK, command_line=False, attribute="password", table_key="password",
+        check_types=("redis",),
+    ),
+    Option(
+        "check_ssl_request", "--check-ssl-request", bool, boolean, _CHECK.ssl_request,
+        "a postgres check sends an SSLRequest (any answer passes); false: a startup message",
+        scope=CHECK, command_line=False, attribute="ssl_request", table_key="ssl-request",
+        check_types=("postgres",),
+    ),
+    Option(
+        "check_user", "--check-user", str, text_without("", ""), _CHECK.user,
+        "the user of a postgres check's startup message",
+        scope=CHECK, command_line=False, attribute="user", table_key="user",
+        check_types=("postgres",),
+    ),
+    Option(
+        "check_database", "--check-database", str | None, text_without("", ""), None,
+        "the database of a postgres check's startup message", none_text="the user's",
+        scope=CHECK, command_line=False, attribute="database", table_key="database",
+        check_types=("postgres",),
+    ),
+    Option(
+        "check_sni", "--check-sni", str | None, host_name, None,
+        "the server name a tls check sends in its ClientHello",
+        scope=CHECK, command_line=False, attribute="sni", table_key="sni", check_types=("tls",),
+    ),
+    Option(
+        "check_flap_window", "--check-flap-window", float, seconds(), _CHECK.flap_window,
+        "a backend that falls within this long of rising is flapping; 0: off",
+        scope=CHECK, command_line=False, attribute="flap_window", table_key="flap-window",
+    ),
+    Option(
+        "check_flap_base", "--check-flap-base", float, seconds(positive=True), _CHECK.flap_base,
+        "a flapping backend stays down this long times the flaps in a row",
+        scope=CHECK, command_line=False, attribute="flap_base", table_key="flap-base",
+    ),
+    Option(
+        "check_flap_max", "--check-flap-max", float, seconds(positive=True), _CHECK.flap_max,
+        "the longest a flapping backend is kept down",
+        scope=CHECK, command_line=False, attribute="flap_max", table_key="flap-max",
     ),
     Option(
         "drain_timeout", "--drain-timeout", float, seconds(), 30.0,
@@ -389,17 +736,18 @@ def add_arguments(parser) -> None:
         "services; flags given here win over its top-level keys",
     )
     for option in OPTIONS:
+        if not option.command_line:
+            continue
+        text = option.help_text().replace("%", "%%")  # argparse formats help with %
         if option.is_switch:
-            parser.add_argument(
-                option.flag, dest=option.name, action="store_true", help=option.help_text()
-            )
+            parser.add_argument(option.flag, dest=option.name, action="store_true", help=text)
         else:
             parser.add_argument(
                 option.flag,
                 dest=option.name,
                 metavar=option.metavar,
                 action="append" if option.many else "store",
-                help=option.help_text(),
+                help=text,
             )
 
 

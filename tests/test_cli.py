@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from fastlb import settings
+from fastlb.config import check_keys
 from fastlb.errors import EXIT_UNREACHABLE
 
 TIMEOUT = 20.0  # generous: the machine is shared
@@ -42,6 +43,8 @@ def fastlb(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 # ---- flags and errors ------------------------------------------------------------------------
+
+CHECK_1 = ["check", "--listen", "127.0.0.1:1", "--backend", "127.0.0.1:9"]
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,15 @@ def fastlb(*args: str, **kwargs) -> subprocess.CompletedProcess:
         ),
         (["check", "--listen", "127.0.0.1:1", "--backend", "127.0.0.1:9", "--workers", "0"], "0"),
         (["demo", "--listen", "127.0.0.1"], "--listen 127.0.0.1: expected HOST:PORT"),
+        (
+            [*CHECK_1, "--check-path", "/"],
+            "--check-path is for type http, and the check type is tcp (--check-type)",
+        ),
+        (
+            [*CHECK_1, "--check-type", "agent"],
+            "pool default: an agent check needs the port its agent answers on (port)",
+        ),
+        ([*CHECK_1, "--panic-threshold", "2"], "--panic-threshold 2: must be from 0 to 1"),
     ],
 )
 def test_a_bad_command_line_is_one_error_line_and_status_2(argv, expected):
@@ -87,9 +99,43 @@ def test_check_prints_the_resolved_settings():
     assert [*pool, "backend", "=", "[::1]:9001,weight=1,backup"] in lines
     assert [*pool, "algorithm", "=", "leastconn"] in lines
     assert ["workers", "=", "3"] in lines
-    assert [*pool, "check", "=", "on"] in lines
-    # Every option once, the second backend, and the frontend's pool, sni and sni-required.
-    assert len(lines) == len(settings.OPTIONS) + 1 + 3
+    assert [*pool, "check.active", "=", "on"] in lines
+    assert [*pool, "check.type", "=", "tcp"] in lines
+    assert [*frontend, "idle-timeout", "=", "600.0"] in lines
+    # Every option once (of the check, those a tcp check has but flap damping's base and max),
+    # the second backend, and the frontend's pool, sni and sni-required.
+    others = [option for option in settings.OPTIONS if option.scope != settings.CHECK]
+    check = [line for line in lines if line[2].startswith("check.")]
+    assert len(check) == len(check_keys("tcp")) - 2
+    assert len(lines) == len(others) + len(check) + 1 + 3
+
+
+def test_check_prints_the_settings_of_the_check_type():
+    result = fastlb(
+        "check", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", "--check-type", "http",
+        "--check-path", "/health", "--check-expect-status", "2xx,3xx", "--check-port", "8081",
+        "--check-host", "www.example.test", "--observe", "first-byte", "--on-down", "close",
+        "--slow-start", "30s", "--panic-threshold", "50%", "--first-byte-timeout", "2s",
+    )  # fmt: skip
+    lines = [line.split() for line in result.stdout.splitlines()]
+    pool = ["pool", "default:"]
+    for key, value in [
+        ("check.type", "http"), ("check.path", "/health"), ("check.port", "8081"),
+        ("check.expect-status", "200-299,300-399"), ("check.host", "www.example.test"),
+        ("check.method", "GET"),
+        ("observe", "first-byte"), ("on-down", "close"), ("slow-start", "30.0"),
+        ("panic-threshold", "0.5"), ("first-byte-timeout", "2.0"),
+    ]:  # fmt: skip
+        assert [*pool, key, "=", value] in lines, key
+    assert not any(line[2] in ("check.send", "check.sni") for line in lines)
+    result = fastlb(
+        "check", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", "--check-type",
+        "send-expect", "--check-send", "PING\\r\\n", "--check-expect", "+PONG",
+    )  # fmt: skip
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert [*pool, "check.send", "=", "PING\\r\\n"] in lines
+    assert [*pool, "check.expect", "=", "+PONG"] in lines
+    assert not any(line[2] == "check.path" for line in lines)
 
 
 def test_check_probes_every_backend(echo_backend, refused_address):
@@ -111,7 +157,12 @@ def test_help_mentions_every_flag(argv):
     result = fastlb(*argv)
     assert result.returncode == 0
     for option in settings.OPTIONS:
-        assert option.flag in result.stdout, option.flag
+        # The check settings without a flag are keys of the file only.
+        assert (f"{option.flag} " in result.stdout) == option.command_line, option.flag
+    if argv != ["--help"]:
+        text = " ".join(result.stdout.split())
+        assert "[default: 10m]" in text  # --idle-timeout
+        assert "from 5% to full" in text  # % survives argparse's formatting
 
 
 def test_a_port_in_use_is_one_error_line_and_status_2():

@@ -60,6 +60,28 @@ def flags(*argv: str) -> dict:
         ('backend = [\n  "127.0.0.1:1",\n  "127.0.0.1",\n]\n', ":1: --backend 127.0.0.1: expected"),
         ('listen = "127.0.0.1:1"\n[poool]\nx = 1\n', ":2: unknown setting 'poool'"),
         ("max-conn = 5\nmax_conn = 6\n", ":2: max_conn is set twice"),
+        (
+            'check-path = "/health"\n',
+            ":1: --check-path is for type http, and the check type is tcp",
+        ),
+        ('check-type = "http"\n\ncheck-send = "x"\n', ":3: --check-send is for type send-expect"),
+        (
+            'check-type = "send-expect"\ncheck-send = "a"\ncheck-send-hex = "61"\n',
+            ":3: --check-send and check-send-hex are both given; use one",
+        ),
+        (
+            'check-type = "postgres"\ncheck-ssl-request = "no"\n',
+            ":2: check-ssl-request must be true or false",
+        ),
+        ('check-jitter = "soon"\n', ":1: check-jitter soon: expected seconds"),
+        ('check-type = "http"\ncheck-method = "GET /"\n', ":2: check-method GET /: expected a"),
+        ('check-type = "tls"\ncheck-sni = "a_b.test"\n', ":2: check-sni a_b.test: expected a"),
+        (
+            'check-type = "agent"\nlisten = "127.0.0.1:1"\nbackend = "127.0.0.1:2"\n',
+            ":1: pool default: an agent check needs the port its agent answers on",
+        ),
+        ("observe = 1\n", ":1: observe takes a string, not 1"),
+        ("panic-threshold = true\n", ":1: panic-threshold takes a string or a number"),
     ],
 )
 def test_mistakes_name_the_file_and_line(tmp_path, text, expected):
@@ -100,7 +122,7 @@ def test_check_prints_the_settings_of_a_file(tmp_path):
     lines = [line.split() for line in result.stdout.splitlines()]
     assert ["pool", "default:", "algorithm", "=", "leastconn"] in lines
     assert ["pool", "default:", "backend", "=", "127.0.0.1:9002,weight=2"] in lines
-    assert ["pool", "default:", "check", "=", "on"] in lines
+    assert ["pool", "default:", "check.active", "=", "on"] in lines
 
 
 def test_sighup_reloads_the_backends_and_keeps_open_connections(backends, balancer, tmp_path):
@@ -144,3 +166,31 @@ def test_sighup_reloads_the_backends_and_keeps_open_connections(backends, balanc
     held.sendall(b"still here\n")
     assert recv_line(held) == "still here"
     held.close()
+
+
+def test_top_level_check_keys_and_flags_describe_the_default_pools_check(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        listen = "127.0.0.1:8000"
+        backend = ["127.0.0.1:9001"]
+        check-type = "send-expect"
+        check-send-hex = "50494e470d0a"
+        check-expect = "+PONG"
+        check-jitter = "100ms"
+        check-flap-window = "1m"
+        slow-start = "30s"
+        panic-threshold = "40%"
+        idle-timeout = 0
+    """,
+    )
+    config = fastlb.config.load(flags(), path)
+    pool = config.pool("default")
+    check = pool.check
+    assert (check.type, check.send, check.expect) == ("send-expect", b"PING\r\n", b"+PONG")
+    assert (check.jitter, check.flap_window, check.active) == (0.1, 60.0, False)
+    assert (pool.slow_start, pool.panic_threshold) == (30.0, 0.4)
+    assert config.frontends[0].idle_timeout == 0.0
+    # A flag wins over the file, over either spelling of the same value.
+    check = fastlb.config.load(flags("--check-send", "HI", "--check"), path).pool("default").check
+    assert (check.send, check.active) == (b"HI", True)

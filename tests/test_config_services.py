@@ -4,6 +4,7 @@ they inherit from the flags and the top level, and every mistake as one FILE:LIN
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import re
 import socket
@@ -74,6 +75,7 @@ def test_the_example_parses_to_frontends_and_pools(tmp_path):
                 sni=(SniRoute("api.example.test", "api"), SniRoute("*.example.test", "web")),
                 accept_proxy=(ipaddress.ip_network("127.0.0.0/8"),),
                 max_conn=20000,
+                idle_timeout=600.0,
             ),
         ),
         pools=(
@@ -163,7 +165,7 @@ def test_a_table_setting_wins_over_a_flag(tmp_path):
     """
     config = load(tmp_path, text, "--algorithm", "maglev", "--send-proxy", "v1", "--check")
     assert [(p.name, p.algorithm) for p in config.pools] == [("p", "leastconn"), ("q", "maglev")]
-    assert {(p.send_proxy, p.active_checks) for p in config.pools} == {("v1", True)}
+    assert {(p.send_proxy, p.check.active) for p in config.pools} == {("v1", True)}
     assert [p.name for p in config.pools] == ["p", "q"]  # no default pool without backend
 
 
@@ -213,7 +215,7 @@ def test_a_flat_file_is_one_default_frontend_and_pool_as_the_flags_give(tmp_path
     assert frontend.max_conn == 500 and frontend.accept_proxy == (
         ipaddress.ip_network("10.1.0.0/16"),
     )
-    assert (pool.algorithm, pool.connect_timeout, pool.active_checks) == ("leastconn", 0.25, True)
+    assert (pool.algorithm, pool.connect_timeout, pool.check.active) == ("leastconn", 0.25, True)
     assert [(b.weight, b.backup) for b in pool.backends] == [(1, False), (2, False), (1, True)]
     assert from_file.workers == 3
 
@@ -454,14 +456,18 @@ def test_the_example_files_are_valid():
     assert [f.name for f in services.frontends] == ["postgres", "redis", "https"]
     assert {p.name for p in services.pools} == {"postgres", "redis", "web", "api"}
     assert services.frontend("https").sni and services.frontend("https").accept_proxy
-    assert all(p.active_checks and p.check_interval == 2.0 for p in services.pools)
+    assert all(p.check.active and p.check.interval == 2.0 for p in services.pools)
+    assert [services.pool(name).check.type for name in ("postgres", "redis", "web", "api")] == [
+        "postgres", "redis", "tls", "tcp",
+    ]  # fmt: skip
+    assert services.pool("redis").check.timeout == 0.5
     for frontend in services.frontends:
         assert all(ipaddress.ip_address(a.host).is_loopback for a in frontend.listen)
     for pool in services.pools:
         assert all(ipaddress.ip_address(b.address.host).is_loopback for b in pool.backends)
     flat = fastlb.config.load({}, str(CONTRIB / "fastlb.toml"))
     assert [f.name for f in flat.frontends] == [p.name for p in flat.pools] == [model.DEFAULT]
-    assert flat.pools[0].active_checks and len(flat.pools[0].backends) == 3
+    assert flat.pools[0].check.active and len(flat.pools[0].backends) == 3
 
 
 @pytest.fixture
@@ -523,3 +529,299 @@ def test_check_reports_a_mistake_in_one_line(tmp_path):
         f"fastlb: error: {path}:6: sni 'bad_name.test': label 'bad_name': letters, digits and "
         "'-' only, and no '-' first or last"
     ]
+
+
+# ---- health checks: [pool.NAME.check] and the pool's passive, on-down, slow-start and panic keys
+
+CHECKS = """\
+listen = "127.0.0.1:7000"
+backend = "127.0.0.1:9000"
+check-interval = "5s"                 # the default of every check below
+rise = 4
+check-path = "/ready"                 # for http checks only: the top level's type is http
+check-type = "http"
+
+[pool.web]
+backend = "127.0.0.1:9001"
+observe = "first-byte"
+first-byte-timeout = "2s"
+on-down = "close"
+slow-start = "1m"
+panic-threshold = "30%"
+[pool.web.check]
+method = "HEAD"
+host = "www.example.test"
+expect-status = [200, "300-399"]
+expect-body = "ok"
+expect-body-regex = 'up \\d+'
+port = 8081
+interval = "3s"
+fast-interval = "500ms"
+down-interval = "10s"
+jitter = "200ms"
+flap-window = "1m"
+flap-base = "5s"
+flap-max = "2m"
+
+[pool.redis]
+backend = "127.0.0.1:9002"
+check = { type = "redis", username = "probe", password = "secret", active = false }
+
+[pool.kv]
+backend = "127.0.0.1:9003"
+[pool.kv.check]
+type = "send-expect"
+send-hex = "50494e470d0a"
+expect = "+PONG\\r\\n"
+expect-regex = '^\\+PONG'
+
+[pool.pg]
+backend = "127.0.0.1:9004"
+[pool.pg.check]
+type = "postgres"
+ssl-request = false
+user = "monitor"
+database = "postgres"
+timeout = "2s"
+
+[pool.my]
+backend = "127.0.0.1:9005"
+check.type = "mysql"
+
+[pool.tls]
+backend = "127.0.0.1:9006"
+check = { type = "tls", sni = "api.example.test" }
+
+[pool.agent]
+backend = "127.0.0.1:9007"
+check = { type = "agent", port = 9999 }
+
+[pool.plain]
+backend = "127.0.0.1:9008"
+check = true
+
+[pool.off]
+backend = "127.0.0.1:9009"
+check = false
+"""
+
+
+def test_check_tables_of_every_type(tmp_path):
+    config = load(tmp_path, CHECKS)
+    checks = {pool.name: pool.check for pool in config.pools}
+    # The flags and top level are the default pool's check, and the defaults of the tables.
+    assert checks["default"] == model.CheckSpec(type="http", interval=5.0, rise=4, path="/ready")
+    assert checks["web"] == model.CheckSpec(
+        type="http", active=True, interval=3.0, fast_interval=0.5, down_interval=10.0, rise=4,
+        jitter=0.2, port=8081, method="HEAD", path="/ready", host="www.example.test",
+        expect_status=((200, 200), (300, 399)), expect_body="ok", expect_body_regex=r"up \d+",
+        flap_window=60.0, flap_base=5.0, flap_max=120.0,
+    )  # fmt: skip
+    # A table of another type takes the top level's keys that fit it (interval, rise), not
+    # the others (path).
+    assert checks["redis"] == model.CheckSpec(
+        type="redis", active=False, interval=5.0, rise=4, username="probe", password="secret"
+    )
+    assert checks["kv"] == model.CheckSpec(
+        type="send-expect", active=True, interval=5.0, rise=4, send=b"PING\r\n",
+        expect=b"+PONG\r\n", expect_regex=r"^\+PONG",
+    )  # fmt: skip
+    assert checks["pg"] == model.CheckSpec(
+        type="postgres", active=True, interval=5.0, rise=4, timeout=2.0, ssl_request=False,
+        user="monitor", database="postgres",
+    )  # fmt: skip
+    assert checks["my"] == model.CheckSpec(type="mysql", active=True, interval=5.0, rise=4)
+    assert checks["tls"] == model.CheckSpec(
+        type="tls", active=True, interval=5.0, rise=4, sni="api.example.test"
+    )
+    assert checks["agent"] == model.CheckSpec(
+        type="agent", active=True, interval=5.0, rise=4, port=9999
+    )
+    # check = true or false: the top level's check, on or off.
+    assert checks["plain"] == dataclasses.replace(checks["default"], active=True)
+    assert checks["off"] == checks["default"]
+    web = config.pool("web")
+    assert (web.observe, web.first_byte_timeout, web.on_down) == ("first-byte", 2.0, "close")
+    assert (web.slow_start, web.panic_threshold) == (60.0, 0.3)
+    default = config.pool("default")
+    assert (default.observe, default.on_down, default.panic_threshold) == (None, None, 0.5)
+
+
+def test_a_check_table_turns_active_checks_on_unless_it_says_otherwise(tmp_path):
+    text = """\
+        [frontend.a]
+        listen = "127.0.0.1:7001"
+        pool = "p"
+        [pool.p]
+        backend = "127.0.0.1:9001"
+        [pool.p.check]
+        rise = 1
+        [pool.q]
+        backend = "127.0.0.1:9002"
+        [pool.r]
+        backend = "127.0.0.1:9003"
+        check = { active = false }
+    """
+    config = load(tmp_path, text)
+    assert [p.check.active for p in config.pools] == [True, False, False]
+    # The --check flag is the default of the pools that say nothing.
+    config = load(tmp_path, text, "--check", "--check-timeout", "3s", "--fall", "5")
+    assert [p.check.active for p in config.pools] == [True, True, False]
+    assert {(p.check.timeout, p.check.fall) for p in config.pools} == {(3.0, 5)}
+    assert config.pool("p").check.rise == 1
+    # A table's own spelling of a value wins over the top level's other one.
+    text = """\
+        check-type = "send-expect"
+        check-send = "a"
+        [frontend.a]
+        listen = "127.0.0.1:7001"
+        pool = "p"
+        [pool.p]
+        backend = "127.0.0.1:9001"
+        check = { send-hex = "62" }
+    """
+    assert load(tmp_path, text).pool("p").check.send == b"b"
+
+
+def test_describe_shows_the_check_settings_of_each_type(tmp_path):
+    lines = [line.split() for line in fastlb.config.describe(load(tmp_path, CHECKS))]
+
+    def check_rows(pool: str) -> dict[str, str]:
+        return {
+            words[2].removeprefix("check."): " ".join(words[4:])
+            for words in lines
+            if words[:2] == ["pool", f"{pool}:"] and words[2].startswith("check.")
+        }
+
+    web = check_rows("web")
+    assert list(web) == fastlb.config.check_keys("http")
+    assert (web["expect-status"], web["flap-base"], web["port"]) == ("200,300-399", "5.0", "8081")
+    redis = check_rows("redis")
+    assert (redis["password"], redis["username"], redis["active"]) == ("(set)", "probe", "off")
+    assert "secret" not in str(lines)
+    kv = check_rows("kv")
+    assert (kv["send"], kv["expect"], kv["expect-regex"]) == (
+        "PING\\r\\n",
+        "+PONG\\r\\n",
+        r"^\+PONG",
+    )
+    assert "send-hex" not in kv and "path" not in kv
+    assert "flap-base" not in check_rows("pg")  # no flap damping: its keys are not shown
+    assert check_rows("pg")["database"] == "postgres"
+    assert check_rows("my")["fast-interval"] == "the interval"
+    assert set(check_rows("my")) == set(fastlb.config.check_keys("mysql")) - {
+        "flap-base", "flap-max",
+    }  # fmt: skip
+    assert check_rows("agent")["port"] == "9999"
+    assert ["pool", "web:", "panic-threshold", "=", "0.3"] in lines
+
+
+def test_check_keys_of_each_type():
+    common = [
+        "type", "active", "interval", "fast-interval", "down-interval", "timeout", "rise", "fall",
+        "jitter", "port",
+    ]  # fmt: skip
+    flap = ["flap-window", "flap-base", "flap-max"]
+    own = {
+        "tcp": [],
+        "http": ["method", "path", "host", "expect-status", "expect-body", "expect-body-regex"],
+        "send-expect": ["send", "send-hex", "expect", "expect-hex", "expect-regex"],
+        "redis": ["username", "password"],
+        "postgres": ["ssl-request", "user", "database"],
+        "mysql": [],
+        "tls": ["sni"],
+        "agent": [],
+    }
+    assert set(own) == set(model.CHECK_TYPES)
+    for check_type, keys in own.items():
+        assert fastlb.config.check_keys(check_type) == common + keys + flap
+
+
+CHECK_P = POOL_P + "[pool.p.check]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "expected"),
+    [
+        (CHECK_P + 'type = "http"\nbogus = 1\n', 5,
+         "unknown key 'bogus' in [pool.p.check] (a check of type http takes: type, active, "
+         "interval, fast-interval, down-interval, timeout, rise, fall, jitter, port, method, "
+         "path, host, expect-status, expect-body, expect-body-regex, flap-window, flap-base, "
+         "flap-max)"),
+        (CHECK_P + 'check-interval = "1s"\n', 4,
+         "unknown key 'check-interval' in [pool.p.check]; write interval (a check of type tcp"),
+        (CHECK_P + 'expect-body = "ok"\n', 4,
+         "expect-body is for type http, and [pool.p.check] has type tcp"),
+        ('check-type = "redis"\n' + CHECK_P + 'path = "/"\n', 5,
+         "path is for type http, and [pool.p.check] has type redis"),
+        (CHECK_P + 'type = "redis"\nsend = "PING"\n', 5, "send is for type send-expect"),
+        (CHECK_P + 'type = "ftp"\n', 4, "type ftp: choose from tcp, http, send-expect, redis"),
+        (CHECK_P + "type = 1\n", 4, "type takes a string, not 1"),
+        (CHECK_P + 'active = "yes"\n', 4, "active must be true or false"),
+        (CHECK_P + 'interval = "0"\n', 4, "interval 0: must be more than 0"),
+        (CHECK_P + 'timeout = "fast"\n', 4, "timeout fast: expected seconds"),
+        (CHECK_P + "rise = 0\n", 4, "rise 0: must be at least 1 and at most 1000"),
+        (CHECK_P + "fall = 2.5\n", 4, "fall 2.5: must be a whole number"),
+        (CHECK_P + 'jitter = "-1"\n', 4, "jitter -1: must be 0 or more"),
+        (CHECK_P + "port = 70000\n", 4, "port 70000: port must be between 1 and 65535"),
+        (CHECK_P + 'fast-interval = "1s"\nfast_interval = "2s"\n', 5,
+         "fast_interval is set twice"),
+        (CHECK_P + 'type = "http"\nmethod = "GET /"\n', 5, "method GET /: expected a method name"),
+        (CHECK_P + 'type = "http"\npath = "health"\n', 5, "path health: must start with /"),
+        (CHECK_P + 'type = "http"\nhost = ""\n', 5, "host : must not be empty"),
+        (CHECK_P + 'type = "http"\nexpect-status = [200, "3xy"]\n', 5,
+         "expect-status 200,3xy: bad status range '3xy'"),
+        (CHECK_P + 'type = "http"\nexpect-status = "200-299,301-300"\n', 5,
+         "bad status range '301-300': it ends below its start"),
+        (CHECK_P + 'type = "http"\nexpect-status = []\n', 5, "expect-status takes a string or"),
+        (CHECK_P + 'type = "http"\nexpect-status = true\n', 5, "expect-status takes a string or"),
+        (CHECK_P + 'type = "http"\nexpect-body-regex = "("\n', 5,
+         "expect-body-regex (: not a regular expression: missing ), unterminated subpattern"),
+        (CHECK_P + 'type = "send-expect"\nsend = "x"\nexpect-regex = "[a"\n', 6,
+         "expect-regex [a: not a regular expression"),
+        (CHECK_P + 'type = "send-expect"\nsend-hex = "0g"\n', 5,
+         "send-hex 0g: expected pairs of hex digits"),
+        (CHECK_P + 'type = "send-expect"\nexpect-hex = "abc"\n', 5,
+         "expect-hex abc: expected pairs of hex digits"),
+        (CHECK_P + 'type = "send-expect"\nsend = "a\\\\q"\n', 5, "send a\\q: unknown escape \\q"),
+        (CHECK_P + 'type = "send-expect"\nsend = 5\n', 5, "send takes a string, not 5"),
+        (CHECK_P + 'type = "send-expect"\nsend = "a"\nsend-hex = "61"\n', 6,
+         "send and send-hex are both given; use one"),
+        (CHECK_P + 'type = "send-expect"\nexpect-hex = "61"\nexpect = "a"\n', 6,
+         "expect-hex and expect are both given; use one"),
+        (CHECK_P + '\ntype = "send-expect"\n', 3,
+         "pool p: a send-expect check needs something to send or expect"),
+        (POOL_P + 'check = { type = "agent" }\n', 3,
+         "pool p: an agent check needs the port its agent answers on"),
+        (CHECK_P + 'type = "redis"\nusername = "u"\n', 3,
+         "pool p: a redis check with a username needs its password"),
+        (CHECK_P + 'type = "postgres"\nssl-request = "no"\n', 5,
+         "ssl-request must be true or false"),
+        (CHECK_P + 'type = "postgres"\nuser = ""\n', 5, "user : must not be empty"),
+        (CHECK_P + 'type = "tls"\nsni = "*.example.test"\n', 5,
+         "sni *.example.test: expected a host name"),
+        (CHECK_P + "flap-base = 0\n", 4, "flap-base 0: must be more than 0"),
+        (POOL_P + 'check = "yes"\n', 3,
+         "check takes true, false or a table: [pool.p.check], not 'yes'"),
+        (POOL_P + "rise = 3\n", 3,
+         "rise in [pool.p] is a check setting: set rise in [pool.p.check]"),
+        (POOL_P + 'check-interval = "1s"\n', 3,
+         "check-interval in [pool.p] is a check setting: set interval in [pool.p.check]"),
+        (POOL_P + '[frontend.a]\nlisten = "127.0.0.1:7001"\npool = "p"\nfall = 2\n', 6,
+         "fall in [frontend.a] is a check setting: set fall in a [pool.NAME.check] table"),
+        (POOL_P + 'observe = "last-byte"\n', 3, "--observe last-byte: choose from first-byte"),
+        (POOL_P + 'on-down = "reset"\n', 3, "--on-down reset: choose from close"),
+        (POOL_P + 'first-byte-timeout = "0s"\n', 3, "--first-byte-timeout 0s: must be more"),
+        (POOL_P + 'slow-start = "later"\n', 3, "--slow-start later: expected seconds"),
+        (POOL_P + 'panic-threshold = "150%"\n', 3, "--panic-threshold 150%: must be from 0 to 1"),
+        (POOL_P + "panic-threshold = -0.1\n", 3, "--panic-threshold -0.1: must be from 0 to 1"),
+    ],
+)  # fmt: skip
+def test_check_mistakes_name_the_file_and_line(tmp_path, text, line, expected):
+    path = write(tmp_path, text + FRONT_A.replace("[frontend.a]", "[frontend.z]"))
+    with pytest.raises(ConfigError) as caught:
+        fastlb.config.load(flags(), path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    assert expected in message
+    assert "\n" not in message
