@@ -16,17 +16,23 @@ more services, each frontend naming the pool its clients go to::
     backend = ["127.0.0.1:9001", "127.0.0.1:9002,weight=2"]
     send-proxy = "v2"
 
+    [pool.web.check]                               # active health checks
+    type = "http"
+    path = "/health"
+
 The flags and the top-level keys describe the frontend and the pool named ``default``: the
 frontend exists when ``listen`` is given, the pool when ``backend`` is. Their other frontend and
 pool settings are also the defaults of every table that does not set them itself, as HAProxy's
 ``defaults`` section; a key in a table wins over both, and a flag wins over a top-level key.
+The check settings at the top level (``check-type``, ``check-path``, ``rise``) are likewise the
+defaults of every pool's check whose type takes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -366,7 +372,10 @@ def _check_top_level(top: dict[str, _Given]) -> None:
     _one_spelling_each(given, lambda option: top[option.name], lambda option: option.label)
 
 
-def _one_spelling_each(given: list[Option], where: Any, label: Any) -> None:
+def _one_spelling_each(
+    given: list[Option], where: Callable[[Option], _Given], label: Callable[[Option], str]
+) -> None:
+    """Raises ConfigError when two of ``given`` set one attribute (send and send-hex)."""
     by_attribute: dict[str, Option] = {}
     for option in given:
         other = by_attribute.setdefault(option.attribute, option)

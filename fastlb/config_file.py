@@ -84,7 +84,8 @@ def open_document(path: str) -> Document:
 
 def parse(option: Option, value: Any, where: str, label: str | None = None) -> Any:
     """A TOML value parsed as its flag's value; ConfigError with ``where`` in front. Messages
-    name the option as ``label`` (by default its flag, or its key when it has no flag)."""
+    name the option as ``label`` when given (a check table's key); otherwise a wrong type names
+    its key and a bad value its flag (its key when it has no flag), as on the command line."""
     key = label or option.key  # type mistakes name the key; bad values, the flag as elsewhere
     try:
         if option.is_switch or option.type is bool:

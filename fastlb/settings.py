@@ -491,7 +491,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "observe", "--observe", str | None, optional(one_of("first-byte")), None,
         "passive checks of live traffic: with first-byte, a backend that sends nothing within "
-        "--first-byte-timeout of a client's first bytes counts as a failed connect",
+        "--first-byte-timeout of a client's first bytes counts as a failed connect; off: none",
         metavar="WHAT", scope=POOL,
     ),
     Option(
@@ -501,8 +501,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "on_down", "--on-down", str | None, optional(one_of("close")), None,
-        "close: reset the open connections of a backend as it is marked down (default: they "
-        "stay until they end)",
+        "close: reset the open connections of a backend as it is marked down; off: they stay "
+        "until they end",
         metavar="ACTION", scope=POOL,
     ),
     Option(
@@ -733,7 +733,8 @@ def add_arguments(parser) -> None:
         metavar="FILE",
         help='read settings from this TOML file: keys are the flag names (listen = "...", '
         'backend = ["...", ...]), [frontend.NAME] and [pool.NAME] tables describe several '
-        "services; flags given here win over its top-level keys",
+        "services, [pool.NAME.check] the health checks of each; flags given here win over its "
+        "top-level keys",
     )
     for option in OPTIONS:
         if not option.command_line:

@@ -825,3 +825,33 @@ def test_check_mistakes_name_the_file_and_line(tmp_path, text, line, expected):
     assert message.startswith(f"{path}:{line}: "), message
     assert expected in message
     assert "\n" not in message
+
+
+def test_the_readme_check_examples_are_valid(tmp_path):
+    text = (HERE.parent / "README.md").read_text()
+    section = text[text.index("## Health checks") : text.index("## How it works")]
+    blocks = re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 9  # a kind each, and the nginx one
+    for block in blocks:
+        names = re.findall(r"^\[pool\.([a-z]+)\.check\]", block, re.MULTILINE)
+        assert names, block
+        pools = "".join(f'[pool.{name}]\nbackend = "127.0.0.1:9"\n' for name in names)
+        front = f'[frontend.f]\nlisten = "127.0.0.1:0"\npool = "{names[0]}"\n'
+        config = fastlb.config.load({}, write(tmp_path, block + pools + front))
+        assert all(pool.check.active for pool in config.pools)
+
+
+def test_the_readme_nginx_check_as_toml_and_as_flags_is_one_check(tmp_path):
+    text = (HERE.parent / "README.md").read_text()
+    section = text[text.index("### From nginx and HAProxy") : text.index("## How it works")]
+    (block,) = re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
+    (argv,) = re.findall(r"With flags: `(.*?)`", section, re.DOTALL)
+    service = '[pool.web]\nbackend = "127.0.0.1:9"\n' + FRONT_A.replace('"p"', '"web"')
+    from_file = load(tmp_path, block + service)
+    argv = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", *argv.split()]
+    from_flags = fastlb.config.load(flags(*argv), None)
+    assert from_file.pool("web").check == from_flags.pool("default").check
+    assert from_flags.pool("default").check == model.CheckSpec(
+        type="http", active=True, interval=3.0, rise=2, fall=3, timeout=1.0, path="/health",
+        expect_status=((200, 299), (300, 399)),
+    )  # fmt: skip
