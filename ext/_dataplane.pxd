@@ -225,6 +225,7 @@ cdef struct Conn:
     int64_t active_ms       # last time bytes moved or the connection changed state
     int64_t opened_ms       # when the backend connection was established
     int64_t sent_ms         # first seen with the client's bytes sent and unanswered (observe)
+    bint on_probation       # connected, but may still fail before answering: not yet a success
     # Until the backend sends its first byte, everything sent to it is still in the first
     # buffer (replayable), so a reset (a backend that died with us in its accept queue) can be
     # retried on the next backend. replay holds that buffer once fully sent.
@@ -298,6 +299,7 @@ cdef class Worker:
     cdef bint _closed_early(self, Conn *c) noexcept nogil
     cdef void _connect_failed(self, Conn *c) noexcept nogil
     cdef void _drop_replay(self, Conn *c) noexcept nogil
+    cdef void _prove(self, Conn *c) noexcept nogil
     cdef bint _retry_after_reset(self, Conn *c) noexcept nogil
     cdef void _handle(self, Conn *c, bint backend_side, uint32_t ev) noexcept nogil
     cdef int _pump(self, Conn *c, Channel *ch, int src, uint32_t *sflags, int dst,

@@ -516,6 +516,7 @@ cdef class Worker:
         c.backend = -1
         c.ntried = 0
         c.replayable = self.splice_mode != SPLICE_ALWAYS
+        c.on_probation = False
         c.replay = NULL
         c.frontend = fe
         c.pool = NULL
@@ -727,8 +728,17 @@ cdef class Worker:
         if self._connect_next(c) < 0:
             self._close(c, True)
 
+    cdef void _prove(self, Conn *c) noexcept nogil:
+        # The connection to its backend held: count the connect a success.
+        cdef Backend *b = self._backend_of(c)
+        c.on_probation = False
+        b.succeeded += 1
+        b.streak = 0
+
     cdef void _drop_replay(self, Conn *c) noexcept nogil:
         # The backend answered, or too much was sent to keep: no retry from here on.
+        if c.on_probation:
+            self._prove(c)
         c.replayable = False
         if c.replay != NULL:
             self._buf_put(c.replay)
@@ -741,6 +751,7 @@ cdef class Worker:
         cdef Buf *b = c.up.buf
         if not c.replayable or c.cflags & WRITE_SHUT:
             return False
+        c.on_probation = False  # a failure, which _connect_failed counts
         if b == NULL:
             b = c.replay
             c.replay = NULL
@@ -784,9 +795,12 @@ cdef class Worker:
                 c.opened_ms = self.now_ms
                 c.sent_ms = 0
                 b = self._backend_of(c)
-                b.succeeded += 1
                 b.new_conns += 1
-                b.streak = 0
+                # A connect counts as a success once the backend answers or can no longer be
+                # left for another (passive detection of a backend that accepts, then fails).
+                c.on_probation = True
+                if not c.replayable:
+                    self._prove(c)
             c.bflags |= flags_from_events(ev)
         else:
             c.cflags |= flags_from_events(ev)

@@ -169,10 +169,8 @@ class Connection:
             except (OSError, ValueError):
                 pass
         body = self.name_line()
-        self.send(
-            f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            + body
-        )
+        head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        self.send(head.encode() + body)
 
     def run(self) -> None:
         error = None

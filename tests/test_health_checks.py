@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import CLIENT_TIMEOUT, recv_all, wait_until
+from conftest import CLIENT_TIMEOUT, free_ports, recv_all, wait_until
 
 
 def down(lb, backend, stats=None) -> bool:
@@ -182,14 +182,25 @@ def test_slow_start_ramps_a_returning_backend_up(backends, balancer):
     assert shares[3] > 0.4, shares
 
 
-def test_a_flapping_backend_is_held_down_longer_each_time(backends, balancer):
+def test_a_flapping_backend_is_held_down_longer_each_time(backends, configured):
     a = backends("name", name="a")
     b = backends("name", name="b")
-    lb = balancer(
-        [a, b],
-        *("--check", "--check-interval", "0.05s", "--fall", "1", "--rise", "1"),
-        *("--flap-window", "30s", "--flap-base", "0.5s", "--flap-max", "5s"),
-    )
+    stats, front = free_ports(2)
+    lb = configured(f"""
+        stats = "127.0.0.1:{stats}"
+        [frontend.f]
+        listen = ["127.0.0.1:{front}"]
+        pool = "p"
+        [pool.p]
+        backend = ["{a.address}", "{b.address}"]
+        [pool.p.check]
+        interval = "50ms"
+        fall = 1
+        rise = 1
+        flap-window = "30s"
+        flap-base = "500ms"
+        flap-max = "5s"
+    """)
     port, address = b.port, b.address
     holds = []
     for _ in range(3):

@@ -242,8 +242,8 @@ def test_health_checks_of_a_send_proxy_pool_send_a_v2_local_header(configured, b
         [pool.checked]
         backend = ["{first.address}"]
         send-proxy = "v2"
-        check = true
-        check-interval = "200ms"
+        [pool.checked.check]
+        interval = "200ms"
     """)
     # No client connects: every connection the backend sees is a check.
     for _ in range(3):

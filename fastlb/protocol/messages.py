@@ -224,7 +224,13 @@ class Decoder:
                 body = next(self._unpacker)
             except StopIteration:
                 return out
-            except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+            except (
+                msgpack.ExtraData,
+                msgpack.FormatError,
+                msgpack.StackError,
+                ValueError,
+                TypeError,  # a map key that cannot be one (a map used as a key)
+            ) as exc:
                 # The stream cannot be resynchronised after a framing error: start afresh.
                 self._unpacker = self._new_unpacker()
                 out.append(Invalid(f"undecodable bytes: {exc}"))
