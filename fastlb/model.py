@@ -136,7 +136,7 @@ class FrontendSpec:
     sni_required: bool = False  # close a connection that no SNI route matches
     accept_proxy: tuple[Network, ...] = ()
     max_conn: int = 10000  # per worker
-    idle_timeout: float = 0.0
+    idle_timeout: float = 600.0  # nginx stream's proxy_timeout; 0: off
     inspect_timeout: float = 5.0
 
     @property

@@ -1,9 +1,9 @@
 """A fake TCP backend for the black-box tests, run as its own process (like HAProxy vtest servers).
 
-    python backends.py MODE [--name NAME] [--bytes N] [--port PORT] [--lifetime S]
+    python backends.py MODE [--name NAME] [--bytes N] [--port PORT] [--host IP] [--lifetime S]
 
-It listens on 127.0.0.1 (port 0 picks a free one), prints the port on the first line of stdout
-once it accepts connections, then one JSON line per connection event:
+It listens on 127.0.0.1 or --host (port 0 picks a free one), prints the port on the first line
+of stdout once it accepts connections, then one JSON line per connection event:
 ``{"event": "open", "peer": ...}`` when a connection is accepted and ``{"event": "closed",
 "peer", "received", "sent", "sha256_in", "sha256_out", "error"}`` when it is done (error is an
 errno name such as ``"ECONNRESET"``, or null).
@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--name", default="backend")
     parser.add_argument("--bytes", type=int, default=0, help="what source sends")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1", help="a loopback address to listen on")
     parser.add_argument("--status-file", help="http: the file holding the status to answer")
     parser.add_argument("--lifetime", type=float, default=600.0, help="exit after this long")
     args = parser.parse_args()
@@ -225,7 +226,7 @@ def main() -> None:
 
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", args.port))
+    listener.bind((args.host, args.port))
     listener.listen(1024)
     sys.stdout.write(f"{listener.getsockname()[1]}\n")
     sys.stdout.flush()

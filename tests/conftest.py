@@ -189,12 +189,21 @@ class ClientLoop:
 class Backend:
     """One ``backends.py`` process; ``events`` receives its JSON event lines."""
 
-    def __init__(self, mode: str, name: str, nbytes: int = 0, port: int = 0, status_file: str = ""):
+    def __init__(
+        self,
+        mode: str,
+        name: str,
+        nbytes: int = 0,
+        port: int = 0,
+        status_file: str = "",
+        host: str = "127.0.0.1",
+    ):
         self.mode = mode
         self.name = name
+        self.host = host
         self.proc = subprocess.Popen(
             [sys.executable, str(BACKENDS_PROGRAM), mode, "--name", name]
-            + ["--bytes", str(nbytes), "--port", str(port)]
+            + ["--bytes", str(nbytes), "--port", str(port), "--host", host]
             + (["--status-file", status_file] if status_file else []),
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -221,7 +230,7 @@ class Backend:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def next_event(self, kind: str = "closed", timeout: float = CLIENT_TIMEOUT, **fields) -> dict:
         """The next event of this kind with these field values; earlier ones are dropped."""
@@ -261,8 +270,9 @@ def backends():
         nbytes: int = 0,
         port: int = 0,
         status_file: str = "",
+        host: str = "127.0.0.1",
     ):
-        backend = Backend(mode, name or f"{mode}{next(counter)}", nbytes, port, status_file)
+        backend = Backend(mode, name or f"{mode}{next(counter)}", nbytes, port, status_file, host)
         started.append(backend)
         return backend
 

@@ -15,6 +15,7 @@ is skipped, naming the Debian package that provides it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -25,6 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import START_TIMEOUT, STOP_TIMEOUT, free_port, wait_until
+
+from fastlb.model import Address
 
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 
@@ -244,6 +247,37 @@ class TlsServer(PeerProcess):
         return accepts("127.0.0.1", self.port)
 
 
+# ---- redis-server --------------------------------------------------------------------------------
+
+
+class RedisServer(PeerProcess):
+    def __init__(self, workdir: Path, password: str | None = None):
+        program = require("redis-server", "redis-server")
+        self.port = free_port()
+        argv = [program, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", str(workdir)]
+        if password is not None:
+            argv += ["--requirepass", password]
+        super().__init__(f"redis-{self.port}", argv, workdir)
+        self.wait_ready()
+
+    @property
+    def address(self) -> Address:
+        return Address("127.0.0.1", self.port)
+
+    @property
+    def text(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        return accepts("127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)  # in case a test left it stopped
+        super().stop()
+
+
 class Peers:
     """Starts peers under ``workdir`` and stops every one of them at the end."""
 
@@ -263,6 +297,9 @@ class Peers:
 
     def tls_server(self, name: str) -> TlsServer:
         return self._started(TlsServer(self.workdir, name))
+
+    def redis_server(self) -> RedisServer:
+        return self._started(RedisServer(self.workdir))
 
     def stop_all(self) -> None:
         for peer in self.started:

@@ -10,10 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from conftest import CLIENT_TIMEOUT, free_ports, recv_all, wait_until
+from conftest import CLIENT_TIMEOUT, free_ports, recv_all, recv_line, wait_until
 
 
 def down(lb, backend, stats=None) -> bool:
@@ -234,3 +235,121 @@ def test_the_idle_timeout_has_a_default_and_closes_hung_connections(backends, ba
         assert sock.recv(1) == b""
         assert time.monotonic() - started < 2.0
     wait_until(lambda: lb.active() == 0, 5, "the connection counted closed")
+
+
+class Agent:
+    """An agent-check server on ``host``: answers every connection with ``reply`` + "\\n"."""
+
+    def __init__(self, host: str, port: int = 0):
+        self.reply = "up"
+        self.sock = socket.create_server((host, port))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                try:
+                    conn.sendall(self.reply.encode() + b"\n")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def agents_on_one_port(hosts: list[str]) -> list[Agent]:
+    """An agent on each address, all on one port (an agent check has one port per pool)."""
+    for _ in range(20):
+        agents = [Agent(hosts[0])]
+        try:
+            agents += [Agent(host, agents[0].port) for host in hosts[1:]]
+            return agents
+        except OSError:  # that port is taken on another address: try another
+            for agent in agents:
+                agent.close()
+    raise AssertionError("no port free on every address")
+
+
+def test_an_agent_drives_weight_and_drain(backends, configured):
+    # Each backend on a loopback address of its own, its agent on the same port there.
+    a = backends("name", name="a", host="127.0.0.1")
+    b = backends("name", name="b", host="127.0.0.2")
+    agents = dict(zip("ab", agents_on_one_port(["127.0.0.1", "127.0.0.2"]), strict=True))
+    try:
+        stats, front = free_ports(2)
+        lb = configured(f"""
+            stats = "127.0.0.1:{stats}"
+            [frontend.f]
+            listen = ["127.0.0.1:{front}"]
+            pool = "p"
+            [pool.p]
+            backend = ["{a.address}", "{b.address}"]
+            [pool.p.check]
+            type = "agent"
+            port = {agents["a"].port}
+            interval = "50ms"
+        """)
+        lb.wait_for(lambda s: all(e["history"]["last_check"] for e in s["backends"]))
+        held = lb.connect()  # one connection on each backend, from the first two clients
+        held_name = recv_line(held)
+        other = lb.connect()
+        assert {held_name, recv_line(other)} == {"a", "b"}
+        other.close()
+        drained = {"a": a, "b": b}[held_name]
+        agents[held_name].reply = "drain"
+        lb.wait_for(lambda s: lb.backend(drained, s)["history"]["state"] == "drain")
+        assert lb.backend(drained)["effective_weight"] == 0
+        names = [lb.ask_name() for _ in range(10)]
+        assert drained.name not in names  # no new connections while it drains
+        held.sendall(b"still here\n")
+        assert recv_line(held) == "still here"  # the open one goes on
+        held.close()
+        agents[held_name].reply = "ready 25%"
+        lb.wait_for(lambda s: lb.backend(drained, s)["effective_weight"] == 0.25)
+        assert lb.backend(drained)["history"]["state"] == "up"
+        names = [lb.ask_name() for _ in range(50)]
+        assert names.count(drained.name) in (9, 10, 11)  # weights 1 : 0.25, smooth round robin
+    finally:
+        for agent in agents.values():
+            agent.close()
+
+
+def test_a_stopped_redis_server_fails_its_redis_check(backends, configured, peers):
+    first, second = peers.redis_server(), peers.redis_server()
+    stats, front = free_ports(2)
+    lb = configured(f"""
+        stats = "127.0.0.1:{stats}"
+        [frontend.redis]
+        listen = ["127.0.0.1:{front}"]
+        pool = "redis"
+        [pool.redis]
+        backend = ["{first.text}", "{second.text}"]
+        on-down = "close"
+        [pool.redis.check]
+        type = "redis"
+        interval = "200ms"
+        timeout = "300ms"
+        fall = 2
+    """)
+    lb.wait_for(lambda s: all(b["history"]["last_check"] for b in s["backends"]))
+
+    def ping() -> bytes:
+        with lb.connect() as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64)
+
+    assert [ping() for _ in range(4)] == [b"+PONG\r\n"] * 4
+    second.proc.send_signal(signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        lb.wait_for(lambda s: not lb.backend(second.text, s)["up"], what="the stopped one down")
+        assert time.monotonic() - stopped <= 0.2 * 2 + 0.3 + 1.0 + 0.5
+        assert lb.backend(second.text)["history"]["last_check"]["reason"] == "timeout"
+        assert [ping() for _ in range(4)] == [b"+PONG\r\n"] * 4
+    finally:
+        second.proc.send_signal(signal.SIGCONT)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import START_TIMEOUT, free_port
-from peers import PeerProcess, accepts, require, self_signed_certificate
+from peers import PeerProcess, RedisServer, accepts, require, self_signed_certificate
 
 from fastlb.health.probes import LOCAL_HEADERS, Checker, CheckResult, parse_agent_reply
 from fastlb.model import Address, CheckSpec
@@ -620,30 +620,6 @@ def test_tls_client_hello_follows_the_proxy_header(serve):
 
 
 # ---- redis --------------------------------------------------------------------------------------
-
-
-class RedisServer(PeerProcess):
-    def __init__(self, workdir: Path, password: str | None = None):
-        program = require("redis-server", "redis-server")
-        self.port = free_port()
-        argv = [program, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "no", "--dir", str(workdir)]
-        if password is not None:
-            argv += ["--requirepass", password]
-        super().__init__(f"redis-{self.port}", argv, workdir)
-        self.wait_ready()
-
-    @property
-    def address(self) -> Address:
-        return Address("127.0.0.1", self.port)
-
-    def ready(self) -> bool:
-        return accepts("127.0.0.1", self.port)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGCONT)  # in case a test left it stopped
-        super().stop()
 
 
 @pytest.fixture
