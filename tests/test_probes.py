@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import START_TIMEOUT, free_port
+from conftest import START_TIMEOUT, free_port, free_ports
 from peers import PeerProcess, RedisServer, accepts, require, self_signed_certificate
 
 from fastlb.health.probes import LOCAL_HEADERS, Checker, CheckResult, parse_agent_reply
@@ -908,3 +908,33 @@ def test_a_setting_the_configuration_should_have_refused_fails_the_check():
     )
     assert not results[0].ok and results[0].reason.startswith("invalid HTTP request")
     assert (results[1].ok, results[1].reason) == (False, "unknown check type 'gopher'")
+
+
+def test_a_stopped_postgres_is_marked_down_by_fastlb(postgres, configured, backends):
+    # Through the real balancer: the postgres check of a pool, one server stopped.
+    spare = backends("name", name="spare")
+    stats, front = free_ports(2)
+    lb = configured(f"""
+        stats = "127.0.0.1:{stats}"
+        [frontend.db]
+        listen = ["127.0.0.1:{front}"]
+        pool = "db"
+        [pool.db]
+        backend = ["{postgres.address}", "{spare.address}"]
+        [pool.db.check]
+        type = "postgres"
+        interval = "200ms"
+        timeout = "300ms"
+        fall = 2
+    """)
+    address = str(postgres.address)
+    lb.wait_for(lambda s: lb.backend(address, s)["history"]["last_check"] is not None)
+    assert lb.backend(address)["history"]["last_check"]["ok"] is True
+    postgres.proc.send_signal(signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        lb.wait_for(lambda s: not lb.backend(address, s)["up"], what="postgres down")
+        assert time.monotonic() - stopped <= 0.2 * 2 + 0.3 + 1.0 + 0.5
+        assert lb.backend(address)["history"]["last_check"]["reason"] == "timeout"
+    finally:
+        postgres.proc.send_signal(signal.SIGCONT)
