@@ -2,7 +2,7 @@
 # listeners, connections and the two classes Python sees (Worker runs the epoll loop; Balancer
 # exposes picks to tests and benchmarks). Bodies live in _dataplane.pyx and the .pxi files it
 # includes.
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from includes.linux cimport (epoll_event, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage,
                              socklen_t)
@@ -178,6 +178,7 @@ cdef struct Frontend:
     int32_t reported_active
     uint64_t accepted       # counters since the last report
     uint64_t rejected       # closed before the pick: bad PROXY header, no SNI route
+    uint64_t gave_up        # closed because every backend tried failed
 
 
 # One listening socket of a frontend.
@@ -186,6 +187,35 @@ cdef struct Listener:
     Frontend *frontend
     bint listening          # registered with epoll
     int64_t resume_ms       # paused after EMFILE/ENFILE until then; 0 when not paused by that
+
+
+# Why a connection ended, for the access log.
+cdef enum:
+    END_CLIENT_CLOSED = 1       # the client closed first, the backend then
+    END_BACKEND_CLOSED = 2      # the backend closed first
+    END_CLIENT_RESET = 3        # a reset or an error on the client's socket
+    END_BACKEND_RESET = 4       # a reset or an error on the backend's socket
+    END_CONNECT_FAILED = 5      # every backend tried refused, reset or timed out
+    END_IDLE_TIMEOUT = 6
+    END_REJECTED = 7            # no valid PROXY header from a trusted sender, no SNI route
+    END_BACKEND_DOWN = 8        # on-down close
+    END_FIRST_BYTE_TIMEOUT = 9  # observe first-byte, and no backend left to try
+    END_ERROR = 10              # out of memory or descriptors
+
+
+# One ended connection, as the access log records it. Times are CLOCK_MONOTONIC ms.
+cdef struct LogRecord:
+    SockAddr client             # the PROXY source where one was accepted
+    int64_t start_ms
+    int64_t connected_ms        # 0: never connected
+    int64_t end_ms
+    uint64_t up_bytes
+    uint64_t down_bytes
+    uint32_t frontend           # ids; NO_ID when none
+    uint32_t pool
+    uint32_t backend
+    uint16_t retries
+    uint16_t reason             # END_*
 
 
 cdef struct Buf:
@@ -224,6 +254,13 @@ cdef struct Conn:
     SockAddr dst            # the address it connected to; family 0 until read (send-proxy)
     int64_t active_ms       # last time bytes moved or the connection changed state
     int64_t opened_ms       # when the backend connection was established
+    int64_t start_ms        # accepted
+    uint64_t up_bytes       # client -> backend, all tries
+    uint64_t down_bytes
+    uint64_t up_counted     # of those, added to the backend's counters
+    uint64_t down_counted
+    uint32_t backend_id     # of the last backend tried; NO_ID before
+    int end_reason          # END_*, 0 while open
     int64_t sent_ms         # first seen with the client's bytes sent and unanswered (observe)
     bint on_probation       # connected, but may still fail before answering: not yet a success
     # Until the backend sends its first byte, everything sent to it is still in the first
@@ -280,6 +317,11 @@ cdef class Worker:
     cdef uint64_t accepted_total
     cdef uint32_t table_version
     cdef Backend detached   # counts for connections whose backend left the table (reload)
+    cdef LogRecord *log_ring    # ended connections for the access log; NULL when off
+    cdef uint32_t log_size
+    cdef uint64_t log_head      # next record to write
+    cdef uint64_t log_tail      # next record to read
+    cdef uint64_t log_dropped   # records lost because the ring was full
 
     cdef _add_pool(self, dict spec)
     cdef _add_frontend(self, dict spec)
@@ -308,7 +350,9 @@ cdef class Worker:
                           uint32_t *dflags, uint64_t *counter) noexcept nogil
     cdef void _release_backend(self, Conn *c) noexcept nogil
     cdef Backend *_backend_of(self, Conn *c) noexcept nogil
-    cdef void _close(self, Conn *c, bint reset) noexcept nogil
+    cdef void _close(self, Conn *c, bint reset, int reason) noexcept nogil
+    cdef void _count_bytes(self, Conn *c) noexcept nogil
+    cdef void _log(self, Conn *c) noexcept nogil
     cdef void _scan_timeouts(self) noexcept nogil
     cdef Buf *_buf_get(self) noexcept nogil
     cdef void _buf_put(self, Buf *b) noexcept nogil

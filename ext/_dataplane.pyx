@@ -40,6 +40,8 @@ DEF TAG_MASK = 3
 DEF SCAN_INTERVAL_MS = 100    # how often connect and idle timeouts are checked
 DEF EMFILE_PAUSE_MS = 100     # accept pauses this long when out of file descriptors
 DEF NO_PIPE = -3              # _pump_splice could not get a pipe
+DEF NO_ID = 0xFFFFFFFF        # a log record's pool or backend when there was none
+DEF LOG_RING_SIZE = 16384     # ended connections the access log holds between two slices
 
 cdef uint32_t CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
@@ -104,9 +106,11 @@ cdef class Worker:
         self.pools = NULL
         self.frontends = NULL
         self.listeners = NULL
+        self.log_ring = NULL
 
     def __init__(self, list pools, list frontends, list listeners, *, int buffer_size=65536,
-                 str splice="auto", int report_interval_ms=0, int max_events=512):
+                 str splice="auto", int report_interval_ms=0, int max_events=512,
+                 bint access_log=False):
         cdef int i
         if not pools or not frontends or not listeners:
             raise ValueError("a worker needs at least one pool, frontend and listener")
@@ -139,6 +143,11 @@ cdef class Worker:
             self.listeners[self.nlisteners].frontend = &self.frontends[frontend]
             self.nlisteners += 1
 
+        if access_log:
+            self.log_size = LOG_RING_SIZE
+            self.log_ring = <LogRecord *>calloc(self.log_size, sizeof(LogRecord))
+            if self.log_ring == NULL:
+                raise MemoryError()
         self.conns = <Conn *>calloc(self.max_conn, sizeof(Conn))
         self.events = <epoll_event *>calloc(max_events, sizeof(epoll_event))
         self.free_pipes = <int *>calloc(2 * self.max_free_pipes, sizeof(int))
@@ -266,6 +275,7 @@ cdef class Worker:
                 free(self.frontends[i].sni)
             free(self.frontends)
         free(self.listeners)
+        free(self.log_ring)
         if self.epfd >= 0:
             close(self.epfd)
 
@@ -318,10 +328,15 @@ cdef class Worker:
         """What changed since the last call, or None when nothing did: (table_version,
         backends, frontends). backends: (id, active, new, up_bytes, down_bytes, failed,
         succeeded, streak) for each backend whose counters moved; active is absolute, the
-        others are deltas. frontends: (id, active, accepted, rejected) likewise."""
+        others are deltas. frontends: (id, active, accepted, rejected, gave_up) likewise."""
         cdef int i, j
         cdef Backend *b
         cdef Frontend *fe
+        cdef Conn *c = self.live
+        while c != NULL:
+            if c.pool != NULL:
+                self._count_bytes(c)
+            c = c.next
         backends = []
         for i in range(self.npools):
             for j in range(self.pools[i].table.n):
@@ -337,15 +352,46 @@ cdef class Worker:
         frontends = []
         for i in range(self.nfrontends):
             fe = &self.frontends[i]
-            if fe.nconns == fe.reported_active and not fe.accepted and not fe.rejected:
+            if (fe.nconns == fe.reported_active and not fe.accepted and not fe.rejected
+                    and not fe.gave_up):
                 continue
-            frontends.append((fe.id, fe.nconns, fe.accepted, fe.rejected))
+            frontends.append((fe.id, fe.nconns, fe.accepted, fe.rejected, fe.gave_up))
             fe.reported_active = fe.nconns
-            fe.accepted = fe.rejected = 0
+            fe.accepted = fe.rejected = fe.gave_up = 0
         self.counts_changed = False
         if not backends and not frontends:
             return None
         return (self.table_version, backends, frontends)
+
+    def take_log(self):
+        """The connections that ended since the last call, oldest first, as tuples: (client
+        host, client port, start_ms, connected_ms (0: never), end_ms, up_bytes, down_bytes,
+        frontend id, pool id, backend id (None when none), retries, end reason (END_*)), and
+        the count of records dropped since the last call. Times are CLOCK_MONOTONIC ms."""
+        cdef LogRecord *r
+        cdef char host[64]
+        cdef const void *raw
+        cdef int family, port
+        records = []
+        while self.log_tail < self.log_head:
+            r = &self.log_ring[self.log_tail % self.log_size]
+            self.log_tail += 1
+            family = r.client.sa.sa_family
+            if family == AF_INET6:
+                raw = &r.client.v6.sin6_addr
+                port = ntohs(r.client.v6.sin6_port)
+            else:
+                raw = &r.client.v4.sin_addr
+                port = ntohs(r.client.v4.sin_port)
+            if inet_ntop(family, raw, host, sizeof(host)) == NULL:
+                host[0] = 0
+            records.append((host.decode(), port, r.start_ms, r.connected_ms, r.end_ms,
+                            r.up_bytes, r.down_bytes, r.frontend,
+                            None if r.pool == NO_ID else r.pool,
+                            None if r.backend == NO_ID else r.backend, r.retries, r.reason))
+        dropped = self.log_dropped
+        self.log_dropped = 0
+        return records, dropped
 
     def drain(self):
         """Stop accepting: close this worker's copies of the listening sockets."""
@@ -523,6 +569,11 @@ cdef class Worker:
         c.src = addr[0]
         c.dst.sa.sa_family = 0
         c.active_ms = self.now_ms
+        c.start_ms = self.now_ms
+        c.opened_ms = 0
+        c.up_bytes = c.down_bytes = c.up_counted = c.down_counted = 0
+        c.backend_id = NO_ID
+        c.end_reason = 0
         c.prev = NULL
         c.next = self.live
         if self.live != NULL:
@@ -539,7 +590,7 @@ cdef class Worker:
         ev.data.u64 = <uint64_t>c
         c.state = CONN_CONNECTING
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
-            self._close(c, True)
+            self._close(c, True, END_ERROR)
             return
         if c.waiting:
             # Read first, pick later. The peeked bytes go out from a buffer: copy that
@@ -560,7 +611,7 @@ cdef class Worker:
         else:
             c.key = 0
         if self._connect_next(c) < 0:
-            self._close(c, True)
+            self._close(c, True, END_CONNECT_FAILED)
 
     cdef void _peek(self, Conn *c) noexcept nogil:
         # Reads what the frontend must see before the pick (a PROXY header from a trusted
@@ -578,7 +629,7 @@ cdef class Worker:
         if b == NULL:
             b = self._buf_get()
             if b == NULL:
-                self._close(c, True)
+                self._close(c, True, END_ERROR)
                 return
             b.off = 0
             b.len = 0
@@ -626,12 +677,12 @@ cdef class Worker:
             elif n == 0:
                 c.cflags = (c.cflags | READ_EOF) & ~CAN_READ
                 if b.len == 0:
-                    self._close(c, False)  # closed before sending anything
+                    self._close(c, False, END_CLIENT_CLOSED)  # closed before sending anything
                     return
             elif errno == EAGAIN:
                 c.cflags &= ~CAN_READ
             elif errno != EINTR:
-                self._close(c, True)
+                self._close(c, True, END_CLIENT_RESET)
                 return
 
     cdef void _peek_done(self, Conn *c, Pool *pool) noexcept nogil:
@@ -646,7 +697,7 @@ cdef class Worker:
         # A trusted sender without a valid PROXY header, or no SNI route with sni-required.
         # Called without the GIL; touches no Python objects.
         c.frontend.rejected += 1
-        self._close(c, False)
+        self._close(c, False, END_REJECTED)
 
     cdef int _send_proxy_header(self, Conn *c) noexcept nogil:
         # Sends the PROXY header on a backend connection that has just connected: its socket
@@ -697,6 +748,8 @@ cdef class Worker:
                 c.bfd = fd
                 c.bflags = 0
                 c.backend = index
+                c.backend_id = b.id
+                c.opened_ms = 0
                 c.state = CONN_CONNECTING
                 c.deadline_ms = self.now_ms + pool.connect_timeout_ms
                 b.local_active += 1
@@ -724,9 +777,10 @@ cdef class Worker:
         b.streak += 1
         close(c.bfd)
         c.bfd = -1
+        self._count_bytes(c)
         self._release_backend(c)
         if self._connect_next(c) < 0:
-            self._close(c, True)
+            self._close(c, True, END_CONNECT_FAILED)
 
     cdef void _prove(self, Conn *c) noexcept nogil:
         # The connection to its backend held: count the connect a success.
@@ -806,28 +860,28 @@ cdef class Worker:
             c.cflags |= flags_from_events(ev)
             if c.state == CONN_PEEKING:
                 if ev & EPOLLERR:
-                    self._close(c, True)
+                    self._close(c, True, END_CLIENT_RESET)
                 else:
                     self._peek(c)
                 return
             if c.state == CONN_CONNECTING:
                 if ev & EPOLLERR:
-                    self._close(c, True)
+                    self._close(c, True, END_CLIENT_RESET)
                 return  # client bytes wait in the socket until the backend is connected
         # _pump returns -1 when its source socket failed, -2 when its destination did.
         b = self._backend_of(c)
-        r = self._pump(c, &c.up, c.cfd, &c.cflags, c.bfd, &c.bflags, &b.up_bytes)
+        r = self._pump(c, &c.up, c.cfd, &c.cflags, c.bfd, &c.bflags, &c.up_bytes)
         if r < 0:
             if not (r == -2 and self._retry_after_reset(c)):
-                self._close(c, True)
+                self._close(c, True, END_CLIENT_RESET if r == -1 else END_BACKEND_RESET)
             return
-        r = self._pump(c, &c.down, c.bfd, &c.bflags, c.cfd, &c.cflags, &b.down_bytes)
+        r = self._pump(c, &c.down, c.bfd, &c.bflags, c.cfd, &c.cflags, &c.down_bytes)
         if r < 0:
             if not (r == -1 and self._retry_after_reset(c)):
-                self._close(c, True)
+                self._close(c, True, END_CLIENT_RESET if r == -2 else END_BACKEND_RESET)
             return
         if (c.cflags & c.bflags & READ_EOF) and (c.cflags & c.bflags & WRITE_SHUT):
-            self._close(c, False)
+            self._close(c, False, END_CLIENT_CLOSED)
 
     cdef int _pump(self, Conn *c, Channel *ch, int src, uint32_t *sflags, int dst,
                    uint32_t *dflags, uint64_t *counter) noexcept nogil:
@@ -839,6 +893,8 @@ cdef class Worker:
         if ch.spliced:
             r = self._pump_splice(ch, src, sflags, dst, dflags, counter)
             if r != NO_PIPE:
+                if c.end_reason == 0 and dflags[0] & WRITE_SHUT:
+                    c.end_reason = END_CLIENT_CLOSED if ch == &c.up else END_BACKEND_CLOSED
                 return r
             ch.spliced = False  # out of file descriptors for a pipe: copy instead
         while True:
@@ -898,11 +954,15 @@ cdef class Worker:
         if ch.spliced and b == NULL:
             r = self._pump_splice(ch, src, sflags, dst, dflags, counter)
             if r != NO_PIPE:
+                if c.end_reason == 0 and dflags[0] & WRITE_SHUT:
+                    c.end_reason = END_CLIENT_CLOSED if ch == &c.up else END_BACKEND_CLOSED
                 return r
             ch.spliced = False
         if (sflags[0] & READ_EOF) and b == NULL and not dflags[0] & WRITE_SHUT:
             if c.replayable and ch == &c.down and self._closed_early(c):
                 return -1  # the backend closed without answering: the caller retries
+            if c.end_reason == 0:
+                c.end_reason = END_CLIENT_CLOSED if ch == &c.up else END_BACKEND_CLOSED
             propagate_eof(dst, dflags, sflags[0])
         return 0
 
@@ -952,11 +1012,18 @@ cdef class Worker:
             propagate_eof(dst, dflags, sflags[0])
         return 0
 
-    cdef void _close(self, Conn *c, bint reset) noexcept nogil:
-        # Closes both sockets; with reset, the peers see RST instead of FIN.
-        # Called without the GIL; touches no Python objects.
+    cdef void _close(self, Conn *c, bint reset, int reason) noexcept nogil:
+        # Closes both sockets; with reset, the peers see RST instead of FIN. reason (END_*)
+        # says why, unless one was recorded before. Called without the GIL; touches no Python
+        # objects.
         cdef Channel *ch
         cdef int k
+        if c.end_reason == 0:
+            c.end_reason = reason
+        if c.end_reason == END_CONNECT_FAILED:
+            c.frontend.gave_up += 1
+        if self.log_ring != NULL:
+            self._log(c)
         if reset:
             set_linger_reset(c.cfd)
             if c.bfd >= 0:
@@ -980,6 +1047,7 @@ cdef class Worker:
                     ch.piped = 0
                     self.pipes_held -= 1
         self._drop_replay(c)
+        self._count_bytes(c)
         self._release_backend(c)
         if c.prev != NULL:
             c.prev.next = c.next
@@ -992,6 +1060,37 @@ cdef class Worker:
         self.dead = c
         self.nconns -= 1
         c.frontend.nconns -= 1
+
+    cdef void _count_bytes(self, Conn *c) noexcept nogil:
+        # Adds what the connection moved since the last call to its backend's counters.
+        # Called without the GIL; touches no Python objects.
+        cdef Backend *b = self._backend_of(c)
+        b.up_bytes += c.up_bytes - c.up_counted
+        b.down_bytes += c.down_bytes - c.down_counted
+        c.up_counted = c.up_bytes
+        c.down_counted = c.down_bytes
+
+    cdef void _log(self, Conn *c) noexcept nogil:
+        # Records the connection in the access log's ring; a full ring drops it (counted):
+        # forwarding never waits for the writer. Called without the GIL; touches no Python
+        # objects.
+        cdef LogRecord *r
+        if self.log_head - self.log_tail >= self.log_size:
+            self.log_dropped += 1
+            return
+        r = &self.log_ring[self.log_head % self.log_size]
+        self.log_head += 1
+        r.client = c.src
+        r.start_ms = c.start_ms
+        r.connected_ms = c.opened_ms
+        r.end_ms = self.now_ms
+        r.up_bytes = c.up_bytes
+        r.down_bytes = c.down_bytes
+        r.frontend = c.frontend.id
+        r.pool = c.pool.id if c.pool != NULL else NO_ID
+        r.backend = c.backend_id
+        r.retries = c.ntried - 1 if c.ntried > 0 else 0
+        r.reason = c.end_reason
 
     cdef void _scan_timeouts(self) noexcept nogil:
         # Called without the GIL; touches no Python objects.
@@ -1017,12 +1116,12 @@ cdef class Worker:
                         c.sent_ms = self.now_ms
                     elif self.now_ms - c.sent_ms >= c.pool.first_byte_timeout_ms:
                         if not self._retry_after_reset(c):
-                            self._close(c, True)
+                            self._close(c, True, END_FIRST_BYTE_TIMEOUT)
                         c = nxt
                         continue
                 idle_ms = c.frontend.idle_timeout_ms
                 if idle_ms > 0 and self.now_ms - c.active_ms >= idle_ms:
-                    self._close(c, False)
+                    self._close(c, False, END_IDLE_TIMEOUT)
             c = nxt
 
     cdef Buf *_buf_get(self) noexcept nogil:
@@ -1110,6 +1209,11 @@ cdef class Worker:
                 remap[i] = 0
             else:
                 remap[i] = -1
+        c = self.live
+        while c != NULL:
+            if c.pool == pool:
+                self._count_bytes(c)  # against the old table, where its backend still is
+            c = c.next
         table_swap(table, &new)
         c = self.live
         while c != NULL:
@@ -1122,7 +1226,7 @@ cdef class Worker:
                     j = remap[c.backend]
                     if j == 0:
                         c.backend = -1  # counted nowhere now: the new table never held it
-                        self._close(c, True)
+                        self._close(c, True, END_BACKEND_DOWN)
                     else:
                         c.backend = j - 1 if j > 0 else -1
                         if c.backend >= 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import socket
 import sys
@@ -15,7 +16,7 @@ import textwrap
 
 import fastlb.config
 from fastlb import __version__, demo, settings
-from fastlb.errors import EXIT_UNREACHABLE, EXIT_USAGE, FastlbError
+from fastlb.errors import EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, FastlbError
 from fastlb.model import Config
 from fastlb.supervisor.arbiter import Arbiter
 from fastlb.supervisor.listeners import bound_addresses, open_frontend_listeners, open_listener
@@ -121,8 +122,18 @@ def load_config(args: argparse.Namespace) -> Config:
     return fastlb.config.load(vars(args), args.config)
 
 
+def check_access_log(config: Config) -> None:
+    """A one-line error now rather than workers that cannot start."""
+    if config.access_log and config.access_log != "-":
+        try:
+            os.close(os.open(config.access_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise ConfigError(f"--access-log {config.access_log}: {exc.strerror}") from None
+
+
 def run_command(args: argparse.Namespace) -> int:
     config = load_config(args)
+    check_access_log(config)
     listeners, stats_socket = open_sockets(config)
     config = bound_addresses(config, listeners)
     setup_logging(config.log_level)

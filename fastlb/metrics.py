@@ -2,12 +2,13 @@
 
 ``GET /stats`` answers the supervisor's snapshot as JSON::
 
-    {"pid": <supervisor pid>, "table_version": <int>,
+    {"pid": <supervisor pid>, "table_version": <int>, "access_log_dropped": <int>,
      "workers": [{"id": <int>, "pid": <int>, "ready": <bool>}, ...],
      "frontends": [{"name": <str>, "listen": ["host:port", ...], "pool": <default pool>,
                     "sni": {<pattern>: <pool>}, "accept_proxy": [<network>, ...],
                     "active": <open connections>, "connections": <accepted>,
-                    "rejected": <closed before a pick>}, ...],
+                    "rejected": <closed before a pick>,
+                    "gave_up": <closed because every backend tried failed>}, ...],
      "pools": [{"name": <str>, "algorithm": <str>, "send_proxy": "v1" | "v2" | null,
                 "check": <active check type> | null, "panic": <bool>,
                 "backends": [<backend id>, ...]}, ...],
@@ -80,6 +81,11 @@ class StatsCollector(Collector):
             "connections": CounterMetricFamily(
                 "fastlb_frontend_connections", "Connections accepted.", labels=["frontend"]
             ),
+            "gave_up": CounterMetricFamily(
+                "fastlb_frontend_gave_up",
+                "Clients closed because every backend they tried failed.",
+                labels=["frontend"],
+            ),
             "rejected": CounterMetricFamily(
                 "fastlb_frontend_rejected",
                 "Connections closed before a pick: no valid PROXY header from a trusted sender, "
@@ -91,6 +97,11 @@ class StatsCollector(Collector):
             for key, family in frontend_families.items():
                 family.add_metric([frontend["name"]], float(frontend[key]))
         yield from frontend_families.values()
+        yield CounterMetricFamily(
+            "fastlb_access_log_dropped",
+            "Access log records lost because the writer fell behind.",
+            stats["access_log_dropped"],
+        )
         label = ["pool", "backend"]
         families = {
             "up": GaugeMetricFamily("fastlb_backend_up", "1 if the backend is up.", labels=label),

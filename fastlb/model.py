@@ -163,6 +163,8 @@ class Config:
     buffer_size: int = 65536
     splice: str = "auto"
     log_level: str = "info"
+    access_log: str | None = None  # a file, or - for stderr
+    access_log_format: str = "text"
 
     def pool(self, name: str) -> PoolSpec:
         for pool in self.pools:

@@ -321,6 +321,15 @@ def host_name(text: str) -> str:
     return text
 
 
+def access_log_path(text: str) -> str:
+    """A file to append to (made absolute, as the service may change directory), or -."""
+    if text == "-":
+        return text
+    if not text:
+        raise ValueError("expected a file name, or - for stderr")
+    return os.path.abspath(text)
+
+
 class OneOf:
     """A name from a list that is read when parsing: compiled algorithms register themselves."""
 
@@ -719,6 +728,17 @@ OPTIONS: tuple[Option, ...] = (
         "log_level", "--log-level", str,
         one_of("debug", "info", "warning", "error"), "info",
         "least important messages to log (to stderr)", metavar="LEVEL", scope=PROCESS,
+    ),
+    Option(
+        "access_log", "--access-log", str | None, access_log_path, None,
+        "write one line per connection when it ends to this file (- for stderr); reopened on "
+        "SIGUSR1, for logrotate",
+        metavar="PATH", scope=PROCESS,
+    ),
+    Option(
+        "access_log_format", "--access-log-format", str, one_of("text", "json"), "text",
+        "the access log's lines: text (key=value) or json (one object per line)",
+        metavar="FORMAT", scope=PROCESS,
     ),
 )  # fmt: skip
 

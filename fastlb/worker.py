@@ -14,6 +14,7 @@ import socket
 import time
 
 from fastlb import _dataplane
+from fastlb.accesslog import AccessLog
 from fastlb.errors import EXIT_BOOT_FAILED
 from fastlb.model import Config
 from fastlb.protocol import messages as msg
@@ -101,6 +102,20 @@ class WorkerProcess:
         self.draining = False
         self.control_open = True
         self.stop_signal = False
+        self.reopen_signal = False
+        self.log_dropped = 0  # access log records lost, not reported yet
+        self.backend_names: dict[int, str] = {}
+        self.access_log = (
+            AccessLog(
+                config.access_log,
+                config.access_log_format,
+                [frontend.name for frontend in config.frontends],
+                [pool.name for pool in config.pools],
+                journald="JOURNAL_STREAM" in os.environ,
+            )
+            if config.access_log
+            else None
+        )
         pools, frontends = dataplane_specs(config)
         self.dataplane = _dataplane.Worker(
             pools,
@@ -109,11 +124,12 @@ class WorkerProcess:
             buffer_size=config.buffer_size,
             splice=config.splice,
             report_interval_ms=REPORT_INTERVAL_MS if counts_matter(config) else 0,
+            access_log=self.access_log is not None,
         )
         # The data plane owns the descriptors from here on (it closes them when draining).
         for _, sock in listeners:
             sock.detach()
-        self.dataplane.set_table(table.version, table_pools(table))
+        self.set_table(table)
         control.setblocking(False)
         self.dataplane.watch(control.fileno())
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -128,16 +144,20 @@ class WorkerProcess:
             if self.dataplane.poll(TICK_MS):
                 self.read_wakeups()
                 self.read_control()
+            if self.access_log is not None:
+                self.write_access_log()
             report = self.dataplane.report()
-            if report is not None:
-                version, backends, frontends = report
+            if report is not None or self.log_dropped:
+                version, backends, frontends = report or (0, [], [])
                 self.send(
                     msg.Report(
                         table=version,
                         backends=[msg.BackendReport(*row) for row in backends],
                         frontends=[msg.FrontendReport(*row) for row in frontends],
+                        log_dropped=self.log_dropped,
                     )
                 )
+                self.log_dropped = 0
             self.flush()
             if self.stop_signal and not self.draining:
                 self.drain()
@@ -147,6 +167,26 @@ class WorkerProcess:
     def drain(self) -> None:
         self.draining = True
         self.dataplane.drain()
+
+    def write_access_log(self) -> None:
+        if self.reopen_signal:
+            self.reopen_signal = False
+            try:
+                self.access_log.reopen()
+            except OSError as exc:
+                log.error("worker %d: cannot reopen the access log: %s", self.worker_id, exc)
+        records, dropped = self.dataplane.take_log()
+        self.log_dropped += dropped
+        if records:
+            self.log_dropped += self.access_log.write(records, self.backend_names)
+
+    def set_table(self, table: msg.Table) -> None:
+        self.dataplane.set_table(table.version, table_pools(table))
+        self.backend_names = {
+            b.id: f"[{b.host}]:{b.port}" if ":" in b.host else f"{b.host}:{b.port}"
+            for pool in table.pools
+            for b in pool.backends
+        }
 
     def read_wakeups(self) -> None:
         try:
@@ -173,7 +213,7 @@ class WorkerProcess:
 
     def apply(self, message) -> None:
         if isinstance(message, msg.Table):
-            self.dataplane.set_table(message.version, table_pools(message))
+            self.set_table(message)
         elif isinstance(message, msg.Counts):
             self.dataplane.set_others(message.others)
         elif isinstance(message, msg.Drain):
@@ -200,9 +240,13 @@ class WorkerProcess:
         del self.outgoing[:sent]
 
 
-def _on_stop_signal(process: WorkerProcess):
+def _on_signal(process: WorkerProcess):
     def handler(signum, frame):
-        process.stop_signal = True  # acted on by the loop; nothing else happens in a handler
+        # Acted on by the loop; nothing else happens in a handler.
+        if signum == signal.SIGUSR1:
+            process.reopen_signal = True
+        else:
+            process.stop_signal = True
 
     return handler
 
@@ -220,6 +264,7 @@ def run(
         # Ctrl-C reaches the whole process group: the supervisor alone decides what it means.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the handler below is in place
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
             process = WorkerProcess(worker_id, listeners, control, config, table)
@@ -227,7 +272,8 @@ def run(
             log.error("worker %d cannot start: %s", worker_id, exc)
             code = EXIT_BOOT_FAILED
             return
-        signal.signal(signal.SIGTERM, _on_stop_signal(process))
+        signal.signal(signal.SIGTERM, _on_signal(process))
+        signal.signal(signal.SIGUSR1, _on_signal(process))
         started = time.monotonic()
         process.serve()
         log.debug("worker %d drained after %.1fs", worker_id, time.monotonic() - started)

@@ -17,8 +17,10 @@ worker -> supervisor
               connections to it (absolute); ``new``, ``up_bytes`` (client -> backend),
               ``down_bytes``, ``failed`` and ``succeeded`` (connect attempts) are deltas;
               ``streak`` is the run of consecutive connect failures this worker has seen on it,
-              0 after a success. ``frontends``: ``[{id, active, accepted, rejected}]`` likewise
-              (``rejected``: closed before a pick, for a bad PROXY header or no SNI route).
+              0 after a success. ``frontends``: ``[{id, active, accepted, rejected, gave_up}]``
+              likewise (``rejected``: closed before a pick, for a bad PROXY header or no SNI
+              route; ``gave_up``: closed because every backend tried failed). ``log_dropped``:
+              access log records lost since the previous report (the writer fell behind).
 
 supervisor -> worker
   ``table``   ``{t, version, pools}``: whole backend tables, each swapped in at once.
@@ -63,6 +65,7 @@ class FrontendReport:
     active: int
     accepted: int = 0
     rejected: int = 0
+    gave_up: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,7 @@ class Report:
     table: int
     backends: list[BackendReport]
     frontends: list[FrontendReport]
+    log_dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)

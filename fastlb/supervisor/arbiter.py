@@ -64,8 +64,10 @@ SIGNALS = {
     signal.SIGTERM: "term",
     signal.SIGINT: "int",
     signal.SIGHUP: "hup",
+    signal.SIGUSR1: "usr1",
     signal.SIGCHLD: "chld",
 }
+GAVE_UP_LOG_INTERVAL = 10.0  # seconds between two lines about clients that every backend failed
 
 
 @dataclass
@@ -136,6 +138,9 @@ class FrontendState:
     spec: FrontendSpec
     connections: int = 0
     rejected: int = 0
+    gave_up: int = 0  # clients closed because every backend tried failed
+    gave_up_unlogged: int = 0  # of those, not yet in a log line
+    gave_up_logged_at: float = 0.0
 
 
 class Arbiter:
@@ -164,6 +169,7 @@ class Arbiter:
         self.table_version = 1
         self.table_changed = False
         self.next_ramp = 0.0  # when ramping weights next go out
+        self.access_log_dropped = 0  # records the workers' access logs lost
         self.counts_changed = False
         self.signal_queue: list[int] = []
         self.saved_handlers: dict[int, object] = {}  # restored on the way out
@@ -269,6 +275,7 @@ class Arbiter:
         else:
             self.spawn_workers()
             self.run_checks(now)
+            self.log_gave_up(now)
             if now >= self.next_ramp and self.ramping():
                 self.table_changed = True
                 self.next_ramp = now + RAMP_STEP
@@ -277,6 +284,22 @@ class Arbiter:
             ready = sum(1 for worker in self.workers.values() if worker.ready)
             if ready == self.config.workers:
                 self.announce_ready()
+
+    def log_gave_up(self, now: float) -> None:
+        """At most one line per frontend every GAVE_UP_LOG_INTERVAL about clients that were
+        closed because every backend they tried failed."""
+        for frontend in self.frontends:
+            if frontend.gave_up_unlogged and now - frontend.gave_up_logged_at >= (
+                GAVE_UP_LOG_INTERVAL
+            ):
+                log.warning(
+                    "frontend %s: %d clients closed, every backend tried failed (pool %s)",
+                    frontend.spec.name,
+                    frontend.gave_up_unlogged,
+                    frontend.spec.pool,
+                )
+                frontend.gave_up_unlogged = 0
+                frontend.gave_up_logged_at = now
 
     def announce_ready(self) -> None:
         self.announced_ready = True
@@ -332,6 +355,11 @@ class Arbiter:
             except KeyError:
                 continue
             self.replace_backends(pool, specs)
+
+    def handle_usr1(self) -> None:
+        """The access log is reopened by each worker (logrotate moved it away)."""
+        for worker in self.workers.values():
+            self.kill_worker(worker, signal.SIGUSR1)
 
     def handle_chld(self) -> None:
         pass  # every turn of the loop reaps
@@ -563,7 +591,10 @@ class Arbiter:
                 frontend = self.frontends[entry.id]
                 frontend.connections += entry.accepted
                 frontend.rejected += entry.rejected
+                frontend.gave_up += entry.gave_up
+                frontend.gave_up_unlogged += entry.gave_up
                 worker.frontend_active[entry.id] = entry.active
+        self.access_log_dropped += report.log_dropped
         if report.table != self.table_version:
             return  # counted against an older table: its failures may predate the last change
         for entry in report.backends:
@@ -868,6 +899,7 @@ class Arbiter:
                 for worker in sorted(self.workers.values(), key=lambda w: w.worker_id)
             ],
             "table_version": self.table_version,
+            "access_log_dropped": self.access_log_dropped,
             "frontends": [
                 {
                     "name": frontend.spec.name,
@@ -878,6 +910,7 @@ class Arbiter:
                     "active": frontend_active[frontend.id],
                     "connections": frontend.connections,
                     "rejected": frontend.rejected,
+                    "gave_up": frontend.gave_up,
                 }
                 for frontend in self.frontends
             ],
@@ -922,7 +955,16 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
     applies): the names of the settings, frontends and pools that changed."""
     changed = [
         name
-        for name in ("workers", "stats", "drain_timeout", "buffer_size", "splice", "log_level")
+        for name in (
+            "workers",
+            "stats",
+            "drain_timeout",
+            "buffer_size",
+            "splice",
+            "log_level",
+            "access_log",
+            "access_log_format",
+        )
         if getattr(old, name) != getattr(new, name)
     ]
     if old.frontends != new.frontends:
