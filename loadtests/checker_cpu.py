@@ -3,6 +3,7 @@ drives it, checking every one of ``--backends`` loopback backends once a second.
 
     python loadtests/checker_cpu.py                          # 1,000 backends: tcp, then http
     python loadtests/checker_cpu.py --backends 2000 --duration 10 --kinds http
+    python loadtests/checker_cpu.py --supervisor             # a real `fastlb run` supervisor
 
 It starts one asyncio process listening on ``--backends`` loopback ports, each answering any
 HTTP request with a 200 and closing. Then, for each kind, it checks each backend once a second,
@@ -15,8 +16,16 @@ On loopback the kernel charges the sender for much of the receiving end's TCP wo
 handshake, the reset), so the system time holds some of the backends' share. For tcp and http
 a floor follows each run: the same checks reduced to their system calls (connect, close; the
 request and one read for http) in a bare ``select.epoll`` loop, the least any checker written
-in Python pays here. Run it from the repository root with fastlb installed (``pip install
-.``); the backend process is stopped by PID at the end.
+in Python pays here.
+
+With ``--supervisor`` it measures a real ``fastlb run`` supervisor (not its worker) checking
+the backends once a second instead, from ``/proc``; the checks are those the backends accepted.
+The supervisor starts every backend's checks together and keeps them in step, so they come in
+bursts, one wake-up for many, where the loop above spreads them evenly, one wake-up (two for
+http) a check: its worst case.
+
+Run it from the repository root with fastlb installed (``pip install .``); the backend process
+is stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -40,7 +49,11 @@ from fastlb.model import Address, CheckSpec
 HTTP_REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
+ACCEPTED = [0]  # connections the backends accepted, for --supervisor's count of checks
+
+
 async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    ACCEPTED[0] += 1
     try:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(HTTP_REPLY)
@@ -51,10 +64,18 @@ async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
+def tell_accepted() -> None:
+    """A line on stdin asks for the count of connections accepted so far."""
+    if not sys.stdin.readline():
+        return
+    print(ACCEPTED[0], flush=True)
+
+
 async def serve(count: int) -> None:
     servers = [
         await asyncio.start_server(answer, "127.0.0.1", 0, backlog=1024) for _ in range(count)
     ]
+    asyncio.get_running_loop().add_reader(sys.stdin.fileno(), tell_accepted)
     print(" ".join(str(server.sockets[0].getsockname()[1]) for server in servers), flush=True)
     await asyncio.Event().wait()  # until stopped
 
@@ -65,10 +86,15 @@ def cpu_seconds() -> tuple[float, float]:
     return usage.ru_utime, usage.ru_stime
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds of another process, from /proc."""
+def process_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of another process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def process_cpu_seconds(pid: int) -> float:
+    return sum(process_cpu_split(pid))
 
 
 class Pacer:
@@ -183,6 +209,59 @@ def measure_floor(kind: str, addresses: list[Address], duration: float, pid: int
     print(f"{line}; {failed} failed", flush=True)
 
 
+def accepted(backends: subprocess.Popen) -> int:
+    backends.stdin.write("\n")
+    backends.stdin.flush()
+    return int(backends.stdout.readline())
+
+
+def measure_supervisor(
+    kind: str, addresses: list[Address], duration: float, timeout: float, backends: subprocess.Popen
+) -> None:
+    """The CPU of a real ``fastlb run`` supervisor (its workers not counted) checking every
+    backend once a second, as it schedules them: a backend's next check is due an interval after
+    its last one started, so backends checked together at the start stay together."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        listen = f"127.0.0.1:{probe.getsockname()[1]}"
+    command = [sys.executable, "-m", "fastlb", "run", "--listen", listen, "--workers", "1"]
+    command += ["--check", "--check-type", kind, "--check-interval", "1"]
+    command += ["--check-timeout", str(timeout), "--log-level", "warning"]
+    if kind == "http":
+        command += ["--check-path", "/health"]
+    for address in addresses:
+        command += ["--backend", str(address)]
+    supervisor = subprocess.Popen(command)
+    try:
+        first = accepted(backends)
+        give_up = time.monotonic() + 30
+        while accepted(backends) < first + 2 * len(addresses):  # two rounds: settled
+            if time.monotonic() > give_up or supervisor.poll() is not None:
+                sys.exit("the supervisor did not check the backends")
+            time.sleep(0.2)
+        before, backend_before = accepted(backends), process_cpu_seconds(backends.pid)
+        user_before, system_before = process_cpu_split(supervisor.pid)
+        start = time.monotonic()
+        time.sleep(duration)
+        user_after, system_after = process_cpu_split(supervisor.pid)
+        wall = time.monotonic() - start
+        checks = accepted(backends) - before
+        backend_cpu = process_cpu_seconds(backends.pid) - backend_before
+    finally:
+        supervisor.terminate()
+        supervisor.wait()
+    user, system = user_after - user_before, system_after - system_before
+    cpu = user + system
+    print(
+        f"{kind + ' sup':11} {len(addresses)} backends/s for {wall:.1f} s: {checks} checks, "
+        f"CPU {100 * cpu / wall:.1f}% of a core (user {100 * user / wall:.1f}%, "
+        f"system {100 * system / wall:.1f}%), {1e6 * cpu / max(checks, 1):.0f} us a check "
+        f"({1e6 * user / max(checks, 1):.0f} user, {1e6 * system / max(checks, 1):.0f} "
+        f"system); backends {100 * backend_cpu / wall:.0f}%",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", type=int, default=1000, help="checked once a second each")
@@ -190,6 +269,11 @@ def main() -> None:
     parser.add_argument("--kinds", default="tcp,http", help="comma-separated check types")
     parser.add_argument("--timeout", type=float, default=2.0, help="of a check, in seconds")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare-syscall floor")
+    parser.add_argument(
+        "--supervisor",
+        action="store_true",
+        help="measure a real `fastlb run` supervisor checking the backends instead",
+    )
     parser.add_argument("--serve", type=int, metavar="N", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -197,6 +281,7 @@ def main() -> None:
         return
     backends = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(args.backends)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -206,6 +291,9 @@ def main() -> None:
             sys.exit("the backend process did not start")
         addresses = [Address("127.0.0.1", port) for port in ports]
         for kind in args.kinds.split(","):
+            if args.supervisor:
+                measure_supervisor(kind, addresses, args.duration, args.timeout, backends)
+                continue
             measure(kind, addresses, args.duration, args.timeout, backends.pid)
             if kind in ("tcp", "http") and not args.no_floor:
                 measure_floor(kind, addresses, args.duration, backends.pid)
