@@ -73,7 +73,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from typing import NamedTuple
 
 import h11
@@ -162,63 +162,83 @@ class Conversation:
         return b""
 
 
+CONNECTED = _passed("connected")
+
+
 class Connect(Conversation):
     def sent(self) -> Verdict | None:
-        return _passed("connected")
+        return CONNECTED
 
 
-@lru_cache(maxsize=4096)
-def _http_request(method: str, path: str, host: str) -> h11.Request:
-    # Kept: h11 validates and normalises a request's headers as it makes it, which is slow.
-    headers = [("Host", host), ("User-Agent", "fastlb-check"), ("Connection", "close")]
-    try:
-        return h11.Request(method=method, target=path, headers=headers)
-    except h11.LocalProtocolError as exc:
-        raise ValueError(f"invalid HTTP request: {exc}") from None
+END_OF_MESSAGE = h11.EndOfMessage()
 
 
-class HttpRequest(Conversation):
+class HttpPlan:
+    """What every http check of one backend shares, made once: the request, its bytes as h11
+    writes them, and what the reply must show."""
+
+    __slots__ = ("request", "wire", "expect_status", "expect_body", "body_regex")
+
     def __init__(self, spec: CheckSpec, target: Address):
-        self.connection = h11.Connection(h11.CLIENT)
-        request = _http_request(spec.method, spec.path, spec.host or str(target))
-        self.request = self.connection.send(request) + self.connection.send(h11.EndOfMessage())
+        headers = [
+            ("Host", spec.host or str(target)),
+            ("User-Agent", "fastlb-check"),
+            ("Connection", "close"),
+        ]
+        try:
+            self.request = h11.Request(method=spec.method, target=spec.path, headers=headers)
+        except h11.LocalProtocolError as exc:
+            raise ValueError(f"invalid HTTP request: {exc}") from None
+        writer = h11.Connection(h11.CLIENT)
+        self.wire = writer.send(self.request) + writer.send(END_OF_MESSAGE)
         self.expect_status = spec.expect_status
         self.expect_body = spec.expect_body.encode() if spec.expect_body is not None else None
         self.body_regex = (
             re.compile(spec.expect_body_regex) if spec.expect_body_regex is not None else None
         )
+
+
+class HttpRequest(Conversation):
+    def __init__(self, plan: HttpPlan):
+        self.plan = plan
+        # h11 frames a response by the request it answers (HEAD has no body), and takes one only
+        # once it has seen that request go: it is told so (the bytes sent are the plan's). Its
+        # end of message is not: a server may answer before it, so h11 needs no more.
+        self.connection = h11.Connection(h11.CLIENT)
+        self.connection.send(plan.request)
         self.status: int | None = None
         self.body = bytearray()
         self.received = False
 
     def opening(self) -> bytes:
-        return self.request
+        return self.plan.wire
 
     def feed(self, data: bytes) -> Verdict | None:
         if data:
             self.received = True
         elif not self.received:
             return _failed("closed before reply")
+        plan = self.plan
         try:
             self.connection.receive_data(data)
             while True:
                 event = self.connection.next_event()
                 if event is h11.NEED_DATA:
                     return None
-                if isinstance(event, h11.Response):
+                if type(event) is h11.Response:
                     self.status = event.status_code
-                    if not any(low <= self.status <= high for low, high in self.expect_status):
+                    if not any(low <= self.status <= high for low, high in plan.expect_status):
                         return _failed(f"HTTP {self.status}")
-                    if self.expect_body is None and self.body_regex is None:
-                        return _passed(f"HTTP {self.status}")
-                elif isinstance(event, h11.Data):
+                    if plan.expect_body is None and plan.body_regex is None:
+                        return _passed(f"HTTP {self.status}")  # the body is not read
+                elif type(event) is h11.Data:
                     self.body += event.data[: MAX_REPLY - len(self.body)]
-                    early = self.body_regex is None and self.expect_body is not None
-                    if early and self.expect_body in self.body:
+                    early = plan.body_regex is None and plan.expect_body is not None
+                    if early and plan.expect_body in self.body:
                         return _passed(f"HTTP {self.status}")
                     if len(self.body) >= MAX_REPLY:
                         return self.judge_body()
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                elif type(event) is h11.EndOfMessage or type(event) is h11.ConnectionClosed:
                     if self.status is None:
                         return _failed("closed before reply")
                     return self.judge_body()
@@ -227,9 +247,10 @@ class HttpRequest(Conversation):
             return _failed(f"bad HTTP reply: {exc}"[:MAX_REASON])
 
     def judge_body(self) -> Verdict:
-        matches = (self.expect_body is None or self.expect_body in self.body) and (
-            self.body_regex is None
-            or self.body_regex.search(self.body.decode("utf-8", "replace")) is not None
+        plan = self.plan
+        matches = (plan.expect_body is None or plan.expect_body in self.body) and (
+            plan.body_regex is None
+            or plan.body_regex.search(self.body.decode("utf-8", "replace")) is not None
         )
         if matches:
             return _passed(f"HTTP {self.status}")
@@ -473,6 +494,27 @@ class AgentLine(Conversation):
 
 # ---- the checker: sockets in the selector ------------------------------------------------------
 
+SOCK_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+CONNECT_PENDING = (errno.EINPROGRESS, errno.EAGAIN)
+
+
+class CheckPlan:
+    """What every check of one backend with one spec shares, made on its first check: the
+    address connected to, the PROXY header and how to start a conversation."""
+
+    __slots__ = ("spec", "address", "send_proxy", "target", "family", "sockaddr", "header", "start")
+
+    def __init__(self, checker: Checker, spec: CheckSpec, address: Address, send_proxy: str | None):
+        self.spec = spec
+        self.address = address
+        self.send_proxy = send_proxy
+        port = spec.port or address.port
+        self.target = address if port == address.port else Address(address.host, port)
+        self.family = socket.AF_INET6 if self.target.ipv6 else socket.AF_INET
+        self.sockaddr = (self.target.host, port)
+        self.header = LOCAL_HEADERS[send_proxy] if send_proxy else b""
+        self.start: Callable[[], Conversation] = checker.conversation_factory(spec, self.target)
+
 
 class Probe:
     """One check in flight."""
@@ -482,7 +524,6 @@ class Probe:
         "target",
         "sock",
         "conversation",
-        "header",
         "outgoing",
         "started",
         "events",
@@ -491,15 +532,14 @@ class Probe:
         "done",
     )
 
-    def __init__(self, key, target, sock, conversation, header, started):
+    def __init__(self, key, target, sock, conversation, outgoing, started):
         self.key: int = key
         self.target: Address = target
         self.sock: socket.socket = sock
         self.conversation: Conversation = conversation
-        self.header: bytes = header
-        self.outgoing = b""
+        self.outgoing: bytes = outgoing
         self.started: float = started
-        self.events = selectors.EVENT_WRITE  # a connect in progress: writable once done
+        self.events = 0  # those the selector watches; 0: not registered
         self.callback: Callable[[int], None] | None = None
         self.connected = False
         self.done = False
@@ -520,6 +560,7 @@ class Checker:
         self.selector = selector
         self.on_result = on_result
         self.pending: dict[int, Probe] = {}
+        self.plans: dict[int, CheckPlan] = {}
         # A heap of (deadline, serial, probe); those of finished checks stay until they surface.
         self.deadlines: list[tuple[float, int, Probe]] = []
         self.serials = itertools.count()
@@ -531,52 +572,65 @@ class Checker:
     def check(
         self, key: int, address: Address, spec: CheckSpec, send_proxy: str | None = None
     ) -> None:
-        """Starts a check of ``key`` (replacing one in flight); its result comes to
-        ``on_result``, at once when it fails before it could start."""
-        self.cancel(key)
+        """Starts a check of ``key`` (replacing one in flight). Its result comes to
+        ``on_result``, at once when it ends before it has to wait: it could not start, or it
+        had nothing to wait for (a tcp check connected by the time ``connect()`` returned)."""
+        probe = self.pending.get(key)
+        if probe is not None:
+            self.drop(probe)
         started = time.monotonic()
-        target = Address(address.host, spec.port or address.port)
+        plan = self.plans.get(key)
         try:
-            conversation = self.conversation(spec, target)
-            sock = socket.socket(socket.AF_INET6 if target.ipv6 else socket.AF_INET)
+            if (
+                plan is None
+                or plan.spec is not spec
+                or plan.address is not address
+                or plan.send_proxy != send_proxy
+            ):
+                plan = self.plans[key] = CheckPlan(self, spec, address, send_proxy)
+            conversation = plan.start()
+            sock = socket.socket(plan.family, SOCK_STREAM_NONBLOCK)
         except (ValueError, re.error) as exc:  # a setting the configuration should have refused
-            self.report(key, target, started, _failed(str(exc)))
+            self.report(key, address, started, _failed(str(exc)))
             return
         except OSError as exc:  # e.g. no IPv6 on this host, or out of file descriptors
-            self.report(key, target, started, _failed(_errno_reason(exc.errno)))
+            self.report(key, address, started, _failed(_errno_reason(exc.errno)))
             return
-        sock.setblocking(False)
-        code = sock.connect_ex((target.host, target.port))
-        if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
+        code = sock.connect_ex(plan.sockaddr)
+        if code and code not in CONNECT_PENDING:
             sock.close()
-            self.report(key, target, started, _failed(_errno_reason(code)))
+            self.report(key, plan.target, started, _failed(_errno_reason(code)))
             return
-        header = LOCAL_HEADERS[send_proxy] if send_proxy else b""
-        probe = Probe(key, target, sock, conversation, header, started)
-        probe.callback = partial(self.on_event, probe)
+        probe = Probe(
+            key, plan.target, sock, conversation, plan.header + conversation.opening(), started
+        )
         self.pending[key] = probe
-        heapq.heappush(self.deadlines, (started + spec.timeout, next(self.serials), probe))
-        # Connected at once or not, the first event is the socket turning writable.
-        self.selector.register(sock, probe.events, probe.callback)
+        # On loopback or a near network the connection is often up by the time connect()
+        # returns: the first send goes at once (it fails with EAGAIN while connecting), which
+        # saves a turn of the loop, and the selector when a tcp check has nothing to wait for.
+        self.on_event(probe, selectors.EVENT_WRITE)
+        if not probe.done:
+            heapq.heappush(self.deadlines, (started + spec.timeout, next(self.serials), probe))
 
-    def conversation(self, spec: CheckSpec, target: Address) -> Conversation:
+    def conversation_factory(self, spec: CheckSpec, target: Address) -> Callable[[], Conversation]:
+        """What starts the conversation of a check of ``spec`` on ``target``."""
         kind = spec.type
         if kind == "tcp":
-            return Connect()
+            return Connect
         if kind == "http":
-            return HttpRequest(spec, target)
+            return partial(HttpRequest, HttpPlan(spec, target))
         if kind == "send-expect":
-            return SendExpect(spec)
+            return partial(SendExpect, spec)
         if kind == "redis":
-            return RedisPing(spec)
+            return partial(RedisPing, spec)
         if kind == "postgres":
-            return PostgresHello(spec)
+            return partial(PostgresHello, spec)
         if kind == "mysql":
-            return MysqlGreeting()
+            return MysqlGreeting
         if kind == "tls":
-            return TlsHandshake(self.client_tls_context(), spec)
+            return partial(TlsHandshake, self.client_tls_context(), spec)
         if kind == "agent":
-            return AgentLine(spec)
+            return partial(AgentLine, spec)
         raise ValueError(f"unknown check type {kind!r}")
 
     def client_tls_context(self) -> ssl.SSLContext:
@@ -592,21 +646,14 @@ class Checker:
         if probe.done:  # finished by an earlier callback of the same turn
             return
         try:
-            result = self.advance(probe, mask)
-        except OSError as exc:
+            result = self.advance(probe)
+        except OSError as exc:  # a failed connect shows here, as the error of a send
             result = _failed(_errno_reason(exc.errno))
         if result is not None:
             self.finish(probe, result)
 
-    def advance(self, probe: Probe, mask: int) -> Verdict | None:
-        if not probe.connected:
-            code = probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                return _failed(_errno_reason(code))
-            probe.connected = True
-            probe.outgoing = probe.header + probe.conversation.opening()
-            return self.send(probe)
-        if probe.outgoing:
+    def advance(self, probe: Probe) -> Verdict | None:
+        if probe.outgoing or not probe.connected:
             return self.send(probe)
         try:
             data = probe.sock.recv(RECV_SIZE)
@@ -621,16 +668,20 @@ class Checker:
         return self.send(probe) if probe.outgoing else None
 
     def send(self, probe: Probe) -> Verdict | None:
-        """Sends what is left to send; once it has all gone, the conversation says what next."""
-        if probe.outgoing:
-            try:
-                sent = probe.sock.send(probe.outgoing)
-            except BlockingIOError:
-                sent = 0
-            probe.outgoing = probe.outgoing[sent:]
-            if probe.outgoing:
-                self.watch(probe, selectors.EVENT_WRITE)
-                return None
+        """Sends what is left to send (with nothing, it only asks whether the connection is
+        up); once it has all gone, the conversation says what next."""
+        outgoing = probe.outgoing
+        try:
+            sent = probe.sock.send(outgoing)
+        except BlockingIOError:  # still connecting, or no room yet
+            self.watch(probe, selectors.EVENT_WRITE)
+            return None
+        probe.connected = True
+        if sent < len(outgoing):
+            probe.outgoing = outgoing[sent:]
+            self.watch(probe, selectors.EVENT_WRITE)
+            return None
+        probe.outgoing = b""
         result = probe.conversation.sent()
         if result is None:
             self.watch(probe, selectors.EVENT_READ)
@@ -638,8 +689,12 @@ class Checker:
 
     def watch(self, probe: Probe, events: int) -> None:
         if probe.events != events:
+            if probe.events:
+                self.selector.modify(probe.sock, events, probe.callback)
+            else:  # made here: a check that has nothing to wait for never needs one
+                probe.callback = partial(self.on_event, probe)
+                self.selector.register(probe.sock, events, probe.callback)
             probe.events = events
-            self.selector.modify(probe.sock, events, probe.callback)
 
     def finish(self, probe: Probe, verdict: Verdict) -> None:
         self.drop(probe)
@@ -648,7 +703,8 @@ class Checker:
     def drop(self, probe: Probe) -> None:
         probe.done = True
         del self.pending[probe.key]
-        self.selector.unregister(probe.sock)
+        if probe.events:
+            self.selector.unregister(probe.sock)
         if probe.connected:
             probe.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         probe.sock.close()
@@ -676,7 +732,9 @@ class Checker:
         return self.deadlines[0][0] if self.deadlines else None
 
     def cancel(self, key: int) -> None:
-        """Drops the check in flight of ``key``, if any, without reporting it."""
+        """Drops the check in flight of ``key``, if any, without reporting it, and what was
+        prepared for its checks."""
+        self.plans.pop(key, None)
         probe = self.pending.get(key)
         if probe is not None:
             self.drop(probe)
@@ -686,6 +744,7 @@ class Checker:
         for probe in list(self.pending.values()):
             self.drop(probe)
         self.deadlines.clear()
+        self.plans.clear()
 
     def close_after_fork(self) -> None:
         """In a forked worker: closes the sockets, leaving the shared selector alone (and the
@@ -695,3 +754,4 @@ class Checker:
             probe.sock.close()
         self.pending.clear()
         self.deadlines.clear()
+        self.plans.clear()
