@@ -1,5 +1,8 @@
 """Statistics over HTTP, served from the supervisor's own selectors loop.
 
+``GET /`` answers the status page, ``fastlb/web/status.html``: one self-contained HTML file
+whose script polls ``/stats`` every second and computes the rates between two polls.
+
 ``GET /stats`` answers the supervisor's snapshot as JSON::
 
     {"pid": <supervisor pid>, "table_version": <int>, "access_log_dropped": <int>,
@@ -31,6 +34,8 @@ closed after the response.
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import json
 import logging
 import selectors
@@ -189,14 +194,17 @@ class StatsServer:
         method, path = parts[0], parts[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return _http(405, "text/plain", b"only GET and HEAD\n")
-        if path == "/stats":
+        if path == "/":
+            body = status_page()
+            response = _http(200, "text/html; charset=utf-8", body, head=method == "HEAD")
+        elif path == "/stats":
             body = json.dumps(self.snapshot()).encode() + b"\n"
             response = _http(200, "application/json", body, head=method == "HEAD")
         elif path == "/metrics":
             body = generate_latest(self.registry)
             response = _http(200, CONTENT_TYPE_LATEST, body, head=method == "HEAD")
         else:
-            response = _http(404, "text/plain", b"not found; try /stats or /metrics\n")
+            response = _http(404, "text/plain", b"not found; try /, /stats or /metrics\n")
         return response
 
     # ---- I/O, driven by the selector
@@ -308,6 +316,12 @@ class StatsServer:
             conn.close()
         self.clients.clear()
         self.sock.close()
+
+
+@functools.cache
+def status_page() -> bytes:
+    """The status page, as installed with the package."""
+    return importlib.resources.files("fastlb.web").joinpath("status.html").read_bytes()
 
 
 def _http(status: int, content_type: str, body: bytes, head: bool = False) -> bytes:

@@ -1,0 +1,1 @@
+"""The status page the supervisor serves at ``GET /`` (``status.html``, read as package data)."""
