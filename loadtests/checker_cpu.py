@@ -9,8 +9,8 @@ ports, each answering any HTTP request with a 200 and closing. Then, for each ki
 each backend once a second, the starts spread evenly over the second, for ``--duration``
 seconds, and prints the CPU time (user, system) this process spent as a share of one core,
 with the checks started, those skipped because the previous one was still in flight, and the
-results by reason. Run it from the repository root with fastlb installed (``pip install .``);
-the backend process is stopped by PID at the end.
+results by reason. Run it from any directory with fastlb installed (``pip install .``); the
+backend process is stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import selectors
 import subprocess
 import sys
 import time
+
+import harness  # noqa: F401  (first: keeps the checkout's fastlb/ off sys.path)
 
 from fastlb.health.probes import Checker
 from fastlb.model import Address, CheckSpec
