@@ -7,6 +7,7 @@ error ends as one line on stderr, ``fastlb: error: ...``, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import resource
@@ -23,7 +24,10 @@ from fastlb.supervisor.listeners import bound_addresses, open_frontend_listeners
 
 log = logging.getLogger("fastlb")
 
-LOG_FORMAT = "fastlb[%(process)d]: %(levelname)s %(message)s"
+LOG_FORMAT = "%(asctime)s fastlb[%(process)d]: %(levelname)s %(message)s"
+# journald stamps every line itself: a time of our own would show twice.
+JOURNAL_FORMAT = "fastlb[%(process)d]: %(levelname)s %(message)s"
+WATCH_WIDTH = 160  # a watch piped to a file: room for the rate columns too
 DEMO_DRAIN_TIMEOUT = "2"  # a browser's keep-alive connection should not hold Ctrl-C for long
 
 
@@ -57,8 +61,9 @@ def build_parser() -> Parser:
         help="validate the flags and --config file of run and print the resolved settings",
         description="Validate the flags and the --config file of 'fastlb run' (resolving host "
         "names), print the settings of the process, of every frontend and of every pool, one "
-        "per line, and try a TCP connect to every backend; exit status 2 on an error, 4 when "
-        "a backend does not accept.",
+        "per line, try to bind every listen address and the stats address, and try a TCP "
+        "connect to every backend; exit status 2 on an error or an address that cannot be "
+        "bound (in use, or a privileged port), else 4 when a backend does not accept.",
     )
     settings.add_arguments(check)
     check.set_defaults(handler=check_command)
@@ -80,10 +85,18 @@ def build_parser() -> Parser:
     status_parser = commands.add_parser(
         "status",
         help="show a running balancer's backends (from its --stats address)",
-        description="Read GET /stats from a running fastlb (its --stats address) and print the "
-        "backends as a table.",
+        description="Read GET /stats from a running fastlb (its --stats address) and print its "
+        "frontends and backends as tables; with --watch, again every --interval, with rates.",
     )
     status_parser.add_argument("stats", metavar="HOST:PORT", help="the balancer's --stats address")
+    status_parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh like top, with connections and bytes per second, until Ctrl-C",
+    )
+    status_parser.add_argument(
+        "--interval", metavar="S", help="seconds between two refreshes of --watch [default: 1]"
+    )
     status_parser.set_defaults(handler=status_command)
     return parser
 
@@ -154,6 +167,15 @@ def check_command(args: argparse.Namespace) -> int:
         print(line)
     if message:
         print(f"fastlb: note: {message}", file=sys.stderr)
+    unbound = 0
+    addresses = [(f"frontend {f.name}", address) for f in config.frontends for address in f.listen]
+    if config.stats:
+        addresses.append(("stats", config.stats))
+    for owner, address in addresses:
+        problem = bind_problem(address)
+        if problem:
+            print(f"fastlb: error: {owner} cannot listen on {address}: {problem}", file=sys.stderr)
+            unbound += 1
     unreachable = 0
     for pool in config.pools:
         for backend in pool.backends:
@@ -162,7 +184,35 @@ def check_command(args: argparse.Namespace) -> int:
                 print(f"fastlb: error: pool {pool.name} backend {backend.address} is "
                       f"unreachable: {problem}", file=sys.stderr)  # fmt: skip
                 unreachable += 1
+    if unbound:
+        return EXIT_USAGE
     return EXIT_UNREACHABLE if unreachable else 0
+
+
+def bind_problem(address: settings.Address) -> str | None:
+    """Why ``fastlb run`` could not listen on ``address`` now, or None. Binds as its listeners
+    do (SO_REUSEADDR, IPv6 only for IPv6) and closes at once."""
+    try:
+        with socket.socket(settings.address_family(address), socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if address.ipv6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address.host, address.port))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        lowest = _unprivileged_port_start()
+        if isinstance(exc, PermissionError) and address.port < lowest:
+            return f"{reason} (a port below {lowest} needs root or CAP_NET_BIND_SERVICE)"
+        return reason
+    return None
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024
 
 
 def probe(backend: settings.Backend, timeout: float) -> str | None:
@@ -181,7 +231,19 @@ def status_command(args: argparse.Namespace) -> int:
     from fastlb import status  # rich is only needed here
 
     address = settings.OPTIONS_BY_NAME["stats"].value(args.stats)
-    status.render(status.fetch(address), status.console())
+    if args.interval is not None and not args.watch:
+        raise ConfigError("--interval is for --watch")
+    if not args.watch:
+        status.render(status.fetch(address), status.console())
+        return 0
+    try:
+        interval = settings.seconds(positive=True)(args.interval or "1")
+    except ValueError as exc:
+        raise ConfigError(f"--interval {args.interval}: {exc}") from None
+    try:
+        status.watch(address, interval, status.console(width=WATCH_WIDTH))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends
     return 0
 
 
@@ -217,9 +279,32 @@ def demo_command(args: argparse.Namespace) -> int:
 # ---- helpers -------------------------------------------------------------------------------------
 
 
+class IsoTimeFormatter(logging.Formatter):
+    """Times as ISO 8601 in local time with its offset: 2026-12-02T03:04:05.123+01:00."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created).astimezone()
+        return moment.isoformat(timespec="milliseconds")
+
+
 def setup_logging(level: str) -> None:
     """Logs to stderr, one line per event; set up before forking so that workers inherit it."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(JOURNAL_FORMAT) if stderr_is_journal() else IsoTimeFormatter(LOG_FORMAT)
+    )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal's stream: systemd sets JOURNAL_STREAM to its
+    DEVICE:INODE, which a redirection elsewhere (fastlb run 2>file) no longer matches."""
+    try:
+        device, inode = (int(part) for part in os.environ["JOURNAL_STREAM"].split(":"))
+        stat = os.fstat(sys.stderr.fileno())
+    except (KeyError, ValueError, OSError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
 
 
 def _usable_limit(hard: int) -> int:

@@ -80,6 +80,11 @@ class NameHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "fastlb-demo"
+    # Nagle's algorithm would hold a second small write until the first is acknowledged, which
+    # a delayed ACK puts off by 40 ms. So: TCP_NODELAY, and the answer in one send: headers and
+    # body collect in a buffered wfile that handle_one_request flushes once it has answered.
+    disable_nagle_algorithm = True
+    wbufsize = 16 * 1024
 
     def answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

@@ -45,6 +45,16 @@ def address_family(address: Address) -> socket.AddressFamily:
 # ---- parsers: a string as typed -> a value, or ValueError with a message for the user ----------
 
 
+def accepting(text: str) -> Callable[[Callable], Callable]:
+    """Marks a parser with what it takes, in words, for the configuration reference."""
+
+    def mark(parse: Callable) -> Callable:
+        parse.accepts = text
+        return parse
+
+    return mark
+
+
 def split_host_port(text: str) -> tuple[str, str]:
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
@@ -84,12 +94,19 @@ def resolve(host: str, port: int) -> Address:
     raise ValueError(f"{host!r} has no IPv4 or IPv6 address")
 
 
+@accepting("HOST:PORT, [IPV6]:PORT or *:PORT; port 0: a free port")
 def parse_listen(text: str) -> Address:
     """HOST:PORT to bind; ``*`` or an empty host means every IPv4 address, port 0 a free port."""
     host, port = split_host_port(text)
     return resolve("0.0.0.0" if host in ("", "*") else host, parse_port(port, allow_zero=True))
 
 
+@accepting("a port, from 1 to 65535")
+def backend_port(text: str) -> int:
+    return parse_port(text, allow_zero=False)
+
+
+@accepting("HOST:PORT[,weight=N][,backup]")
 def parse_backend(text: str) -> Backend:
     """HOST:PORT[,weight=N][,backup]."""
     address, *extras = text.split(",")
@@ -111,6 +128,7 @@ def parse_backend(text: str) -> Backend:
     return Backend(resolve(host, parse_port(port, allow_zero=False)), weight, backup)
 
 
+@accepting("an IP network (127.0.0.0/8) or one address")
 def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """A network in CIDR notation (127.0.0.0/8), or one address (a /32 or /128)."""
     if "%" in text:
@@ -136,7 +154,8 @@ def integer(low: int, high: int | None = None) -> Callable[[str], int]:
             raise ValueError(f"must be at least {low}{most}")
         return value
 
-    return parse
+    limits = f"{low} or more" if high is None else f"from {low} to {high}"
+    return accepting(f"a whole number, {limits}")(parse)
 
 
 _TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
@@ -159,9 +178,11 @@ def seconds(positive: bool = False) -> Callable[[str], float]:
             raise ValueError("must be more than 0" if positive else "must be 0 or more")
         return value
 
-    return parse
+    least = "more than 0" if positive else "0 or more"
+    return accepting(f"seconds, {least}: 5, 0.5, 250ms, 2m")(parse)
 
 
+@accepting("0 (off), or a number of at least 1")
 def balance_factor(text: str) -> float:
     try:
         value = float(text)
@@ -172,6 +193,7 @@ def balance_factor(text: str) -> float:
     return value
 
 
+@accepting("a share from 0 to 1: 0.5 or 50%")
 def share(text: str) -> float:
     """A share from 0 to 1: a number (0.5) or a percentage (50%)."""
     number, percent = (text[:-1], True) if text.endswith("%") else (text, False)
@@ -184,6 +206,7 @@ def share(text: str) -> float:
     return value
 
 
+@accepting("true or false")
 def boolean(text: str) -> bool:
     if text in ("true", "false"):
         return text == "true"
@@ -196,13 +219,14 @@ def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse_or_off(text: str) -> Any:
         return None if text == "off" else parse(text)
 
-    return parse_or_off
+    return accepting(f"{parse.accepts}, or off")(parse_or_off)
 
 
 _ESCAPES = {"\\": "\\", "r": "\r", "n": "\n", "t": "\t", "0": "\0"}
 _ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|.?)", re.DOTALL)
 
 
+@accepting("text, with the escapes \\r \\n \\t \\0 \\\\ \\xHH")
 def escaped_bytes(text: str) -> bytes:
     """Text to send or expect, as bytes: UTF-8, with the escapes \\r \\n \\t \\0 \\\\ and \\xHH
     (as nginx's check_http_send)."""
@@ -224,6 +248,7 @@ def escaped_bytes(text: str) -> bytes:
     return bytes(value)
 
 
+@accepting("hex digits, spaces allowed between bytes: 2a31 0d0a")
 def hex_bytes(text: str) -> bytes:
     """Bytes as hex digits, with spaces allowed between bytes: ``2a31 0d0a``."""
     try:
@@ -246,6 +271,7 @@ def show_bytes(value: bytes) -> str:
     )
 
 
+@accepting("a regular expression")
 def regex(text: str) -> str:
     """A regular expression, matched against the bytes received."""
     try:
@@ -265,18 +291,20 @@ def text_without(forbidden: str, what: str) -> Callable[[str], str]:
             raise ValueError(what)
         return text
 
-    return parse
+    return accepting("text without spaces" if " " in forbidden else "text")(parse)
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token: a method name
 
 
+@accepting("a method name: GET, HEAD")
 def http_method(text: str) -> str:
     if not _TOKEN.fullmatch(text):
         raise ValueError("expected a method name, as in GET or HEAD")
     return text
 
 
+@accepting("a path starting with /")
 def http_path(text: str) -> str:
     if not text.startswith("/"):
         raise ValueError("must start with /")
@@ -286,6 +314,7 @@ def http_path(text: str) -> str:
 _STATUS = re.compile(r"([1-5])xx|([1-5]\d\d)(?:-([1-5]\d\d))?")
 
 
+@accepting("statuses (200), ranges (200-399) and classes (2xx), comma-separated")
 def status_ranges(text: str) -> tuple[tuple[int, int], ...]:
     """HTTP statuses: comma-separated statuses (200), ranges (200-399) and classes (2xx)."""
     ranges = []
@@ -313,6 +342,7 @@ def show_status_ranges(ranges: tuple[tuple[int, int], ...]) -> str:
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
+@accepting("a host name: db.example.test")
 def host_name(text: str) -> str:
     """A DNS host name (for TLS SNI): ASCII labels joined by dots."""
     labels = text.removesuffix(".").split(".")
@@ -335,6 +365,10 @@ class OneOf:
 
     def __init__(self, names: Callable[[], Iterable[str]]):
         self.names = names
+
+    @property
+    def accepts(self) -> str:
+        return "one of: " + ", ".join(self.names())
 
     def __call__(self, text: str) -> str:
         known = list(self.names())
@@ -374,6 +408,9 @@ class Option:
     joins_list: bool = field(default=False, kw_only=True)  # a list in the file is "a,b,c"
     display: Callable[[Any], str] | None = field(default=None, kw_only=True)
     none_text: str = field(default="off", kw_only=True)  # how None shows
+    # A reload (SIGHUP) applies it to the running balancer; every other setting waits for a
+    # restart (see Arbiter.handle_hup).
+    reload: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if not self.attribute:
@@ -450,6 +487,7 @@ OPTIONS: tuple[Option, ...] = (
         "a backend server, repeated for each; weight=N (0 to 1000000, default 1) sets its share, "
         "backup makes it take traffic only while no other backend is up",
         metavar="HOST:PORT[,weight=N][,backup]", many=True, required=True, scope=POOL,
+        reload=True,
     ),
     Option(
         "algorithm", "--algorithm", str, OneOf(_dataplane.algorithm_names), "roundrobin",
@@ -574,7 +612,7 @@ OPTIONS: tuple[Option, ...] = (
         scope=CHECK, command_line=False, attribute="jitter", table_key="jitter",
     ),
     Option(
-        "check_port", "--check-port", int | None, lambda text: parse_port(text, False), None,
+        "check_port", "--check-port", int | None, backend_port, None,
         "check this port of each backend rather than the one traffic goes to",
         metavar="PORT", none_text="the backend's", scope=CHECK, attribute="port",
         table_key="port",

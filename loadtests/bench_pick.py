@@ -12,6 +12,7 @@ some backends sit at their cap), and the counts then stay fixed. The table shows
 import argparse
 import random
 
+import harness  # noqa: F401  (first: keeps the checkout's fastlb/ off sys.path)
 from fastlb._dataplane import Balancer, algorithm_names
 
 try:

@@ -24,8 +24,8 @@ The supervisor starts every backend's checks together and keeps them in step, so
 bursts, one wake-up for many, where the loop above spreads them evenly, one wake-up (two for
 http) a check: its worst case.
 
-Run it from the repository root with fastlb installed (``pip install .``); the backend process
-is stopped by PID at the end.
+Run it from any directory with fastlb installed (``pip install .``); the backend process is
+stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import harness  # noqa: F401  (first: keeps the checkout's fastlb/ off sys.path)
 
 from fastlb.health.probes import LINGER_RESET, Checker, CheckResult
 from fastlb.model import Address, CheckSpec

@@ -28,6 +28,18 @@ import psutil
 LOOPBACK = "127.0.0.1"
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+
+
+def _drop_source_tree_from_path() -> None:
+    """The scripts measure the installed fastlb: the checkout's fastlb/ has no compiled data
+    plane, and on sys.path (as the current directory or the repository root) it would shadow
+    the installed package. An in-place build (``pip install -e .``) is a real package: kept."""
+    if any((ROOT / "fastlb").glob("_dataplane*.so")):
+        return
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
+
+
+_drop_source_tree_from_path()  # before any script imports fastlb
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 INSTALL_HINT = "apt-get install haproxy libnginx-mod-stream wrk"
 
@@ -189,7 +201,9 @@ class Running:
 
 
 def fastlb_command() -> list[str]:
-    return [sys.executable, "-m", "fastlb"]
+    # -P: "-m" must not put the current directory first on sys.path; from the repository
+    # root that would run the checkout's fastlb/ rather than the installed package.
+    return [sys.executable, "-P", "-m", "fastlb"]
 
 
 def fastlb_missing() -> str | None:
@@ -202,7 +216,7 @@ def fastlb_missing() -> str | None:
     if done.returncode != 0:
         last = ((done.stderr or done.stdout).strip().splitlines() or [""])[-1]
         reason = last.split(": ", 1)[-1]
-        return f"`python -m fastlb run --help` fails ({reason}); `pip install -e .` in {ROOT}"
+        return f"`python -m fastlb run --help` fails ({reason}); `pip install '.[load]'` in {ROOT}"
     return None
 
 

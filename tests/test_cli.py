@@ -12,9 +12,11 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import socketserver
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,15 +87,16 @@ def test_a_bad_command_line_is_one_error_line_and_status_2(argv, expected):
 
 
 def test_check_prints_the_resolved_settings():
+    port = free_port()
     result = fastlb(
-        "check", "--listen", "localhost:8000", "--backend", "127.0.0.1:9000,weight=3",
+        "check", "--listen", f"localhost:{port}", "--backend", "127.0.0.1:9000,weight=3",
         "--backend", "[::1]:9001,backup", "--algorithm", "leastconn", "--workers", "3", "--check",
     )  # fmt: skip
     # Nothing listens on those backends: the settings are printed all the same.
     assert result.returncode == EXIT_UNREACHABLE, result.stderr
     lines = [line.split() for line in result.stdout.splitlines()]
     frontend, pool = ["frontend", "default:"], ["pool", "default:"]
-    localhost = ("127.0.0.1:8000", "[::1]:8000")
+    localhost = (f"127.0.0.1:{port}", f"[::1]:{port}")
     assert any([*frontend, "listen", "=", address] in lines for address in localhost)
     assert [*pool, "backend", "=", "127.0.0.1:9000,weight=3"] in lines
     assert [*pool, "backend", "=", "[::1]:9001,weight=1,backup"] in lines
@@ -179,6 +182,108 @@ def test_a_port_in_use_is_one_error_line_and_status_2():
             assert result.stderr.splitlines() == [
                 f"fastlb: error: cannot listen on {address}: Address already in use"
             ]
+
+
+def test_check_binds_every_listen_and_stats_address_and_still_probes(refused_address):
+    with socket.socket() as taken, socket.socket() as stats_taken:
+        for sock in (taken, stats_taken):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        stats = f"127.0.0.1:{stats_taken.getsockname()[1]}"
+        result = fastlb("check", "--listen", address, "--stats", stats, "--max-conn", "100",
+                        "--backend", refused_address)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"fastlb: error: frontend default cannot listen on {address}: Address already in use",
+        f"fastlb: error: stats cannot listen on {stats}: Address already in use",
+        f"fastlb: error: pool default backend {refused_address} is unreachable: Connection refused",
+    ]
+    # Once the addresses are free, the check binds them (and lets go) and only the backend fails.
+    result = fastlb("check", "--listen", address, "--stats", stats, "--max-conn", "100",
+                    "--backend", refused_address)  # fmt: skip
+    assert result.returncode == EXIT_UNREACHABLE, result.stderr
+
+
+def test_check_names_the_frontend_whose_address_is_in_use(tmp_path, echo_backend):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = tmp_path / "fastlb.toml"
+        config.write_text(
+            f'max-conn = 100\n[frontend.free]\nlisten = "127.0.0.1:0"\npool = "p"\n'
+            f'[frontend.busy]\nlisten = ["{address}"]\npool = "p"\n'
+            f'[pool.p]\nbackend = ["{echo_backend}"]\n'
+        )
+        result = fastlb("check", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"fastlb: error: frontend busy cannot listen on {address}: Address already in use"
+    ]
+
+
+def unprivileged_port_start() -> int:
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        return int(f.read())
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or unprivileged_port_start() == 0 or not shutil.which("setpriv"),
+    reason="needs root and setpriv, to run the check without CAP_NET_BIND_SERVICE",
+)
+def test_check_says_a_privileged_port_needs_the_capability(echo_backend):
+    # Without the capability in its bounding set, root's bind is refused as anyone's.
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-net_bind_service", *FASTLB, "check",
+         "--listen", "127.0.0.1:1", "--max-conn", "100", "--backend", echo_backend],
+        capture_output=True, text=True, timeout=TIMEOUT, cwd=HERE,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "fastlb: error: frontend default cannot listen on 127.0.0.1:1: Permission denied (a "
+        f"port below {unprivileged_port_start()} needs root or CAP_NET_BIND_SERVICE)"
+    ]
+
+
+# ---- the log --------------------------------------------------------------------------------
+
+ISO_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d)"
+
+
+def first_log_line(env: dict[str, str], journal_stream: bool) -> str:
+    """The first line ``fastlb run`` logs, with ``env``; with ``journal_stream``, its stderr is
+    a pipe whose DEVICE:INODE is in JOURNAL_STREAM, as systemd gives the journal's stream."""
+    read_end, write_end = os.pipe()
+    if journal_stream:
+        stat = os.fstat(write_end)
+        env = {**env, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"}
+    proc = subprocess.Popen(
+        [*FASTLB, "run", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", "--workers", "1"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=write_end, env=env, cwd=HERE,
+    )  # fmt: skip
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end) as stderr:
+            line = stderr.readline().rstrip("\n")
+            proc.kill()
+            return line
+    finally:
+        proc.kill()
+        proc.wait(timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("journal_stream, elsewhere", [(False, False), (True, False), (True, True)])
+def test_log_lines_have_a_time_unless_journald_adds_one(journal_stream, elsewhere):
+    env = {key: value for key, value in os.environ.items() if key != "JOURNAL_STREAM"}
+    if elsewhere:  # JOURNAL_STREAM inherited, but stderr redirected: not the journal
+        env["JOURNAL_STREAM"] = "1:1"
+        journal_stream = False
+    line = first_log_line(env, journal_stream)
+    if journal_stream:
+        assert re.fullmatch(r"fastlb\[\d+\]: INFO .+", line), line
+    else:
+        assert re.fullmatch(ISO_TIME + r" fastlb\[\d+\]: INFO .+", line), line
 
 
 # ---- a running fastlb ------------------------------------------------------------------------
@@ -565,5 +670,31 @@ def test_demo_answers_from_three_backends_in_turn_and_ctrl_c_stops_everything():
         assert demo.stop(signal.SIGINT) == 0
         gone, alive = psutil.wait_procs(children, timeout=5)
         assert not alive
+    finally:
+        demo.kill()
+
+
+def test_demo_answers_keep_alive_requests_without_the_nagle_delay():
+    # A backend that wrote headers and body apart, with Nagle on, held the body for the ACK of
+    # the headers, which delayed ACK sends after 40 ms: every answer after the first few.
+    port = free_port()
+    demo = Running(
+        "demo", "--listen", f"127.0.0.1:{port}", "--workers", "1", stdout=subprocess.PIPE
+    )
+    try:
+        while "Ctrl-C" not in (line := demo.proc.stdout.readline()):
+            assert line, "demo exited before it was ready:\n" + demo.log()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        took = []
+        for _ in range(20):
+            started = time.perf_counter()
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            assert response.read().startswith(b"hello from backend-")
+            took.append(time.perf_counter() - started)
+        conn.close()
+        milliseconds = [f"{seconds * 1000:.1f}" for seconds in took]
+        assert statistics.median(took) < 0.010, milliseconds
+        assert demo.stop(signal.SIGINT) == 0
     finally:
         demo.kill()

@@ -1,9 +1,19 @@
-"""``fastlb status``: a running balancer's /stats as a table."""
+"""``fastlb status``: a running balancer's /stats as a table, once or with ``--watch``."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import queue
+import re
+import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
+import time
 from pathlib import Path
 
 from conftest import free_ports, recv_line, wait_until
@@ -73,3 +83,175 @@ def test_status_shows_frontends_and_each_pool(backends, configured):
         "1", "primary", "up", "0", "1",
     ]  # fmt: skip
     assert rows[b.address].split("│")[6].strip() == "0"
+
+
+# ---- fastlb status --watch ----------------------------------------------------------------------
+
+
+class Watch:
+    """``fastlb status --watch`` in a subprocess, its stdout a pipe (no terminal) or the pty
+    ``tty`` (master, slave), read line by line in a thread."""
+
+    def __init__(self, address: str, tty: tuple[int, int] | None = None, interval: str = "0.2"):
+        self.master = None
+        self.raw = b""  # what came through the pty, escapes and all
+        if tty is None:
+            stdout, env = subprocess.PIPE, {**os.environ, "TERM": "dumb"}
+        else:
+            self.master, stdout = tty
+            env = {**os.environ, "TERM": "xterm-256color"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastlb", "status", "--watch", "--interval", interval, address],
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, text=True,
+            cwd=HERE, env=env,
+        )  # fmt: skip
+        if tty is not None:
+            os.close(stdout)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        if self.master is None:
+            for line in self.proc.stdout:
+                self.lines.put(line.rstrip("\n"))
+            return
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: the other side closed
+                return
+            if not chunk:
+                return
+            self.raw += chunk
+            pending += chunk
+            *lines, pending = re.split(rb"\r\n|\n", pending)
+            for line in lines:
+                # The redrawn view's cursor moves and colours are not text.
+                self.lines.put(ANSI.sub("", line.decode(errors="replace")).replace("\r", ""))
+
+    def wait_for(self, predicate, what: str, timeout: float = 20.0) -> str:
+        """The first new line for which ``predicate(line)`` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {what}; output:\n" + "\n".join(self.seen)) from None
+            self.seen.append(line)
+            if predicate(line):
+                return line
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=20)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+        if self.master is not None:
+            os.close(self.master)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+CURSOR_UP = b"\x1b[1A"
+
+
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.split("│")[1:-1]]
+
+
+def backend_rate(watch: Watch, address: str, what: str) -> float:
+    """The conn/s of the backend at ``address`` in the next view that shows a number there."""
+    header = None
+
+    def has_rate(line: str) -> bool:
+        nonlocal header
+        row = cells(line.replace("┃", "│"))
+        if row[:1] == ["backend"]:
+            header = row
+        elif row[:1] == [address] and header and "conn/s" in header:
+            rate = row[header.index("conn/s")]
+            return rate != "-" and float(rate) > 0
+        return False
+
+    line = watch.wait_for(has_rate, what)
+    return float(cells(line)[header.index("conn/s")])
+
+
+def test_watch_shows_rates_until_ctrl_c(backends, balancer):
+    named = backends("name", name="a")
+    lb = balancer([named])
+    watch = Watch(f"127.0.0.1:{lb.stats_port}")
+    stop = threading.Event()
+
+    def clients():
+        while not stop.is_set():
+            assert lb.ask_name() == "a"
+
+    traffic = threading.Thread(target=clients)
+    traffic.start()
+    try:
+        assert backend_rate(watch, named.address, "a conn/s above 0") > 0
+        assert any("1/1 workers ready" in line for line in watch.seen)
+        stop.set()
+        traffic.join(timeout=20)
+        assert watch.interrupt() == 0
+        assert "Traceback" not in watch.proc.stderr.read()
+    finally:
+        stop.set()
+        watch.kill()
+
+
+def test_watch_redraws_in_place_on_a_terminal(backends, balancer):
+    named = backends("name", name="a")
+    lb = balancer([named])
+    master, slave = pty.openpty()
+    # A terminal wide enough for every column.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 200, 0, 0))
+    watch = Watch(f"127.0.0.1:{lb.stats_port}", tty=(master, slave))
+    try:
+        watch.wait_for(lambda line: "1/1 workers ready" in line, "a first view")
+        assert lb.ask_name() == "a"
+        assert backend_rate(watch, named.address, "the connection's rate") > 0
+        assert CURSOR_UP in watch.raw  # each view went over the one before
+        assert watch.interrupt() == 0
+        assert "Traceback" not in watch.proc.stderr.read()
+    finally:
+        watch.kill()
+
+
+def test_watch_keeps_asking_a_balancer_that_is_not_there_yet(backends, configured):
+    named = backends("name", name="a")
+    stats, listen = free_ports(2)
+    watch = Watch(f"127.0.0.1:{stats}")
+    try:
+        for _ in range(2):
+            watch.wait_for(lambda line: "cannot read stats from" in line, "an error line")
+        configured(f"""
+            stats = "127.0.0.1:{stats}"
+            [frontend.web]
+            listen = ["127.0.0.1:{listen}"]
+            pool = "web"
+            [pool.web]
+            backend = ["{named.address}"]
+        """)  # fmt: skip
+        watch.wait_for(lambda line: "1/1 workers ready" in line, "the balancer, once it runs")
+        assert watch.interrupt() == 0
+    finally:
+        watch.kill()
+
+
+def test_interval_is_for_watch_and_must_be_positive():
+    for argv, message in (
+        (["--interval", "1", "127.0.0.1:9"], "--interval is for --watch"),
+        (["--watch", "--interval", "0", "127.0.0.1:9"], "--interval 0: must be more than 0"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "fastlb", "status", *argv],
+            capture_output=True, text=True, timeout=30, cwd=HERE,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [f"fastlb: error: {message}"]

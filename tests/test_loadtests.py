@@ -1,0 +1,54 @@
+"""The load-test scripts run the installed fastlb from any directory, never the checkout's
+``fastlb/`` (which has no compiled data plane): short runs of the quick ones."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADTESTS = ROOT / "loadtests"
+
+
+def run_script(script: str, *args: str, cwd: Path, env: dict | None = None):
+    result = subprocess.run(
+        [sys.executable, str(LOADTESTS / script), *args],
+        capture_output=True, text=True, timeout=120, cwd=cwd, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(params=["root", "loadtests", "elsewhere"])
+def cwd(request, tmp_path) -> Path:
+    return {"root": ROOT, "loadtests": LOADTESTS, "elsewhere": tmp_path}[request.param]
+
+
+def test_compare_help(cwd):
+    assert "--workloads" in run_script("compare.py", "--help", cwd=cwd)
+
+
+def test_bench_pick_imports_the_compiled_data_plane(cwd):
+    output = run_script(
+        "bench_pick.py", "--picks", "1000", "--repeat", "1", "--sizes", "3", cwd=cwd
+    )
+    assert "maglev" in output
+
+
+def test_the_checkout_on_pythonpath_does_not_shadow_the_installed_package(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    output = run_script(
+        "bench_pick.py", "--picks", "1000", "--repeat", "1", "--sizes", "3", cwd=tmp_path, env=env
+    )
+    assert "roundrobin" in output
+
+
+def test_detection_starts_fastlb_through_the_harness(cwd):
+    output = run_script("detection.py", "--runs", "1", "--scenarios", "closes", cwd=cwd)
+    (row,) = [line for line in output.splitlines() if "│ closes" in line]
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells[4] == "0", row  # not detected: none

@@ -1,0 +1,209 @@
+"""Writes docs/configuration.md, the reference of every configuration key, from the settings
+table (fastlb.settings.OPTIONS) of the installed fastlb.
+
+    python tools/gen_config_reference.py           # rewrite docs/configuration.md
+    python tools/gen_config_reference.py --check   # exit 1 if it is not what the table gives
+
+Run it from any directory, after ``pip install .``: the checkout's fastlb/ has no compiled data
+plane, and this script's directory, not the checkout, is first on sys.path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastlb import config, settings
+from fastlb.settings import CHECK, FRONTEND, POOL, PROCESS, Option
+
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+COMMAND = "python tools/gen_config_reference.py"
+
+# The table keys that are no flags (fastlb.config.FRONTEND_KEYS and POOL_KEYS), in words.
+EXTRA_KEYS = {
+    FRONTEND: {
+        "pool": (
+            "the name of a pool",
+            "`default`",
+            "where its clients go when no sni route matches",
+        ),
+        "sni": (
+            "a table of TLS server name (`api.example.test`, `*.example.test`) to pool name",
+            "none",
+            "route by the server name of the TLS ClientHello; an exact name wins over a "
+            "wildcard, the longest wildcard over shorter ones",
+        ),
+        "sni-required": (
+            "true or false",
+            "`false`",
+            "close connections that match no sni route rather than send them to `pool`",
+        ),
+    },
+    POOL: {
+        "check": (
+            "true, false or a `[pool.NAME.check]` table",
+            "the top level's `check`",
+            "active health checks of this pool's backends; a table sets them (below)",
+        ),
+    },
+}
+
+
+def cell(text: str) -> str:
+    """Text in a Markdown table cell: pipes, backslashes and stars taken literally."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
+
+
+def code(text: str) -> str:
+    return "`" + text.replace("|", "\\|") + "`"
+
+
+def takes(option: Option) -> str:
+    if option.is_switch:
+        return "true or false"
+    accepts = getattr(option.parse, "accepts", None)
+    if accepts is None:
+        raise SystemExit(f"{option.flag}: its parser has no accepts text (settings.accepting)")
+    if option.many:
+        return f"a list of: {accepts} (a string for one)"
+    if option.joins_list:
+        return f"{accepts} (a list in the file)"
+    return accepts
+
+
+def default(option: Option) -> str:
+    if option.required:
+        return "required" if option.scope == PROCESS else "none"
+    if option.is_switch:
+        return code("false")
+    if option.default_text:
+        return option.default_text
+    value = option.default() if callable(option.default) else option.default
+    if value is None:
+        return option.none_text
+    if value == () and option.many:
+        return "none"
+    if isinstance(value, bool):
+        return code("true" if value else "false")
+    return code(option.show(value))
+
+
+def row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def flag(option: Option) -> str:
+    return code(option.flag) if option.command_line else "(file only)"
+
+
+def reload(option: Option) -> str:
+    return "**yes**" if option.reload else "restart"
+
+
+def scoped(scope: str) -> list[Option]:
+    return [option for option in settings.OPTIONS if option.scope == scope]
+
+
+def options_table(scope: str) -> list[str]:
+    lines = [
+        row("key", "flag", "takes", "default", "reload", "meaning"),
+        row(*["---"] * 6),
+    ]
+    for option in scoped(scope):
+        lines.append(
+            row(
+                code(option.key), flag(option), cell(takes(option)), default(option),
+                reload(option), cell(option.help),
+            )
+        )  # fmt: skip
+    extra = EXTRA_KEYS.get(scope, {})
+    known = {FRONTEND: config.FRONTEND_KEYS, POOL: config.POOL_KEYS}.get(scope, ())
+    if set(extra) != set(known):
+        raise SystemExit(f"EXTRA_KEYS[{scope!r}] must describe exactly {known}")
+    for key, (values, default_text, meaning) in extra.items():
+        lines.append(row(code(key), "(table only)", values, default_text, "restart", meaning))
+    return lines
+
+
+def check_table() -> list[str]:
+    lines = [
+        row("key", "top-level key", "flag", "check types", "takes", "default", "reload", "meaning"),
+        row(*["---"] * 8),
+    ]
+    for option in scoped(CHECK):
+        types = ", ".join(option.check_types) or "every"
+        lines.append(
+            row(
+                code(option.table_key), code(option.key), flag(option), types,
+                cell(takes(option)), default(option), reload(option), cell(option.help),
+            )
+        )  # fmt: skip
+    return lines
+
+
+def reference() -> str:
+    lines = [
+        f"_Generated by `{COMMAND}` from the settings table in `fastlb/settings.py`: edit "
+        "the table, then run it; a test fails while this file differs._",
+        "",
+        "# Configuration reference",
+        "",
+        "Every key of the `--config` file (TOML) and the flag of `fastlb run` and `fastlb check` "
+        "that sets it. A file key is the flag without its dashes (`max-conn`, or `max_conn`); a "
+        "flag given on the command line wins over the file's top level. Values are what the "
+        "flag takes, as a TOML string (numbers may also be TOML numbers); a mistake is one line "
+        "naming the file and line. `fastlb check --config FILE` validates a file.",
+        "",
+        "**Scopes.** *process* keys are the top level only. *frontend* and *pool* keys set a "
+        "`[frontend.NAME]` or `[pool.NAME]` table; at the top level (or as a flag) they are the "
+        "frontend and the pool named `default` (`listen` and `backend` only those) and the "
+        "default of every table that does not set them itself. *check* keys set a "
+        "`[pool.NAME.check]` table; at the top level, under their top-level key, they are the "
+        "`default` pool's check and the default of every check table whose type takes them.",
+        "",
+        "**Reload.** `SIGHUP` (`systemctl reload fastlb`) reads the `--config` file again and "
+        "applies only the pools' `backend` lists (addresses, weights, backups) to the running "
+        "balancer, without dropping connections. Every other key needs a restart: a reload that "
+        "finds one changed names it in the log and keeps running as before.",
+        "",
+        "## Process: the top level",
+        "",
+        *options_table(PROCESS),
+        "",
+        "## Frontend: `[frontend.NAME]`",
+        "",
+        *options_table(FRONTEND),
+        "",
+        "## Pool: `[pool.NAME]`",
+        "",
+        *options_table(POOL),
+        "",
+        "## Check: `[pool.NAME.check]`",
+        "",
+        "In a table, `active` defaults to `true`: a `[pool.NAME.check]` table means active "
+        "checks. A key for one check type is an error with another.",
+        "",
+        *check_table(),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if it differs")
+    parser.add_argument("--output", type=Path, default=REFERENCE, help=f"default: {REFERENCE}")
+    args = parser.parse_args()
+    text = reference()
+    if args.check:
+        current = args.output.read_text() if args.output.exists() else ""
+        if current != text:
+            print(f"{args.output} is not current: run `{COMMAND}`", file=sys.stderr)
+            return 1
+        return 0
+    args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
