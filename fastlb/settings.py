@@ -351,6 +351,7 @@ def host_name(text: str) -> str:
     return text
 
 
+@accepting("a file name, or - for stderr")
 def access_log_path(text: str) -> str:
     """A file to append to (made absolute, as the service may change directory), or -."""
     if text == "-":
