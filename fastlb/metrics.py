@@ -5,8 +5,11 @@ whose script polls ``/stats`` every second and computes the rates between two po
 
 ``GET /stats`` answers the supervisor's snapshot as JSON::
 
-    {"pid": <supervisor pid>, "table_version": <int>, "access_log_dropped": <int>,
-     "workers": [{"id": <int>, "pid": <int>, "ready": <bool>}, ...],
+    {"pid": <supervisor pid>, "version": <fastlb version>, "table_version": <int>,
+     "access_log_dropped": <int>, "worker_restarts": <int>,
+     "reloads": {"applied": <int>, "failed": <int>},
+     "workers": [{"id": <int>, "pid": <int>, "ready": <bool>, "cpu_seconds": <float>,
+                  "rss_bytes": <int>, "open_fds": <int>}, ...],
      "frontends": [{"name": <str>, "listen": ["host:port", ...], "pool": <default pool>,
                     "sni": {<pattern>: <pool>}, "accept_proxy": [<network>, ...],
                     "active": <open connections>, "connections": <accepted>,
@@ -45,7 +48,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("fastlb.stats")
@@ -74,6 +82,40 @@ class StatsCollector(Collector):
             "Worker processes accepting connections.",
             sum(1 for worker in workers if worker["ready"]),
         )
+        yield InfoMetricFamily(
+            "fastlb_build", "The fastlb version running.", {"version": stats["version"]}
+        )
+        yield CounterMetricFamily(
+            "fastlb_worker_restarts",
+            "Workers that died and were replaced (drained ones are not counted).",
+            stats["worker_restarts"],
+        )
+        reloads = CounterMetricFamily(
+            "fastlb_reloads", "Reloads (SIGHUP) by result.", labels=["result"]
+        )
+        for result, count in stats["reloads"].items():
+            reloads.add_metric([result], count)
+        yield reloads
+        usage = {
+            "cpu_seconds": CounterMetricFamily(
+                "fastlb_worker_cpu_seconds",
+                "CPU time of a worker, user and system.",
+                labels=["worker"],
+            ),
+            "rss_bytes": GaugeMetricFamily(
+                "fastlb_worker_resident_memory_bytes",
+                "Resident memory of a worker.",
+                labels=["worker"],
+            ),
+            "open_fds": GaugeMetricFamily(
+                "fastlb_worker_open_fds", "Open file descriptors of a worker.", labels=["worker"]
+            ),
+        }
+        for worker in workers:
+            for key, family in usage.items():
+                if worker.get(key) is not None:
+                    family.add_metric([str(worker["id"])], float(worker[key]))
+        yield from usage.values()
         yield GaugeMetricFamily(
             "fastlb_table_version",
             "Version of the backend table sent to the workers; it grows at every up/down change.",

@@ -479,7 +479,9 @@ def test_a_killed_worker_is_replaced_and_its_queue_kept(start, echo_backend):
     assert replaced_in < 1.0
     lb.wait_for(rf"worker 0 \(pid {worker['pid']}\) was killed by SIGKILL")
     new_pid = int(lb.wait_for(r"worker 0 \(pid (\d+)\) is accepting")[1])
-    assert lb.stats()["workers"] == [{"id": 0, "pid": new_pid, "ready": True}]
+    (replacement,) = lb.stats()["workers"]
+    assert (replacement["id"], replacement["pid"], replacement["ready"]) == (0, new_pid, True)
+    assert lb.stats()["worker_restarts"] == 1
     assert new_pid != worker["pid"]
 
 

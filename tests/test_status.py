@@ -7,6 +7,7 @@ import os
 import pty
 import queue
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -14,8 +15,10 @@ import sys
 import termios
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import free_ports, recv_line, wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -255,3 +258,34 @@ def test_interval_is_for_watch_and_must_be_positive():
         )  # fmt: skip
         assert result.returncode == 2
         assert result.stderr.splitlines() == [f"fastlb: error: {message}"]
+
+
+def test_metrics_pass_promtool_and_carry_the_process_figures(backends, balancer):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is missing (apt-get install prometheus)")
+    a = backends("name", name="a")
+    lb = balancer([a], "--check", "--check-interval", "0.1s", workers=2)
+    assert lb.ask_name() == "a"
+    lb.wait_for(lambda s: lb.backend(a, s)["history"]["last_check"] is not None)
+    with urllib.request.urlopen(f"http://127.0.0.1:{lb.stats_port}/metrics", timeout=10) as r:
+        body = r.read()
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    text = body.decode()
+    for family in (
+        "fastlb_build_info",
+        "fastlb_worker_restarts_total",
+        'fastlb_reloads_total{result="failed"}',
+        'fastlb_worker_open_fds{worker="1"}',
+        "fastlb_worker_resident_memory_bytes",
+        "fastlb_worker_cpu_seconds_total",
+        "fastlb_backend_check_status",
+        "fastlb_backend_check_duration_seconds",
+        "fastlb_backend_transitions_total",
+        "fastlb_frontend_connections_total",
+        "fastlb_access_log_dropped_total",
+    ):
+        assert family in text, family

@@ -30,6 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import psutil
+
+from fastlb import __version__
 from fastlb import worker as worker_process
 from fastlb.errors import EXIT_BOOT_FAILED, EXIT_FORCED, EXIT_OK, FastlbError
 from fastlb.health.probes import Checker, CheckResult
@@ -170,6 +173,8 @@ class Arbiter:
         self.table_changed = False
         self.next_ramp = 0.0  # when ramping weights next go out
         self.access_log_dropped = 0  # records the workers' access logs lost
+        self.worker_restarts = 0  # workers that died and were replaced (not drained)
+        self.reloads = {"applied": 0, "failed": 0}
         self.counts_changed = False
         self.signal_queue: list[int] = []
         self.saved_handlers: dict[int, object] = {}  # restored on the way out
@@ -345,7 +350,9 @@ class Arbiter:
             new = self.reload_config()
         except FastlbError as exc:
             log.error("reload failed, the running settings stay: %s", exc)
+            self.reloads["failed"] += 1
             return
+        self.reloads["applied"] += 1
         fixed = _needs_restart(self.config, new)
         if fixed:
             log.warning("reload: %s changed; restart fastlb to apply", ", ".join(fixed))
@@ -451,6 +458,7 @@ class Arbiter:
         if self.draining:
             log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, how)
             return
+        self.worker_restarts += 1
         if code == EXIT_BOOT_FAILED:
             log.error("worker %d could not start: stopping", worker.worker_id)
             self.drain(EXIT_BOOT_FAILED)
@@ -894,10 +902,18 @@ class Arbiter:
                 frontend_active[frontend_id] += count
         return {
             "pid": os.getpid(),
+            "version": __version__,
             "workers": [
-                {"id": worker.worker_id, "pid": worker.pid, "ready": worker.ready}
+                {
+                    "id": worker.worker_id,
+                    "pid": worker.pid,
+                    "ready": worker.ready,
+                    **process_usage(worker.pid),
+                }
                 for worker in sorted(self.workers.values(), key=lambda w: w.worker_id)
             ],
+            "worker_restarts": self.worker_restarts,
+            "reloads": dict(self.reloads),
             "table_version": self.table_version,
             "access_log_dropped": self.access_log_dropped,
             "frontends": [
@@ -948,6 +964,21 @@ class Arbiter:
                 for backend in pool.backends
             ],
         }
+
+
+def process_usage(pid: int) -> dict:
+    """CPU seconds (user + system), resident memory and open descriptors of a process."""
+    try:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            times = process.cpu_times()
+            return {
+                "cpu_seconds": times.user + times.system,
+                "rss_bytes": process.memory_info().rss,
+                "open_fds": process.num_fds(),
+            }
+    except (psutil.Error, OSError):
+        return {"cpu_seconds": None, "rss_bytes": None, "open_fds": None}
 
 
 def _needs_restart(old: Config, new: Config) -> list[str]:
