@@ -530,7 +530,10 @@ class Arbiter:
         self.close_listeners()
         self.selector.close()
         for signum, handler in self.saved_handlers.items():
-            signal.signal(signum, handler)
+            # The exit is decided: a stop signal from here on (a process manager repeating
+            # itself) must not turn it into a death by signal.
+            stop = signum in (signal.SIGTERM, signal.SIGINT)
+            signal.signal(signum, signal.SIG_IGN if stop else handler)
         signal.set_wakeup_fd(self.saved_wakeup_fd)
         os.close(self.wake_r)
         os.close(self.wake_w)
