@@ -10,6 +10,8 @@ from includes.linux cimport (epoll_event, sockaddr, sockaddr_in, sockaddr_in6, s
 
 cdef enum:
     MAX_TRIES = 16          # one connection tries at most this many backends (retries + 1)
+    HIST_BUCKETS = 13       # connect-time and duration histograms: 12 bounds, then +Inf
+    END_KINDS = 11          # END_* codes, 0 (open) included
 
 # Side flags: what we know about one socket of a connection.
 cdef enum:
@@ -124,6 +126,10 @@ cdef struct Backend:
     uint32_t failed
     uint32_t succeeded
     uint32_t streak         # consecutive connect failures seen by this worker
+    uint32_t connect_hist[HIST_BUCKETS]     # connects by time taken, since the last report
+    uint32_t duration_hist[HIST_BUCKETS]    # connections by how long they lasted, likewise
+    uint64_t connect_ms_sum                 # their sums, in ms
+    uint64_t duration_ms_sum
     uint64_t id_hash        # hash of the address: ties hashing algorithms to backends, not positions
 
 
@@ -179,6 +185,7 @@ cdef struct Frontend:
     uint64_t accepted       # counters since the last report
     uint64_t rejected       # closed before the pick: bad PROXY header, no SNI route
     uint64_t gave_up        # closed because every backend tried failed
+    uint32_t ended[END_KINDS]   # connections ended, by END_* reason, since the last report
 
 
 # One listening socket of a frontend.

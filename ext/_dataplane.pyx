@@ -41,6 +41,23 @@ DEF SCAN_INTERVAL_MS = 100    # how often connect and idle timeouts are checked
 DEF EMFILE_PAUSE_MS = 100     # accept pauses this long when out of file descriptors
 DEF NO_PIPE = -3              # _pump_splice could not get a pipe
 DEF NO_ID = 0xFFFFFFFF        # a log record's pool or backend when there was none
+
+# Upper bounds of the histogram buckets, in ms (the last bucket is +Inf): connect time, and how
+# long connections last.
+cdef int64_t CONNECT_BOUNDS_MS[12]
+CONNECT_BOUNDS_MS[:] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+cdef int64_t DURATION_BOUNDS_MS[12]
+DURATION_BOUNDS_MS[:] = [10, 50, 100, 500, 1000, 5000, 10000, 30000, 60000, 300000, 1800000,
+                         3600000]
+
+
+cdef inline int bucket(const int64_t *bounds, int64_t value) noexcept nogil:
+    # The histogram bucket of value: the first bound it does not exceed, else the last (+Inf).
+    cdef int i
+    for i in range(HIST_BUCKETS - 1):
+        if value <= bounds[i]:
+            return i
+    return HIST_BUCKETS - 1
 DEF LOG_RING_SIZE = 16384     # ended connections the access log holds between two slices
 
 cdef uint32_t CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
@@ -327,9 +344,11 @@ cdef class Worker:
     def report(self):
         """What changed since the last call, or None when nothing did: (table_version,
         backends, frontends). backends: (id, active, new, up_bytes, down_bytes, failed,
-        succeeded, streak) for each backend whose counters moved; active is absolute, the
-        others are deltas. frontends: (id, active, accepted, rejected, gave_up) likewise."""
-        cdef int i, j
+        succeeded, streak, connect_hist, connect_ms_sum, duration_hist, duration_ms_sum) for
+        each backend whose counters moved; active is absolute, the others are deltas (the
+        histograms are lists of HIST_BUCKETS counts). frontends: (id, active, accepted,
+        rejected, gave_up, ended by END_* reason) likewise."""
+        cdef int i, j, k
         cdef Backend *b
         cdef Frontend *fe
         cdef Conn *c = self.live
@@ -345,19 +364,28 @@ cdef class Worker:
                         and not b.down_bytes and not b.failed and not b.succeeded):
                     continue
                 backends.append((b.id, b.local_active, b.new_conns, b.up_bytes, b.down_bytes,
-                                 b.failed, b.succeeded, b.streak))
+                                 b.failed, b.succeeded, b.streak,
+                                 [b.connect_hist[k] for k in range(HIST_BUCKETS)],
+                                 b.connect_ms_sum,
+                                 [b.duration_hist[k] for k in range(HIST_BUCKETS)],
+                                 b.duration_ms_sum))
                 b.reported_active = b.local_active
                 b.new_conns = b.up_bytes = b.down_bytes = 0
                 b.failed = b.succeeded = 0
+                memset(b.connect_hist, 0, sizeof(b.connect_hist))
+                memset(b.duration_hist, 0, sizeof(b.duration_hist))
+                b.connect_ms_sum = b.duration_ms_sum = 0
         frontends = []
         for i in range(self.nfrontends):
             fe = &self.frontends[i]
             if (fe.nconns == fe.reported_active and not fe.accepted and not fe.rejected
                     and not fe.gave_up):
                 continue
-            frontends.append((fe.id, fe.nconns, fe.accepted, fe.rejected, fe.gave_up))
+            frontends.append((fe.id, fe.nconns, fe.accepted, fe.rejected, fe.gave_up,
+                              [fe.ended[k] for k in range(END_KINDS)]))
             fe.reported_active = fe.nconns
             fe.accepted = fe.rejected = fe.gave_up = 0
+            memset(fe.ended, 0, sizeof(fe.ended))
         self.counts_changed = False
         if not backends and not frontends:
             return None
@@ -834,6 +862,7 @@ cdef class Worker:
         # Python objects.
         cdef Backend *b
         cdef int r
+        cdef int64_t took
         c.active_ms = self.now_ms
         if backend_side:
             if c.state == CONN_CONNECTING:
@@ -850,6 +879,10 @@ cdef class Worker:
                 c.sent_ms = 0
                 b = self._backend_of(c)
                 b.new_conns += 1
+                # The connect started connect_timeout before its deadline.
+                took = self.now_ms - (c.deadline_ms - c.pool.connect_timeout_ms)
+                b.connect_hist[bucket(CONNECT_BOUNDS_MS, took)] += 1
+                b.connect_ms_sum += took
                 # A connect counts as a success once the backend answers or can no longer be
                 # left for another (passive detection of a backend that accepts, then fails).
                 c.on_probation = True
@@ -1017,11 +1050,18 @@ cdef class Worker:
         # says why, unless one was recorded before. Called without the GIL; touches no Python
         # objects.
         cdef Channel *ch
+        cdef Backend *b
         cdef int k
         if c.end_reason == 0:
             c.end_reason = reason
         if c.end_reason == END_CONNECT_FAILED:
             c.frontend.gave_up += 1
+        if 0 <= c.end_reason < END_KINDS:
+            c.frontend.ended[c.end_reason] += 1
+        if c.opened_ms and c.backend >= 0:
+            b = &c.pool.table.backends[c.backend]
+            b.duration_hist[bucket(DURATION_BOUNDS_MS, self.now_ms - c.start_ms)] += 1
+            b.duration_ms_sum += self.now_ms - c.start_ms
         if self.log_ring != NULL:
             self._log(c)
         if reset:
@@ -1313,6 +1353,12 @@ cdef class Balancer:
 def algorithm_names():
     """Names of the compiled algorithms, in registration order."""
     return [ALGORITHMS[i].name.decode() for i in range(N_ALGORITHMS)]
+
+
+def histogram_bounds():
+    """The upper bounds (ms) of the connect-time and duration histogram buckets."""
+    return (tuple(CONNECT_BOUNDS_MS[i] for i in range(HIST_BUCKETS - 1)),
+            tuple(DURATION_BOUNDS_MS[i] for i in range(HIST_BUCKETS - 1)))
 
 
 def algorithm_needs(str name):

@@ -51,10 +51,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from fastlb.protocol.messages import CONNECT_BOUNDS_MS, DURATION_BOUNDS_MS
 
 log = logging.getLogger("fastlb.stats")
 
@@ -144,6 +147,15 @@ class StatsCollector(Collector):
             for key, family in frontend_families.items():
                 family.add_metric([frontend["name"]], float(frontend[key]))
         yield from frontend_families.values()
+        ended = CounterMetricFamily(
+            "fastlb_frontend_ended",
+            "Connections that ended, by why (as the access log says it).",
+            labels=["frontend", "reason"],
+        )
+        for frontend in stats["frontends"]:
+            for reason, count in frontend["ended"].items():
+                ended.add_metric([frontend["name"], reason], count)
+        yield ended
         yield CounterMetricFamily(
             "fastlb_access_log_dropped",
             "Access log records lost because the writer fell behind.",
@@ -204,6 +216,35 @@ class StatsCollector(Collector):
         yield check_ok
         yield check_duration
         yield transitions
+        histograms = {
+            "connect_ms": (
+                HistogramMetricFamily(
+                    "fastlb_backend_connect_seconds",
+                    "Time from the start of a connect to the backend to its completion.",
+                    labels=label,
+                ),
+                CONNECT_BOUNDS_MS,
+            ),
+            "duration_ms": (
+                HistogramMetricFamily(
+                    "fastlb_backend_connection_duration_seconds",
+                    "Time from accepting a client to closing its connection.",
+                    labels=label,
+                ),
+                DURATION_BOUNDS_MS,
+            ),
+        }
+        for backend in stats["backends"]:
+            labels = [backend["pool"], backend["address"]]
+            for key, (family, bounds) in histograms.items():
+                counts, total = backend[key]["counts"], 0
+                buckets = []
+                for bound, count in zip([*bounds, None], counts, strict=False):
+                    total += count
+                    buckets.append(("+Inf" if bound is None else repr(bound / 1000), total))
+                family.add_metric(labels, buckets, backend[key]["sum"] / 1000)
+        for family, _ in histograms.values():
+            yield family
 
 
 @dataclass

@@ -323,3 +323,12 @@ def test_iphash_ipv6_backends_match_the_model():
     for i in range(500):
         host = f"fd00::{i:x}"
         assert compiled.pick_address(host) == model.pick_address(host)
+
+
+def test_the_histogram_bounds_are_those_the_messages_describe():
+    from fastlb.protocol import messages
+
+    assert _dataplane.histogram_bounds() == (
+        messages.CONNECT_BOUNDS_MS,
+        messages.DURATION_BOUNDS_MS,
+    )

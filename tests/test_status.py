@@ -268,6 +268,7 @@ def test_metrics_pass_promtool_and_carry_the_process_figures(backends, balancer)
     lb = balancer([a], "--check", "--check-interval", "0.1s", workers=2)
     assert lb.ask_name() == "a"
     lb.wait_for(lambda s: lb.backend(a, s)["history"]["last_check"] is not None)
+    lb.wait_for(lambda s: s["frontends"][0]["ended"], what="the connection's end reported")
     with urllib.request.urlopen(f"http://127.0.0.1:{lb.stats_port}/metrics", timeout=10) as r:
         body = r.read()
     checked = subprocess.run(
@@ -287,5 +288,11 @@ def test_metrics_pass_promtool_and_carry_the_process_figures(backends, balancer)
         "fastlb_backend_transitions_total",
         "fastlb_frontend_connections_total",
         "fastlb_access_log_dropped_total",
+        "fastlb_backend_connect_seconds_bucket",
+        'fastlb_backend_connection_duration_seconds_bucket{backend="',
+        'fastlb_frontend_ended_total{frontend="default",reason="client-closed"} 1.0',
     ):
         assert family in text, family
+    entry = lb.backend(a)
+    assert sum(entry["connect_ms"]["counts"]) == 1 == sum(entry["duration_ms"]["counts"])
+    assert lb.stats()["frontends"][0]["ended"] == {"client-closed": 1}

@@ -17,9 +17,12 @@ worker -> supervisor
               connections to it (absolute); ``new``, ``up_bytes`` (client -> backend),
               ``down_bytes``, ``failed`` and ``succeeded`` (connect attempts) are deltas;
               ``streak`` is the run of consecutive connect failures this worker has seen on it,
-              0 after a success. ``frontends``: ``[{id, active, accepted, rejected, gave_up}]``
-              likewise (``rejected``: closed before a pick, for a bad PROXY header or no SNI
-              route; ``gave_up``: closed because every backend tried failed). ``log_dropped``:
+              0 after a success; ``connect_ms`` and ``duration_ms`` are histograms (counts by
+              bucket, the data plane's fixed bounds) of the connects that completed and of the
+              connections that ended, with their sums in ms. ``frontends``: ``[{id, active,
+              accepted, rejected, gave_up, ended}]`` likewise (``rejected``: closed before a
+              pick, for a bad PROXY header or no SNI route; ``gave_up``: closed because every
+              backend tried failed; ``ended``: counts by why connections ended). ``log_dropped``:
               access log records lost since the previous report (the writer fell behind).
 
 supervisor -> worker
@@ -33,11 +36,16 @@ supervisor -> worker
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import msgpack
 
 PROTOCOL_VERSION = 2
+
+# The upper bounds (ms) of the data plane's histogram buckets, the last bucket being +Inf: how
+# long a connect took, and how long a connection lasted. ext/_dataplane.pyx holds the same.
+CONNECT_BOUNDS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+DURATION_BOUNDS_MS = (10, 50, 100, 500, 1000, 5000, 10000, 30000, 60000, 300000, 1800000, 3600000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,10 @@ class BackendReport:
     failed: int = 0
     succeeded: int = 0
     streak: int = 0
+    connect_ms: list[int] = field(default_factory=list)  # histogram counts by bucket
+    connect_ms_sum: int = 0
+    duration_ms: list[int] = field(default_factory=list)
+    duration_ms_sum: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +78,7 @@ class FrontendReport:
     accepted: int = 0
     rejected: int = 0
     gave_up: int = 0
+    ended: list[int] = field(default_factory=list)  # connections ended, by reason code
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +149,12 @@ _NESTED: dict[tuple[type, str], type] = {
 # The type each scalar field must have; bools are ints to Python, so they are checked apart.
 _BOOL_FIELDS = {"up", "backup"}
 _STR_FIELDS = {"host"}
+_INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended"}
 
 
 def _plain(value: object) -> object:
     if hasattr(value, "__dataclass_fields__"):
-        return {field.name: _plain(getattr(value, field.name)) for field in fields(value)}
+        return {spec.name: _plain(getattr(value, spec.name)) for spec in fields(value)}
     if isinstance(value, list):
         return [_plain(item) for item in value]
     return value
@@ -162,31 +176,34 @@ def _fill(cls: type, body: object, where: str) -> object:
     if not isinstance(body, dict):
         raise _Bad(f"{where}: not a map")
     kwargs = {}
-    for field in fields(cls):
-        if field.name not in body:
-            if field.default is not MISSING:
+    for spec in fields(cls):
+        if spec.name not in body:
+            if spec.default is not MISSING or spec.default_factory is not MISSING:
                 continue  # optional: it has a default
-            raise _Bad(f"{where}: missing field {field.name!r}")
-        value = body[field.name]
-        nested = _NESTED.get((cls, field.name))
+            raise _Bad(f"{where}: missing field {spec.name!r}")
+        value = body[spec.name]
+        nested = _NESTED.get((cls, spec.name))
         if nested is not None:
             if not isinstance(value, list):
-                raise _Bad(f"{where}: {field.name} must be a list")
-            value = [_fill(nested, item, f"{where}.{field.name}") for item in value]
-        elif field.name in _BOOL_FIELDS:
+                raise _Bad(f"{where}: {spec.name} must be a list")
+            value = [_fill(nested, item, f"{where}.{spec.name}") for item in value]
+        elif spec.name in _BOOL_FIELDS:
             if not isinstance(value, bool):
-                raise _Bad(f"{where}: {field.name} must be true or false")
-        elif field.name in _STR_FIELDS:
+                raise _Bad(f"{where}: {spec.name} must be true or false")
+        elif spec.name in _STR_FIELDS:
             if not isinstance(value, str):
-                raise _Bad(f"{where}: {field.name} must be a string")
-        elif field.name == "others":
+                raise _Bad(f"{where}: {spec.name} must be a string")
+        elif spec.name in _INT_LIST_FIELDS:
+            if not isinstance(value, list) or not all(_is_int(x) for x in value):
+                raise _Bad(f"{where}: {spec.name} must be a list of whole numbers")
+        elif spec.name == "others":
             if not isinstance(value, dict) or not all(
                 _is_int(k) and _is_int(v) for k, v in value.items()
             ):
                 raise _Bad(f"{where}: others must map backend ids to counts")
         elif not _is_int(value):
-            raise _Bad(f"{where}: {field.name} must be a whole number")
-        kwargs[field.name] = value
+            raise _Bad(f"{where}: {spec.name} must be a whole number")
+        kwargs[spec.name] = value
     return cls(**kwargs)
 
 

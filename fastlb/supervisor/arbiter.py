@@ -34,6 +34,7 @@ import psutil
 
 from fastlb import __version__
 from fastlb import worker as worker_process
+from fastlb.accesslog import END_REASONS
 from fastlb.errors import EXIT_BOOT_FAILED, EXIT_FORCED, EXIT_OK, FastlbError
 from fastlb.health.probes import Checker, CheckResult
 from fastlb.health.state import (
@@ -56,6 +57,7 @@ QUICK_DEATH = 1.0  # a worker that dies sooner than this after starting is crash
 RESPAWN_DELAY = 0.1  # delay before the second quick respawn; it doubles each time after
 MAX_RESPAWN_DELAY = 5.0
 MAX_PENDING = 1 << 20  # past this many unsent bytes to a worker, counts are dropped
+HISTOGRAM_BUCKETS = len(msg.CONNECT_BOUNDS_MS) + 1  # the bounds, then +Inf
 RAMP_STEP = 0.5  # while a backend ramps up its weight (slow start), tables go out this often
 # Pools whose weights change by fractions (slow start, agent percentages) send weights x this.
 WEIGHT_SCALE = 100
@@ -107,6 +109,10 @@ class BackendState:
     agent_weight: int | None = None  # percent of its weight, as its agent said
     ramp_from: float | None = None  # slow start: when it came back
     transitions: int = 0  # changes of state since start
+    connect_ms: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BUCKETS)
+    connect_ms_sum: int = 0
+    duration_ms: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BUCKETS)
+    duration_ms_sum: int = 0
     connections: int = 0
     failed: int = 0
     up_bytes: int = 0
@@ -142,6 +148,7 @@ class FrontendState:
     connections: int = 0
     rejected: int = 0
     gave_up: int = 0  # clients closed because every backend tried failed
+    ended: list[int] = field(default_factory=lambda: [0] * len(END_REASONS))  # by reason
     gave_up_unlogged: int = 0  # of those, not yet in a log line
     gave_up_logged_at: float = 0.0
 
@@ -594,6 +601,10 @@ class Arbiter:
             backend.failed += entry.failed
             backend.up_bytes += entry.up_bytes
             backend.down_bytes += entry.down_bytes
+            _add(backend.connect_ms, entry.connect_ms)
+            backend.connect_ms_sum += entry.connect_ms_sum
+            _add(backend.duration_ms, entry.duration_ms)
+            backend.duration_ms_sum += entry.duration_ms_sum
             if worker.active.get(entry.id, 0) != entry.active:
                 worker.active[entry.id] = entry.active
                 self.counts_changed = True
@@ -603,6 +614,7 @@ class Arbiter:
                 frontend.connections += entry.accepted
                 frontend.rejected += entry.rejected
                 frontend.gave_up += entry.gave_up
+                _add(frontend.ended, entry.ended)
                 frontend.gave_up_unlogged += entry.gave_up
                 worker.frontend_active[entry.id] = entry.active
         self.access_log_dropped += report.log_dropped
@@ -930,6 +942,11 @@ class Arbiter:
                     "connections": frontend.connections,
                     "rejected": frontend.rejected,
                     "gave_up": frontend.gave_up,
+                    "ended": {
+                        reason: count
+                        for reason, count in zip(END_REASONS, frontend.ended, strict=True)
+                        if count and reason != "open"
+                    },
                 }
                 for frontend in self.frontends
             ],
@@ -957,6 +974,8 @@ class Arbiter:
                     "up": backend.up,
                     "history": backend.history.as_dict(),
                     "transitions": backend.transitions,
+                    "connect_ms": {"counts": backend.connect_ms, "sum": backend.connect_ms_sum},
+                    "duration_ms": {"counts": backend.duration_ms, "sum": backend.duration_ms_sum},
                     "active": totals[backend.id],
                     "connections": backend.connections,
                     "failed": backend.failed,
@@ -967,6 +986,11 @@ class Arbiter:
                 for backend in pool.backends
             ],
         }
+
+
+def _add(totals: list[int], deltas: list[int]) -> None:
+    for i, delta in enumerate(deltas[: len(totals)]):
+        totals[i] += delta
 
 
 def process_usage(pid: int) -> dict:
