@@ -23,6 +23,8 @@ import os
 import time
 from datetime import UTC, datetime
 
+from fastlb.model import Address
+
 # Indexed by the data plane's END_* codes.
 END_REASONS = (
     "open",
@@ -41,10 +43,6 @@ END_REASONS = (
 
 def _timestamp(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class AccessLog:
@@ -77,7 +75,7 @@ class AccessLog:
             host, port, start, connected, end, up, down, frontend, pool, backend = record[:10]
             retries, reason = record[10:]
             entry = {
-                "client": _address(host, port),
+                "client": str(Address(host, port)),
                 "frontend": self.frontends[frontend],
                 "pool": "-" if pool is None else self.pools[pool],
                 "backend": "-" if backend is None else backends.get(backend, str(backend)),

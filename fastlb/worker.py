@@ -16,7 +16,7 @@ import time
 from fastlb import _dataplane
 from fastlb.accesslog import AccessLog
 from fastlb.errors import EXIT_BOOT_FAILED
-from fastlb.model import Config
+from fastlb.model import Address, Config
 from fastlb.protocol import messages as msg
 
 log = logging.getLogger("fastlb.worker")
@@ -183,9 +183,7 @@ class WorkerProcess:
     def set_table(self, table: msg.Table) -> None:
         self.dataplane.set_table(table.version, table_pools(table))
         self.backend_names = {
-            b.id: f"[{b.host}]:{b.port}" if ":" in b.host else f"{b.host}:{b.port}"
-            for pool in table.pools
-            for b in pool.backends
+            b.id: str(Address(b.host, b.port)) for pool in table.pools for b in pool.backends
         }
 
     def read_wakeups(self) -> None:
