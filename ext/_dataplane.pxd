@@ -183,8 +183,6 @@ cdef struct Frontend:
     bint paused             # its listeners are paused at max_conn
     int32_t reported_active
     uint64_t accepted       # counters since the last report
-    uint64_t rejected       # closed before the pick: bad PROXY header, no SNI route
-    uint64_t gave_up        # closed because every backend tried failed
     uint32_t ended[END_KINDS]   # connections ended, by END_* reason, since the last report
 
 
@@ -321,7 +319,6 @@ cdef class Worker:
     cdef int max_events
     cdef int held_events    # a batch kept back while Python handles a wake-up in it
     cdef bint counts_changed
-    cdef uint64_t accepted_total
     cdef uint32_t table_version
     cdef Backend detached   # counts for connections whose backend left the table (reload)
     cdef LogRecord *log_ring    # ended connections for the access log; NULL when off

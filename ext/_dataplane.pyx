@@ -41,6 +41,7 @@ DEF SCAN_INTERVAL_MS = 100    # how often connect and idle timeouts are checked
 DEF EMFILE_PAUSE_MS = 100     # accept pauses this long when out of file descriptors
 DEF NO_PIPE = -3              # _pump_splice could not get a pipe
 DEF NO_ID = 0xFFFFFFFF        # a log record's pool or backend when there was none
+DEF LOG_RING_SIZE = 16384     # ended connections the access log holds between two slices
 
 # Upper bounds of the histogram buckets, in ms (the last bucket is +Inf): connect time, and how
 # long connections last.
@@ -58,7 +59,6 @@ cdef inline int bucket(const int64_t *bounds, int64_t value) noexcept nogil:
         if value <= bounds[i]:
             return i
     return HIST_BUCKETS - 1
-DEF LOG_RING_SIZE = 16384     # ended connections the access log holds between two slices
 
 cdef uint32_t CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
@@ -213,7 +213,6 @@ cdef class Worker:
 
     cdef _add_frontend(self, dict spec):
         cdef Frontend *fe = &self.frontends[self.nfrontends]
-        cdef int i
         pool = spec.get("pool", 0)
         if not 0 <= pool < self.npools:
             raise ValueError(f"frontend of an unknown pool: {pool}")
@@ -347,7 +346,7 @@ cdef class Worker:
         succeeded, streak, connect_hist, connect_ms_sum, duration_hist, duration_ms_sum) for
         each backend whose counters moved; active is absolute, the others are deltas (the
         histograms are lists of HIST_BUCKETS counts). frontends: (id, active, accepted,
-        rejected, gave_up, ended by END_* reason) likewise."""
+        ended by END_* reason) likewise."""
         cdef int i, j, k
         cdef Backend *b
         cdef Frontend *fe
@@ -378,13 +377,12 @@ cdef class Worker:
         frontends = []
         for i in range(self.nfrontends):
             fe = &self.frontends[i]
-            if (fe.nconns == fe.reported_active and not fe.accepted and not fe.rejected
-                    and not fe.gave_up):
-                continue
-            frontends.append((fe.id, fe.nconns, fe.accepted, fe.rejected, fe.gave_up,
+            if fe.nconns == fe.reported_active and not fe.accepted:
+                continue  # a connection that ended changed nconns: its reason rides along
+            frontends.append((fe.id, fe.nconns, fe.accepted,
                               [fe.ended[k] for k in range(END_KINDS)]))
             fe.reported_active = fe.nconns
-            fe.accepted = fe.rejected = fe.gave_up = 0
+            fe.accepted = 0
             memset(fe.ended, 0, sizeof(fe.ended))
         self.counts_changed = False
         if not backends and not frontends:
@@ -569,7 +567,6 @@ cdef class Worker:
                     self._pause_listener(listener, self.now_ms + EMFILE_PAUSE_MS)
                 return
             accepted += 1
-            self.accepted_total += 1
             fe.accepted += 1
             self._new_conn(listener, fd, &addr)
 
@@ -724,7 +721,6 @@ cdef class Worker:
     cdef void _reject(self, Conn *c) noexcept nogil:
         # A trusted sender without a valid PROXY header, or no SNI route with sni-required.
         # Called without the GIL; touches no Python objects.
-        c.frontend.rejected += 1
         self._close(c, False, END_REJECTED)
 
     cdef int _send_proxy_header(self, Conn *c) noexcept nogil:
@@ -1054,8 +1050,6 @@ cdef class Worker:
         cdef int k
         if c.end_reason == 0:
             c.end_reason = reason
-        if c.end_reason == END_CONNECT_FAILED:
-            c.frontend.gave_up += 1
         if 0 <= c.end_reason < END_KINDS:
             c.frontend.ended[c.end_reason] += 1
         if c.opened_ms and c.backend >= 0:
@@ -1228,50 +1222,34 @@ cdef class Worker:
         # Live connections keep their backend across the swap when its id is still there.
         new_index = {new.backends[j].id: j for j in range(new.n)}
         for i in range(old_n):
-            j = new_index.get(old[i].id, -1)
-            remap[i] = j
-            if j >= 0:
-                new.backends[j].rr_current = old[i].rr_current
-                new.backends[j].streak = old[i].streak
-                new.backends[j].others_active = old[i].others_active
-                new.backends[j].reported_active = old[i].reported_active
-                new.backends[j].new_conns = old[i].new_conns
-                new.backends[j].up_bytes = old[i].up_bytes
-                new.backends[j].down_bytes = old[i].down_bytes
-                new.backends[j].failed = old[i].failed
-                new.backends[j].succeeded = old[i].succeeded
-        # on-down = "close": the connections of a backend that went down are reset.
-        for i in range(old_n):
-            if remap[i] >= 0 and not (pool.close_on_down and old[i].up
-                                      and not new.backends[remap[i]].up):
-                remap[i] = remap[i] + 1  # kept; 0 below means "close", -1 "detach"
-            elif remap[i] >= 0:
-                remap[i] = 0
-            else:
-                remap[i] = -1
-        c = self.live
-        while c != NULL:
-            if c.pool == pool:
-                self._count_bytes(c)  # against the old table, where its backend still is
-            c = c.next
-        table_swap(table, &new)
+            remap[i] = new_index.get(old[i].id, -1)
+        # While the old table still counts them: on-down = "close" resets the connections of a
+        # backend that goes down, and the others' bytes are added to their backends.
         c = self.live
         while c != NULL:
             nxt = c.next
             if c.pool == pool:
-                for i in range(c.ntried):
-                    j = remap[c.tried[i]]
-                    c.tried[i] = j - 1 if j > 0 else -1
-                if c.backend >= 0:
-                    j = remap[c.backend]
-                    if j == 0:
-                        c.backend = -1  # counted nowhere now: the new table never held it
-                        self._close(c, True, END_BACKEND_DOWN)
-                    else:
-                        c.backend = j - 1 if j > 0 else -1
-                        if c.backend >= 0:
-                            table.backends[c.backend].local_active += 1
+                j = remap[c.backend] if c.backend >= 0 else -1
+                if (pool.close_on_down and j >= 0 and old[c.backend].up
+                        and not new.backends[j].up):
+                    self._close(c, True, END_BACKEND_DOWN)
+                else:
+                    self._count_bytes(c)
             c = nxt
+        for i in range(old_n):
+            if remap[i] >= 0:
+                backend_carry(&new.backends[remap[i]], &old[i])
+        table_swap(table, &new)
+        c = self.live
+        while c != NULL:
+            if c.pool == pool:
+                if c.backend >= 0:
+                    c.backend = remap[c.backend]
+                    if c.backend >= 0:
+                        table.backends[c.backend].local_active += 1
+                for i in range(c.ntried):
+                    c.tried[i] = remap[c.tried[i]]
+            c = c.next
         free(remap)
         if table_refresh(table) < 0:
             raise MemoryError()

@@ -92,6 +92,22 @@ cdef Table table_parse(list rows, bint with_ids) except *:
     return new
 
 
+cdef void backend_carry(Backend *new, const Backend *old) noexcept nogil:
+    """A backend that stays across a table swap: its configuration from the new table, its
+    algorithm state and its counters since the last report from the old one. local_active is
+    counted anew from the live connections."""
+    cdef Backend configured = new[0]
+    new[0] = old[0]
+    new.addr = configured.addr
+    new.addrlen = configured.addrlen
+    new.id = configured.id
+    new.id_hash = configured.id_hash
+    new.weight = configured.weight
+    new.up = configured.up
+    new.backup = configured.backup
+    new.local_active = 0
+
+
 cdef void table_swap(Table *table, Table *new) noexcept nogil:
     """Moves new's backends into table, keeping table's algorithm and settings."""
     table.algo.release(table)

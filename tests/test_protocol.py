@@ -25,7 +25,7 @@ EXAMPLES = [
             msg.BackendReport(3, active=0, failed=3, streak=3),
             msg.BackendReport(17, active=5, new=9, up_bytes=1 << 40, down_bytes=123456),
         ],
-        frontends=[msg.FrontendReport(0, active=6, accepted=11, rejected=1)],
+        frontends=[msg.FrontendReport(0, active=6, accepted=11, ended=[0, 9, 1, 0, 0, 1])],
     ),
     msg.Report(table=1, backends=[], frontends=[]),
     msg.Table(
@@ -89,7 +89,10 @@ counts = st.dictionaries(ident, number, max_size=8)
 @given(
     table=ident,
     backends=st.lists(st.builds(msg.BackendReport, ident, *[number] * 7), max_size=8),
-    frontends=st.lists(st.builds(msg.FrontendReport, ident, number, number, number), max_size=4),
+    frontends=st.lists(
+        st.builds(msg.FrontendReport, ident, number, number, st.lists(number, max_size=11)),
+        max_size=4,
+    ),
 )
 def test_reports_of_any_size_round_trip(table, backends, frontends):
     report = msg.Report(table, backends, frontends)

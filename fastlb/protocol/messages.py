@@ -20,10 +20,10 @@ worker -> supervisor
               0 after a success; ``connect_ms`` and ``duration_ms`` are histograms (counts by
               bucket, the data plane's fixed bounds) of the connects that completed and of the
               connections that ended, with their sums in ms. ``frontends``: ``[{id, active,
-              accepted, rejected, gave_up, ended}]`` likewise (``rejected``: closed before a
-              pick, for a bad PROXY header or no SNI route; ``gave_up``: closed because every
-              backend tried failed; ``ended``: counts by why connections ended). ``log_dropped``:
-              access log records lost since the previous report (the writer fell behind).
+              accepted, ended}]`` likewise; ``ended`` counts the connections that ended by why,
+              indexed by the data plane's END_* codes (``fastlb.accesslog.END_REASONS``).
+              ``log_dropped``: access log records lost since the previous report (the writer
+              fell behind).
 
 supervisor -> worker
   ``table``   ``{t, version, pools}``: whole backend tables, each swapped in at once.
@@ -76,8 +76,6 @@ class FrontendReport:
     id: int
     active: int
     accepted: int = 0
-    rejected: int = 0
-    gave_up: int = 0
     ended: list[int] = field(default_factory=list)  # connections ended, by reason code
 
 

@@ -146,11 +146,19 @@ class FrontendState:
     id: int
     spec: FrontendSpec
     connections: int = 0
-    rejected: int = 0
-    gave_up: int = 0  # clients closed because every backend tried failed
     ended: list[int] = field(default_factory=lambda: [0] * len(END_REASONS))  # by reason
-    gave_up_unlogged: int = 0  # of those, not yet in a log line
+    gave_up_logged: int = 0  # gave_up as of the last line about it
     gave_up_logged_at: float = 0.0
+
+    @property
+    def rejected(self) -> int:
+        """Closed before a pick: no valid PROXY header from a trusted sender, no SNI route."""
+        return self.ended[END_REASONS.index("rejected")]
+
+    @property
+    def gave_up(self) -> int:
+        """Closed because every backend tried failed."""
+        return self.ended[END_REASONS.index("connect-failed")]
 
 
 class Arbiter:
@@ -301,16 +309,15 @@ class Arbiter:
         """At most one line per frontend every GAVE_UP_LOG_INTERVAL about clients that were
         closed because every backend they tried failed."""
         for frontend in self.frontends:
-            if frontend.gave_up_unlogged and now - frontend.gave_up_logged_at >= (
-                GAVE_UP_LOG_INTERVAL
-            ):
+            unlogged = frontend.gave_up - frontend.gave_up_logged
+            if unlogged and now - frontend.gave_up_logged_at >= GAVE_UP_LOG_INTERVAL:
                 log.warning(
                     "frontend %s: %d clients closed, every backend tried failed (pool %s)",
                     frontend.spec.name,
-                    frontend.gave_up_unlogged,
+                    unlogged,
                     frontend.spec.pool,
                 )
-                frontend.gave_up_unlogged = 0
+                frontend.gave_up_logged = frontend.gave_up
                 frontend.gave_up_logged_at = now
 
     def announce_ready(self) -> None:
@@ -612,10 +619,7 @@ class Arbiter:
             if 0 <= entry.id < len(self.frontends):
                 frontend = self.frontends[entry.id]
                 frontend.connections += entry.accepted
-                frontend.rejected += entry.rejected
-                frontend.gave_up += entry.gave_up
                 _add(frontend.ended, entry.ended)
-                frontend.gave_up_unlogged += entry.gave_up
                 worker.frontend_active[entry.id] = entry.active
         self.access_log_dropped += report.log_dropped
         if report.table != self.table_version:
