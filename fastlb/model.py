@@ -73,6 +73,7 @@ class CheckSpec:
     expect_status: tuple[tuple[int, int], ...] = ((200, 399),)  # inclusive ranges
     expect_body: str | None = None  # a substring the body must contain
     expect_body_regex: str | None = None
+    reuse_connection: bool = True  # keep the connection open for the next check (HTTP keep-alive)
     # send-expect (tcp payloads) and the http/redis/... bodies are bytes on the wire
     send: bytes = b""
     expect: bytes | None = None  # a substring of the reply (given as text or hex)

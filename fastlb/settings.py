@@ -695,6 +695,14 @@ OPTIONS: tuple[Option, ...] = (
         check_types=("redis",),
     ),
     Option(
+        "check_reuse_connection", "--check-reuse-connection", bool, boolean,
+        _CHECK.reuse_connection,
+        "an http check keeps its connection open for the next one (as Envoy's do); false: a new"
+        " connection each time, closed after the reply",
+        scope=CHECK, command_line=False, attribute="reuse_connection",
+        table_key="reuse-connection", check_types=("http",),
+    ),
+    Option(
         "check_ssl_request", "--check-ssl-request", bool, boolean, _CHECK.ssl_request,
         "a postgres check sends an SSLRequest (any answer passes); false: a startup message",
         scope=CHECK, command_line=False, attribute="ssl_request", table_key="ssl-request",

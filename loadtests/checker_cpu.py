@@ -1,22 +1,25 @@
 """The CPU cost of health checks: the real ``Checker`` in a selectors loop, as the supervisor
 drives it, checking every one of ``--backends`` loopback backends once a second.
 
-    python loadtests/checker_cpu.py                          # 1,000 backends: tcp, then http
+    python loadtests/checker_cpu.py                # 1,000 backends: tcp, http, http-close
     python loadtests/checker_cpu.py --backends 2000 --duration 10 --kinds http
-    python loadtests/checker_cpu.py --supervisor             # a real `fastlb run` supervisor
+    python loadtests/checker_cpu.py --supervisor   # a real `fastlb run` supervisor
 
 It starts one asyncio process listening on ``--backends`` loopback ports, each answering any
-HTTP request with a 200 and closing. Then, for each kind, it checks each backend once a second,
+HTTP request with a 200, keeping the connection unless the request says ``Connection: close``.
+The kinds: ``tcp``; ``http``, which keeps its connection from one check to the next, as http
+checks do by default; ``http-close`` (``reuse-connection = false``), a new connection for each
+check. Then, for each kind, it checks each backend once a second,
 the starts spread evenly over the second, for ``--duration`` seconds, and prints the CPU time
 (user, system) this process spent, as a share of one core and per check, with the checks
 started, those skipped because the previous one was still in flight, and the results by
 reason. The backends' own CPU is not counted, only printed, to show they kept up.
 
 On loopback the kernel charges the sender for much of the receiving end's TCP work (the
-handshake, the reset), so the system time holds some of the backends' share. For tcp and http
-a floor follows each run: the same checks reduced to their system calls (connect, close; the
-request and one read for http) in a bare ``select.epoll`` loop, the least any checker written
-in Python pays here.
+handshake, the reset), so the system time holds some of the backends' share. For tcp and
+http-close a floor follows each run: the same checks reduced to their system calls (connect,
+close; the request and one read for http) in a bare ``select.epoll`` loop, the least any
+checker written in Python pays here.
 
 With ``--supervisor`` it measures a real ``fastlb run`` supervisor (not its worker) checking
 the backends once a second instead, from ``/proc``; the checks are those the backends accepted.
@@ -40,6 +43,7 @@ import selectors
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,36 +52,50 @@ import harness  # noqa: F401  (first: keeps the checkout's fastlb/ off sys.path)
 from fastlb.health.probes import LINGER_RESET, Checker, CheckResult
 from fastlb.model import Address, CheckSpec
 
-HTTP_REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+# The kinds measured, by name: http keeps its connections between checks, as it does by default;
+# http-close opens a new one for each check.
+CHECK_TYPES = {"tcp": "tcp", "http": "http", "http-close": "http"}
+
+HTTP_REPLY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+HTTP_REPLY_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
-ACCEPTED = [0]  # connections the backends accepted, for --supervisor's count of checks
+# For --supervisor's count of checks: connections the backends accepted (tcp checks) and
+# requests they answered (http checks, which keep their connections unless told not to).
+ACCEPTED = [0]
+ANSWERED = [0]
 
 
 async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     ACCEPTED[0] += 1
     try:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(HTTP_REPLY)
-        await writer.drain()
+        while True:  # requests on one connection until the checker closes it or asks to
+            head = await reader.readuntil(b"\r\n\r\n")
+            ANSWERED[0] += 1
+            if b"\r\nconnection: close" in head.lower():
+                writer.write(HTTP_REPLY_CLOSE)
+                await writer.drain()
+                break
+            writer.write(HTTP_REPLY)
+            await writer.drain()
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
         pass  # a tcp check closes (with a reset) without a request
     finally:
         writer.close()
 
 
-def tell_accepted() -> None:
-    """A line on stdin asks for the count of connections accepted so far."""
+def tell_counts() -> None:
+    """A line on stdin asks for the counts of connections accepted and requests answered."""
     if not sys.stdin.readline():
         return
-    print(ACCEPTED[0], flush=True)
+    print(ACCEPTED[0], ANSWERED[0], flush=True)
 
 
 async def serve(count: int) -> None:
     servers = [
         await asyncio.start_server(answer, "127.0.0.1", 0, backlog=1024) for _ in range(count)
     ]
-    asyncio.get_running_loop().add_reader(sys.stdin.fileno(), tell_accepted)
+    asyncio.get_running_loop().add_reader(sys.stdin.fileno(), tell_counts)
     print(" ".join(str(server.sockets[0].getsockname()[1]) for server in servers), flush=True)
     await asyncio.Event().wait()  # until stopped
 
@@ -147,7 +165,9 @@ def measure(kind: str, addresses: list[Address], duration: float, timeout: float
         reasons[result.reason] += 1  # cheap: the supervisor's own work on a result is not measured
 
     checker = Checker(selector, count)
-    spec = CheckSpec(type=kind, path="/health", timeout=timeout)
+    spec = CheckSpec(
+        type=CHECK_TYPES[kind], path="/health", timeout=timeout, reuse_connection=kind == "http"
+    )
     started = skipped = 0
     pacer = Pacer(len(addresses), duration, pid)
     while (now := time.monotonic()) < pacer.end:
@@ -211,10 +231,12 @@ def measure_floor(kind: str, addresses: list[Address], duration: float, pid: int
     print(f"{line}; {failed} failed", flush=True)
 
 
-def accepted(backends: subprocess.Popen) -> int:
+def checks_seen(backends: subprocess.Popen, kind: str) -> int:
+    """The checks the backends have seen so far: requests for http, connections for tcp."""
     backends.stdin.write("\n")
     backends.stdin.flush()
-    return int(backends.stdout.readline())
+    accepted, answered = backends.stdout.readline().split()
+    return int(answered if kind.startswith("http") else accepted)
 
 
 def measure_supervisor(
@@ -227,31 +249,36 @@ def measure_supervisor(
         probe.bind(("127.0.0.1", 0))
         listen = f"127.0.0.1:{probe.getsockname()[1]}"
     command = [sys.executable, "-m", "fastlb", "run", "--listen", listen, "--workers", "1"]
-    command += ["--check", "--check-type", kind, "--check-interval", "1"]
+    command += ["--check", "--check-type", CHECK_TYPES[kind], "--check-interval", "1"]
     command += ["--check-timeout", str(timeout), "--log-level", "warning"]
-    if kind == "http":
+    if kind != "tcp":
         command += ["--check-path", "/health"]
     for address in addresses:
         command += ["--backend", str(address)]
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as config:
+        if kind != "tcp":
+            config.write(f"check-reuse-connection = {str(kind == 'http').lower()}\n")
+    command += ["--config", config.name]
     supervisor = subprocess.Popen(command)
     try:
-        first = accepted(backends)
+        first = checks_seen(backends, kind)
         give_up = time.monotonic() + 30
-        while accepted(backends) < first + 2 * len(addresses):  # two rounds: settled
+        while checks_seen(backends, kind) < first + 2 * len(addresses):  # two rounds: settled
             if time.monotonic() > give_up or supervisor.poll() is not None:
                 sys.exit("the supervisor did not check the backends")
             time.sleep(0.2)
-        before, backend_before = accepted(backends), process_cpu_seconds(backends.pid)
+        before, backend_before = checks_seen(backends, kind), process_cpu_seconds(backends.pid)
         user_before, system_before = process_cpu_split(supervisor.pid)
         start = time.monotonic()
         time.sleep(duration)
         user_after, system_after = process_cpu_split(supervisor.pid)
         wall = time.monotonic() - start
-        checks = accepted(backends) - before
+        checks = checks_seen(backends, kind) - before
         backend_cpu = process_cpu_seconds(backends.pid) - backend_before
     finally:
         supervisor.terminate()
         supervisor.wait()
+        os.unlink(config.name)
     user, system = user_after - user_before, system_after - system_before
     cpu = user + system
     print(
@@ -268,7 +295,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", type=int, default=1000, help="checked once a second each")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per kind")
-    parser.add_argument("--kinds", default="tcp,http", help="comma-separated check types")
+    parser.add_argument(
+        "--kinds",
+        default="tcp,http,http-close",
+        help=f"comma-separated, of {', '.join(CHECK_TYPES)}",
+    )
     parser.add_argument("--timeout", type=float, default=2.0, help="of a check, in seconds")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare-syscall floor")
     parser.add_argument(
@@ -297,7 +328,7 @@ def main() -> None:
                 measure_supervisor(kind, addresses, args.duration, args.timeout, backends)
                 continue
             measure(kind, addresses, args.duration, args.timeout, backends.pid)
-            if kind in ("tcp", "http") and not args.no_floor:
+            if kind in ("tcp", "http-close") and not args.no_floor:
                 measure_floor(kind, addresses, args.duration, backends.pid)
     finally:
         backends.kill()

@@ -724,7 +724,8 @@ def test_check_keys_of_each_type():
     flap = ["flap-window", "flap-base", "flap-max"]
     own = {
         "tcp": [],
-        "http": ["method", "path", "host", "expect-status", "expect-body", "expect-body-regex"],
+        "http": ["method", "path", "host", "expect-status", "expect-body", "expect-body-regex",
+                 "reuse-connection"],
         "send-expect": ["send", "send-hex", "expect", "expect-hex", "expect-regex"],
         "redis": ["username", "password"],
         "postgres": ["ssl-request", "user", "database"],
@@ -746,8 +747,8 @@ CHECK_P = POOL_P + "[pool.p.check]\n"
         (CHECK_P + 'type = "http"\nbogus = 1\n', 5,
          "unknown key 'bogus' in [pool.p.check] (a check of type http takes: type, active, "
          "interval, fast-interval, down-interval, timeout, rise, fall, jitter, port, method, "
-         "path, host, expect-status, expect-body, expect-body-regex, flap-window, flap-base, "
-         "flap-max)"),
+         "path, host, expect-status, expect-body, expect-body-regex, reuse-connection, "
+         "flap-window, flap-base, flap-max)"),
         (CHECK_P + 'check-interval = "1s"\n', 4,
          "unknown key 'check-interval' in [pool.p.check]; write interval (a check of type tcp"),
         (CHECK_P + 'expect-body = "ok"\n', 4,

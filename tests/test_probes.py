@@ -45,7 +45,9 @@ def run_checks(checks: list[tuple[Address, CheckSpec, str | None]]) -> list[Chec
     for key, (address, spec, send_proxy) in enumerate(checks):
         checker.check(key, address, spec, send_proxy)
     drive(checker, selector, results, len(checks))
-    assert not checker.pending and not selector.get_map()
+    assert not checker.pending
+    checker.close()  # kept http connections too
+    assert not selector.get_map()
     selector.close()
     return [results[key] for key in range(len(checks))]
 
@@ -224,7 +226,9 @@ def test_a_check_whose_connect_is_pending_sends_its_request_once_connected():
             server.join(timeout=HANDLER_TIMEOUT)
     assert (results[0].ok, results[0].reason) == (True, "HTTP 200")
     assert seen.get(timeout=HANDLER_TIMEOUT).startswith(b"GET /late HTTP/1.1\r\n")
-    assert not checker.pending and not selector.get_map()
+    assert not checker.pending
+    checker.close()
+    assert not selector.get_map()
     selector.close()
 
 
@@ -295,6 +299,9 @@ class HealthHandler(http.server.BaseHTTPRequestHandler):
 class HealthServer(http.server.ThreadingHTTPServer):
     request_queue_size = 64  # the checks of a test connect all at once
     daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # a kept check connection is closed with a reset: not an error worth a traceback
 
 
 @pytest.fixture
@@ -373,9 +380,11 @@ def test_http_request_line_and_headers(http_server):
     assert first[:2] == ("GET", "/health")
     assert first[2]["Host"] == f"127.0.0.1:{port}"
     assert first[2]["User-Agent"] == "fastlb-check"
-    assert first[2]["Connection"] == "close"
+    assert "Connection" not in first[2]  # HTTP/1.1: kept open for the next check
     assert second[:2] == ("HEAD", "/health")
     assert second[2]["Host"] == "app.example"
+    assert check_one(address, http_spec("/health", reuse_connection=False)).ok
+    assert http_server.requests.get(timeout=HANDLER_TIMEOUT)[2]["Connection"] == "close"
 
 
 def test_each_check_of_a_backend_follows_its_latest_spec_and_address(http_server):
@@ -450,6 +459,121 @@ def test_http_passes_after_an_informational_response_and_over_http_1_0(serve):
         ]
     )
     assert [(r.ok, r.reason) for r in results] == [(True, "HTTP 200"), (True, "HTTP 200")]
+
+
+def checks_in_turn(address: Address, specs: list[CheckSpec], between=None) -> list[CheckResult]:
+    """Checks of one backend (one key) one after the other, as the supervisor makes them;
+    ``between(n)`` runs before the n-th check after the first."""
+    selector = selectors.DefaultSelector()
+    results: dict[int, CheckResult] = {}
+    done: list[CheckResult] = []
+    checker = Checker(selector, results.__setitem__)
+    for n, spec in enumerate(specs):
+        if n and between is not None:
+            between(n)
+        checker.check(0, address, spec)
+        drive(checker, selector, results, 1)
+        done.append(results.pop(0))
+    assert not checker.pending
+    checker.close()
+    assert not selector.get_map()
+    selector.close()
+    return done
+
+
+OK_KEEP_ALIVE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+NO_ANSWER = None
+
+
+def keeps_alive(*answers: bytes | None):
+    """A handler answering the requests of one connection in turn (``NO_ANSWER``: it reads and
+    never answers), then closing; it reports "connection" when it starts and "closed" once it
+    has closed."""
+
+    def handler(conn, server):
+        server.seen.put("connection")
+        try:
+            for answer in answers:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    request += chunk
+                if answer is NO_ANSWER:
+                    never_answers(conn, server)
+                    return
+                conn.sendall(answer)
+        finally:
+            conn.close()
+            server.seen.put("closed")
+
+    return handler
+
+
+def seen_all(server: ScriptedServer) -> list:
+    seen = []
+    while not server.seen.empty():
+        seen.append(server.seen.get())
+    return seen
+
+
+def test_http_checks_reuse_a_connection_the_server_keeps(serve):
+    server = serve(keeps_alive(OK_KEEP_ALIVE, OK_KEEP_ALIVE, OK_KEEP_ALIVE))
+    results = checks_in_turn(server.address, [http_spec("/")] * 3)
+    assert [(r.ok, r.reason) for r in results] == [(True, "HTTP 200")] * 3
+    assert server.seen.get(timeout=HANDLER_TIMEOUT) == "connection"
+    assert server.seen.get(timeout=HANDLER_TIMEOUT) == "closed"  # by the checker's close()
+    assert seen_all(server) == []  # one connection for the three checks
+
+
+def test_a_kept_connection_the_server_closed_is_retried_on_a_new_one(serve):
+    # The server closes after its first answer without saying so (a keep-alive timeout); the
+    # second check is sent on the kept connection before its end is read, gets nothing back,
+    # and is made again on a new connection, which passes.
+    server = serve(keeps_alive(OK_KEEP_ALIVE))
+
+    def wait_for_close(n):
+        assert server.seen.get(timeout=HANDLER_TIMEOUT) == "connection"
+        assert server.seen.get(timeout=HANDLER_TIMEOUT) == "closed"
+
+    results = checks_in_turn(server.address, [http_spec("/")] * 2, wait_for_close)
+    assert [(r.ok, r.reason) for r in results] == [(True, "HTTP 200")] * 2
+    assert server.seen.get(timeout=HANDLER_TIMEOUT) == "connection"
+
+
+def test_a_kept_connection_is_not_retried_when_its_backend_answers_badly_or_hangs(serve):
+    failing = serve(keeps_alive(OK_KEEP_ALIVE, b"HTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n"))
+    hung = serve(keeps_alive(OK_KEEP_ALIVE, NO_ANSWER))
+    spec = http_spec("/", timeout=0.3)
+    first, second = checks_in_turn(failing.address, [spec, spec])
+    assert (first.ok, second.ok, second.reason) == (True, False, "HTTP 503")
+    first, second = checks_in_turn(hung.address, [spec, spec])
+    assert (first.ok, second.ok, second.reason) == (True, False, "timeout")
+    assert 0.3 <= second.duration < 2.0
+    for server in (failing, hung):
+        assert server.seen.get(timeout=HANDLER_TIMEOUT) == "connection"
+        assert server.seen.get(timeout=HANDLER_TIMEOUT) == "closed"
+        assert seen_all(server) == []  # no second connection
+
+
+def test_a_reply_that_asks_to_close_or_is_still_coming_is_not_kept(serve):
+    closing = serve(
+        keeps_alive(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    )
+
+    def body_still_coming(conn, server):
+        server.seen.put("connection")
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        never_answers(conn, server)
+
+    slow = serve(body_still_coming)
+    for server in (closing, slow):
+        results = checks_in_turn(server.address, [http_spec("/")] * 2)
+        assert [(r.ok, r.reason) for r in results] == [(True, "HTTP 200")] * 2
+    assert [closing.seen.get(timeout=HANDLER_TIMEOUT) for _ in range(4)].count("connection") == 2
+    assert [slow.seen.get(timeout=HANDLER_TIMEOUT) for _ in range(2)] == ["connection"] * 2
 
 
 # ---- send-expect --------------------------------------------------------------------------------

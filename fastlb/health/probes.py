@@ -18,10 +18,12 @@ The kinds (``CheckSpec.type``):
     Passes when the connection is established.
 ``http``
     Sends ``METHOD PATH HTTP/1.1`` with ``Host`` (``CheckSpec.host``, else the address
-    checked), ``User-Agent: fastlb-check`` and ``Connection: close``; the reply is parsed with
-    h11. Passes when the status is in one of the ``expect_status`` ranges and, when they are
-    given, the body (its first 64 KiB) contains ``expect_body`` and matches
-    ``expect_body_regex`` (searched in the body decoded as UTF-8). Reason: ``"HTTP 200"``.
+    checked) and ``User-Agent: fastlb-check``; the reply is parsed with h11. Passes when the
+    status is in one of the ``expect_status`` ranges and, when they are given, the body (its
+    first 64 KiB) contains ``expect_body`` and matches ``expect_body_regex`` (searched in the
+    body decoded as UTF-8). Reason: ``"HTTP 200"``. The connection is kept for the next check
+    when the reply came whole and neither side asked to close (``CheckSpec.reuse_connection``;
+    without it the request says ``Connection: close``).
 ``send-expect``
     Sends ``send``, then reads until the reply (its first 64 KiB) contains ``expect`` and
     matches ``expect_regex`` (a regular expression on bytes), whichever of them are given.
@@ -177,14 +179,13 @@ class HttpPlan:
     """What every http check of one backend shares, made once: the request, its bytes as h11
     writes them, and what the reply must show."""
 
-    __slots__ = ("request", "wire", "expect_status", "expect_body", "body_regex")
+    __slots__ = ("request", "wire", "expect_status", "expect_body", "body_regex", "reuse")
 
     def __init__(self, spec: CheckSpec, target: Address):
-        headers = [
-            ("Host", spec.host or str(target)),
-            ("User-Agent", "fastlb-check"),
-            ("Connection", "close"),
-        ]
+        self.reuse = spec.reuse_connection
+        headers = [("Host", spec.host or str(target)), ("User-Agent", "fastlb-check")]
+        if not self.reuse:
+            headers.append(("Connection", "close"))
         try:
             self.request = h11.Request(method=spec.method, target=spec.path, headers=headers)
         except h11.LocalProtocolError as exc:
@@ -199,16 +200,26 @@ class HttpPlan:
 
 
 class HttpRequest(Conversation):
-    def __init__(self, plan: HttpPlan):
+    """An http check; with ``connection``, the h11 state of a kept connection whose last
+    exchange ended cleanly, for the next request on it."""
+
+    def __init__(self, plan: HttpPlan, connection: h11.Connection | None = None):
         self.plan = plan
         # h11 frames a response by the request it answers (HEAD has no body), and takes one only
         # once it has seen that request go: it is told so (the bytes sent are the plan's). Its
-        # end of message is not: a server may answer before it, so h11 needs no more.
-        self.connection = h11.Connection(h11.CLIENT)
-        self.connection.send(plan.request)
+        # end of message is only needed to keep the connection: a server may answer before it.
+        if connection is None:
+            connection = h11.Connection(h11.CLIENT)
+        else:
+            connection.start_next_cycle()
+        connection.send(plan.request)
+        if plan.reuse:
+            connection.send(END_OF_MESSAGE)
+        self.connection = connection
         self.status: int | None = None
         self.body = bytearray()
         self.received = False
+        self.reusable = False  # the exchange ended cleanly and both sides keep the connection
 
     def opening(self) -> bytes:
         return self.plan.wire
@@ -230,7 +241,8 @@ class HttpRequest(Conversation):
                     if not any(low <= self.status <= high for low, high in plan.expect_status):
                         return _failed(f"HTTP {self.status}")
                     if plan.expect_body is None and plan.body_regex is None:
-                        return _passed(f"HTTP {self.status}")  # the body is not read
+                        self.reusable = plan.reuse and self.ends_in_buffer()
+                        return _passed(f"HTTP {self.status}")  # the body is not waited for
                 elif type(event) is h11.Data:
                     self.body += event.data[: MAX_REPLY - len(self.body)]
                     early = plan.body_regex is None and plan.expect_body is not None
@@ -241,10 +253,27 @@ class HttpRequest(Conversation):
                 elif type(event) is h11.EndOfMessage or type(event) is h11.ConnectionClosed:
                     if self.status is None:
                         return _failed("closed before reply")
+                    self.reusable = plan.reuse and self.kept_alive()
                     return self.judge_body()
                 # An InformationalResponse (1xx): the final one follows.
         except h11.RemoteProtocolError as exc:
             return _failed(f"bad HTTP reply: {exc}"[:MAX_REASON])
+
+    def ends_in_buffer(self) -> bool:
+        """Whether the rest of the reply has already arrived (its body is skipped): a reply
+        still coming when the verdict is known leaves the connection unusable."""
+        try:
+            while True:
+                event = self.connection.next_event()
+                if type(event) is h11.EndOfMessage:
+                    return self.kept_alive()
+                if type(event) is not h11.Data:
+                    return False
+        except h11.RemoteProtocolError:
+            return False
+
+    def kept_alive(self) -> bool:
+        return self.connection.our_state is h11.DONE and self.connection.their_state is h11.DONE
 
     def judge_body(self) -> Verdict:
         plan = self.plan
@@ -502,7 +531,17 @@ class CheckPlan:
     """What every check of one backend with one spec shares, made on its first check: the
     address connected to, the PROXY header and how to start a conversation."""
 
-    __slots__ = ("spec", "address", "send_proxy", "target", "family", "sockaddr", "header", "start")
+    __slots__ = (
+        "spec",
+        "address",
+        "send_proxy",
+        "target",
+        "family",
+        "sockaddr",
+        "header",
+        "start",
+        "reuse",
+    )
 
     def __init__(self, checker: Checker, spec: CheckSpec, address: Address, send_proxy: str | None):
         self.spec = spec
@@ -513,11 +552,13 @@ class CheckPlan:
         self.family = socket.AF_INET6 if self.target.ipv6 else socket.AF_INET
         self.sockaddr = (self.target.host, port)
         self.header = LOCAL_HEADERS[send_proxy] if send_proxy else b""
-        self.start: Callable[[], Conversation] = checker.conversation_factory(spec, self.target)
+        self.start: Callable[..., Conversation] = checker.conversation_factory(spec, self.target)
+        self.reuse = spec.type == "http" and spec.reuse_connection
 
 
 class Probe:
-    """One check in flight."""
+    """One check in flight, or (``kept``) the open connection of a passed http check, waiting
+    for the next check of its backend, which takes it over."""
 
     __slots__ = (
         "key",
@@ -530,6 +571,9 @@ class Probe:
         "callback",
         "connected",
         "done",
+        "reused",
+        "kept",
+        "serial",
     )
 
     def __init__(self, key, target, sock, conversation, outgoing, started):
@@ -543,6 +587,9 @@ class Probe:
         self.callback: Callable[[int], None] | None = None
         self.connected = False
         self.done = False
+        self.reused = False  # on a connection kept from the previous check
+        self.kept = False
+        self.serial = 0  # that of its deadline in the heap: a kept probe's earlier ones are stale
 
 
 class Checker:
@@ -550,6 +597,13 @@ class Checker:
 
     The supervisor's loop calls the selector's callbacks (``key.data(mask)``), ``expire`` once
     it wakes, and sleeps no longer than ``next_deadline``.
+
+    An http check that passed leaves its connection open (``CheckSpec.reuse_connection``) and
+    the next check of that backend sends its request there: no connect, no close, no new
+    registration with the selector, which is most of what a check costs. A kept connection
+    the server closes is closed when that shows; a request on one that brings back nothing but
+    its end or a reset is tried again at once on a new connection, as HTTP clients retry an
+    idempotent request, and counts only as that second try.
     """
 
     def __init__(
@@ -561,16 +615,23 @@ class Checker:
         self.on_result = on_result
         self.pending: dict[int, Probe] = {}
         self.plans: dict[int, CheckPlan] = {}
-        # A heap of (deadline, serial, probe); those of finished checks stay until they surface.
+        # A heap of (deadline, serial, probe); those of finished checks stay until they surface,
+        # as do those of earlier checks on a kept connection (their serial is not the probe's).
         self.deadlines: list[tuple[float, int, Probe]] = []
         self.serials = itertools.count()
         self.tls_context: ssl.SSLContext | None = None
+        self.kept: dict[int, Probe] = {}
 
     def busy(self, key: int) -> bool:
         return key in self.pending
 
     def check(
-        self, key: int, address: Address, spec: CheckSpec, send_proxy: str | None = None
+        self,
+        key: int,
+        address: Address,
+        spec: CheckSpec,
+        send_proxy: str | None = None,
+        started: float | None = None,
     ) -> None:
         """Starts a check of ``key`` (replacing one in flight). Its result comes to
         ``on_result``, at once when it ends before it has to wait: it could not start, or it
@@ -578,7 +639,8 @@ class Checker:
         probe = self.pending.get(key)
         if probe is not None:
             self.drop(probe)
-        started = time.monotonic()
+        if started is None:
+            started = time.monotonic()
         plan = self.plans.get(key)
         try:
             if (
@@ -587,7 +649,12 @@ class Checker:
                 or plan.address is not address
                 or plan.send_proxy != send_proxy
             ):
+                self.close_kept(key)
                 plan = self.plans[key] = CheckPlan(self, spec, address, send_proxy)
+            kept = self.kept.pop(key, None)
+            if kept is not None:
+                self.check_on_kept(kept, plan, started)
+                return
             conversation = plan.start()
             sock = socket.socket(plan.family, SOCK_STREAM_NONBLOCK)
         except (ValueError, re.error) as exc:  # a setting the configuration should have refused
@@ -610,7 +677,24 @@ class Checker:
         # saves a turn of the loop, and the selector when a tcp check has nothing to wait for.
         self.on_event(probe, selectors.EVENT_WRITE)
         if not probe.done:
-            heapq.heappush(self.deadlines, (started + spec.timeout, next(self.serials), probe))
+            self.set_deadline(probe, started + spec.timeout)
+
+    def check_on_kept(self, probe: Probe, plan: CheckPlan, started: float) -> None:
+        """The next check on a kept connection: the same probe, still registered for reading,
+        so that it costs the selector nothing."""
+        probe.conversation = plan.start(probe.conversation.connection)
+        probe.outgoing = probe.conversation.opening()
+        probe.started = started
+        probe.done = probe.kept = False
+        probe.reused = True
+        self.pending[probe.key] = probe
+        self.on_event(probe, selectors.EVENT_WRITE)
+        if not probe.done:
+            self.set_deadline(probe, started + plan.spec.timeout)
+
+    def set_deadline(self, probe: Probe, deadline: float) -> None:
+        probe.serial = next(self.serials)
+        heapq.heappush(self.deadlines, (deadline, probe.serial, probe))
 
     def conversation_factory(self, spec: CheckSpec, target: Address) -> Callable[[], Conversation]:
         """What starts the conversation of a check of ``spec`` on ``target``."""
@@ -643,8 +727,10 @@ class Checker:
         return self.tls_context
 
     def on_event(self, probe: Probe, mask: int) -> None:
-        if probe.done:  # finished by an earlier callback of the same turn
-            return
+        if probe.done:
+            if probe.kept:  # readable between checks: the server closed it, or spoke unasked
+                self.close_kept(probe.key)
+            return  # else finished by an earlier callback of the same turn
         try:
             result = self.advance(probe)
         except OSError as exc:  # a failed connect shows here, as the error of a send
@@ -697,8 +783,30 @@ class Checker:
             probe.events = events
 
     def finish(self, probe: Probe, verdict: Verdict) -> None:
-        self.drop(probe)
+        conversation = probe.conversation
+        if verdict.ok and getattr(conversation, "reusable", False):
+            self.keep(probe)
+        else:
+            self.drop(probe)
+            if probe.reused and not conversation.received and verdict.reason != "timeout":
+                plan = self.plans[probe.key]
+                self.check(probe.key, plan.address, plan.spec, plan.send_proxy, probe.started)
+                return
         self.report(probe.key, probe.target, probe.started, verdict)
+
+    def keep(self, probe: Probe) -> None:
+        """Ends a passed check leaving its connection open, watched for the server's close."""
+        probe.done = probe.kept = True
+        del self.pending[probe.key]
+        self.watch(probe, selectors.EVENT_READ)
+        self.kept[probe.key] = probe
+
+    def close_kept(self, key: int) -> None:
+        probe = self.kept.pop(key, None)
+        if probe is not None:
+            self.selector.unregister(probe.sock)
+            probe.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            probe.sock.close()
 
     def drop(self, probe: Probe) -> None:
         probe.done = True
@@ -719,15 +827,18 @@ class Checker:
     def expire(self, now: float) -> None:
         """Fails the checks that ran out of time."""
         while self.deadlines:
-            deadline, _, probe = self.deadlines[0]
-            if not probe.done and deadline > now:
+            deadline, serial, probe = self.deadlines[0]
+            live = not probe.done and serial == probe.serial
+            if live and deadline > now:
                 return
             heapq.heappop(self.deadlines)
-            if not probe.done:
+            if live:
                 self.finish(probe, _failed("timeout"))
 
     def next_deadline(self) -> float | None:
-        while self.deadlines and self.deadlines[0][2].done:
+        while self.deadlines and (
+            self.deadlines[0][2].done or self.deadlines[0][1] != self.deadlines[0][2].serial
+        ):
             heapq.heappop(self.deadlines)
         return self.deadlines[0][0] if self.deadlines else None
 
@@ -735,6 +846,7 @@ class Checker:
         """Drops the check in flight of ``key``, if any, without reporting it, and what was
         prepared for its checks."""
         self.plans.pop(key, None)
+        self.close_kept(key)
         probe = self.pending.get(key)
         if probe is not None:
             self.drop(probe)
@@ -743,6 +855,8 @@ class Checker:
         """Drops every check in flight without reporting it."""
         for probe in list(self.pending.values()):
             self.drop(probe)
+        for key in list(self.kept):
+            self.close_kept(key)
         self.deadlines.clear()
         self.plans.clear()
 
@@ -752,6 +866,9 @@ class Checker:
         for probe in self.pending.values():
             probe.done = True
             probe.sock.close()
+        for probe in self.kept.values():
+            probe.sock.close()
         self.pending.clear()
+        self.kept.clear()
         self.deadlines.clear()
         self.plans.clear()
