@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import harness  # noqa: F401  (first: keeps the checkout's fastlb/ off sys.path)
+import harness  # first: keeps the checkout's fastlb/ off sys.path
 
 from fastlb.health.probes import LINGER_RESET, Checker, CheckResult
 from fastlb.model import Address, CheckSpec
@@ -248,7 +248,7 @@ def measure_supervisor(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         listen = f"127.0.0.1:{probe.getsockname()[1]}"
-    command = [sys.executable, "-m", "fastlb", "run", "--listen", listen, "--workers", "1"]
+    command = [*harness.fastlb_command(), "run", "--listen", listen, "--workers", "1"]
     command += ["--check", "--check-type", CHECK_TYPES[kind], "--check-interval", "1"]
     command += ["--check-timeout", str(timeout), "--log-level", "warning"]
     if kind != "tcp":

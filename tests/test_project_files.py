@@ -1,8 +1,10 @@
 """Files of the project that must agree with the code: the configuration reference, generated
-from the settings table, and the license the installed package declares."""
+from the settings table, the license the installed package declares, and the list of the
+READMEs' commands that tools/check_commands.py runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from importlib import metadata
@@ -11,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "tools" / "gen_config_reference.py"
 REFERENCE = ROOT / "docs" / "configuration.md"
+COMMAND_CHECKER = ROOT / "tools" / "check_commands.py"
 
 
 def generate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -43,3 +46,39 @@ def test_the_installed_package_carries_the_mit_license():
     text = license_file.read_text()
     assert text == (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License\n\nCopyright (c) 2026 the fastlb authors\n")
+
+
+def load_command_checker():
+    spec = importlib.util.spec_from_file_location("check_commands", COMMAND_CHECKER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_documented_command_has_a_check_and_every_check_a_command():
+    # tools/check_commands.py (a step of .ci/run) runs them; here only that the list is whole.
+    checker = load_command_checker()
+    documented = {command for _, command in checker.documented_commands(ROOT)}
+    assert documented, "no commands found in the READMEs"
+    run = documented - set(checker.NOT_RUN)
+    assert run - set(checker.CHECKS) == set(), "documented commands that nothing checks"
+    assert set(checker.CHECKS) - run == set(), "checks of commands the READMEs no longer give"
+    assert checker.VENV_STEP in documented and "pip install . && fastlb demo" in documented
+
+
+def test_the_command_list_follows_the_readme_shell_blocks(tmp_path):
+    checker = load_command_checker()
+    (tmp_path / "loadtests").mkdir()
+    (tmp_path / "README.md").write_text(
+        "Run `python loadtests/a.py --x 1` or `fastlb status` (a mention), not"
+        " `python loadtests/a.py --size=N`.\n\n```sh\nfastlb run \\\n    --listen 127.0.0.1:1\n"
+        "python b.py   # why\n```\n\n```toml\nx = 1\n```\n"
+    )
+    (tmp_path / "loadtests" / "README.md").write_text("```sh\nserve &   # bg\nclient\n```\n")
+    assert checker.documented_commands(tmp_path) == [
+        ("README.md", "fastlb run \\\n    --listen 127.0.0.1:1"),
+        ("README.md", "python b.py   # why"),
+        ("README.md", "python loadtests/a.py --x 1"),
+        ("loadtests/README.md", "serve &   # bg\nclient"),
+    ]
