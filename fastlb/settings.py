@@ -739,6 +739,12 @@ OPTIONS: tuple[Option, ...] = (
         metavar="S", scope=PROCESS,
     ),
     Option(
+        "orphan_timeout", "--orphan-timeout", float, seconds(), 10.0,
+        "workers whose supervisor died (killed, or replaced by an upgrade) keep accepting this "
+        "long for a new one on the same sockets, then drain",
+        metavar="S", scope=PROCESS,
+    ),
+    Option(
         "buffer_size", "--buffer-size", int, integer(4096, 64 << 20), 65536,
         "bytes buffered in each direction of a connection", metavar="BYTES", scope=PROCESS,
     ),
