@@ -68,6 +68,7 @@ WEIGHT_SCALE = 100
 # A stop signal this soon after the one that started the drain is the same request: timeout(1)
 # and some process managers signal both the process and its process group.
 REPEAT_WINDOW = 0.5
+PREDECESSORS_ENV = "FASTLB_PREDECESSORS"  # an upgrade names the workers it leaves behind
 READY_TIMEOUT = 10.0  # a reload whose workers have not all said hello by then failed
 
 SIGNALS = {
@@ -220,6 +221,8 @@ class Arbiter:
         self.generations: list[Generation] = []
         self.generation = self.start_generation(config)  # the newest
         self.predecessors: set[int] = set()  # workers of a fastlb before us, told to drain
+        # The workers of the supervisor this process was before an upgrade: our children now.
+        self.handed_over = {int(pid) for pid in os.environ.pop(PREDECESSORS_ENV, "").split()}
 
     # ---- the main loop -------------------------------------------------------------------------
 
@@ -540,6 +543,7 @@ class Arbiter:
             LISTEN_PID=str(os.getpid()),
             LISTEN_FDNAMES=":".join(name for _, name in handover),
         )
+        env[PREDECESSORS_ENV] = " ".join(str(pid) for pid in self.workers)
         for handler in logging.getLogger().handlers:
             handler.flush()
         # First out of the way of 3..3+n, then into place; every other descriptor closes on exec.
@@ -557,14 +561,18 @@ class Arbiter:
 
     def find_predecessors(self) -> None:
         """Workers of an earlier fastlb on our sockets (left by a killed supervisor, or by the
-        one we replaced in an upgrade) are told to drain, now that ours accept."""
+        one we replaced in an upgrade) are told to drain, now that ours accept. Our other
+        children (the backends of fastlb demo) are not theirs."""
         inodes = {os.fstat(sock.fileno()).st_ino for sock in self.sockets.all()}
         ours = {os.getpid(), 1, *self.workers}
         for pid in psutil.pids():
             if pid in ours or not _holds_socket(pid, inodes):
                 continue
             try:
-                if not any("fastlb" in part for part in psutil.Process(pid).cmdline()):
+                process = psutil.Process(pid)
+                if process.ppid() == os.getpid() and pid not in self.handed_over:
+                    continue
+                if not any("fastlb" in part for part in process.cmdline()):
                     continue
                 os.kill(pid, signal.SIGTERM)
             except (psutil.Error, OSError):
