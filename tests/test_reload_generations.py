@@ -320,3 +320,27 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_reload_binds_new_addresses_first_and_retires_removed_ones(backends, file_balancer):
+    a = backends("name", name="a")
+    lb = file_balancer(2, [a])
+    second, third = free_ports(2)
+
+    def listen_on(*ports: int) -> None:
+        text = lb.config_path.read_text().splitlines()
+        text[0] = f"listen = {toml_array(f'127.0.0.1:{p}' for p in ports)}"
+        lb.config_path.write_text("\n".join(text) + "\n")
+
+    with ClientLoop(lb) as clients:
+        listen_on(lb.port, second)
+        lb.reload(2, 2)
+        assert lb.ask_name(address=("127.0.0.1", second)) == "a"
+        listen_on(lb.port, third)
+        lb.reload(3, 2)
+        assert lb.ask_name(address=("127.0.0.1", third)) == "a"
+        with pytest.raises(ConnectionRefusedError):
+            lb.connect(address=("127.0.0.1", second))
+        clients.wait_for_more(100)
+    assert not clients.failures(), clients.failures()[:5]
+    assert f"stopped listening on 127.0.0.1:{second}" in lb.log()

@@ -384,7 +384,7 @@ class Arbiter:
             return "stopping: no reload"
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            new = self.sockets.prepare(self.reload_config())
+            new = self.sockets.prepare(self.keep_any_ports(self.reload_config()))
         except FastlbError as exc:
             log.error("reload failed, the running settings stay: %s", exc)
             self.reloads["failed"] += 1
@@ -405,6 +405,22 @@ class Arbiter:
             self.address,
         )
         return None
+
+    def keep_any_ports(self, config: Config) -> Config:
+        """A listen address with port 0 ("any") keeps the port it got, for the same frontend
+        at the same place, rather than a new one on every reload."""
+        running = {frontend.name: frontend.listen for frontend in self.config.frontends}
+        frontends = []
+        for frontend in config.frontends:
+            was = running.get(frontend.name, ())
+            listen = tuple(
+                was[i]
+                if address.port == 0 and i < len(was) and was[i].host == address.host
+                else address
+                for i, address in enumerate(frontend.listen)
+            )
+            frontends.append(replace(frontend, listen=listen))
+        return replace(config, frontends=tuple(frontends))
 
     def apply_config(self, config: Config) -> None:
         """Makes ``config`` the running one: pools and frontends (state kept by name), tables."""
