@@ -409,9 +409,9 @@ class Option:
     joins_list: bool = field(default=False, kw_only=True)  # a list in the file is "a,b,c"
     display: Callable[[Any], str] | None = field(default=None, kw_only=True)
     none_text: str = field(default="off", kw_only=True)  # how None shows
-    # A reload (SIGHUP) applies it to the running balancer; every other setting waits for a
-    # restart (see Arbiter.handle_hup).
-    reload: bool = field(default=False, kw_only=True)
+    # A reload (SIGHUP) applies it: a new generation of workers starts with it. Only the stats
+    # address waits for a restart.
+    reload: bool = field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
         if not self.attribute:
@@ -767,7 +767,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "stats", "--stats", Address | None, parse_listen, None,
         "serve GET /stats (JSON) and GET /metrics (Prometheus) over HTTP on this address",
-        metavar="HOST:PORT", scope=PROCESS,
+        metavar="HOST:PORT", scope=PROCESS, reload=False,
     ),
     Option(
         "log_level", "--log-level", str,
