@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 import resource
+import signal
 import socket
 import sys
 import textwrap
@@ -20,7 +21,8 @@ from fastlb import __version__, demo, settings
 from fastlb.errors import EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, FastlbError
 from fastlb.model import Config
 from fastlb.supervisor.arbiter import Arbiter
-from fastlb.supervisor.listeners import bound_addresses, open_frontend_listeners, open_listener
+from fastlb.supervisor.listeners import open_listener
+from fastlb.supervisor.sockets import Sockets
 
 log = logging.getLogger("fastlb")
 
@@ -98,6 +100,27 @@ def build_parser() -> Parser:
         "--interval", metavar="S", help="seconds between two refreshes of --watch [default: 1]"
     )
     status_parser.set_defaults(handler=status_command)
+
+    for name, handler, text in (
+        (
+            "reload",
+            reload_command,
+            "re-read a running supervisor's --config file: validated here first (a mistake is "
+            "one FILE:LINE line and exit status 2, and nothing is signalled), then SIGHUP: a new "
+            "generation of workers starts with the new settings and the old one drains",
+        ),
+        (
+            "upgrade",
+            upgrade_command,
+            "make a running supervisor execute the installed fastlb in its place (SIGUSR2), "
+            "handing over its listening sockets; its workers serve until the new ones accept, "
+            "then drain. The --config file is validated here first",
+        ),
+    ):
+        sub = commands.add_parser(name, help=text.split(":")[0], description=text)
+        sub.add_argument("--pid", metavar="PID", help="the supervisor's pid [default: $MAINPID]")
+        sub.add_argument("--pid-file", metavar="FILE", help="a file holding the supervisor's pid")
+        sub.set_defaults(handler=handler)
     return parser
 
 
@@ -118,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: run, check, demo or status")
+        parser.error("choose a command: run, check, demo, status, reload or upgrade")
     try:
         return args.handler(args)
     except FastlbError as exc:
@@ -147,8 +170,11 @@ def check_access_log(config: Config) -> None:
 def run_command(args: argparse.Namespace) -> int:
     config = load_config(args)
     check_access_log(config)
-    listeners, stats_socket = open_sockets(config)
-    config = bound_addresses(config, listeners)
+    # Sockets from systemd (socket activation) or from the fastlb we replace (an upgrade).
+    sockets = Sockets.inherit()
+    config, stats_socket = open_sockets(config, sockets)
+    for address in sockets.retire_unused(config):
+        log.warning("inherited socket on %s: no frontend listens there; closing it", address)
     setup_logging(config.log_level)
     limit = raise_open_file_limit()
     config = fit_max_conn(config, limit, warn=args.max_conn is not None)
@@ -156,7 +182,7 @@ def run_command(args: argparse.Namespace) -> int:
     def reload() -> Config:
         return fastlb.config.fit_to_open_file_limit(load_config(args), limit)[0]
 
-    return Arbiter(config, listeners, stats_socket, reload=reload if args.config else None).run()
+    return Arbiter(config, sockets, stats_socket, reload=reload if args.config else None).run()
 
 
 def check_command(args: argparse.Namespace) -> int:
@@ -227,6 +253,66 @@ def probe(backend: settings.Backend, timeout: float) -> str | None:
         return exc.strerror or str(exc)
 
 
+def supervisor_pid(args: argparse.Namespace) -> int:
+    """The pid from --pid, --pid-file or $MAINPID (set by systemd for ExecReload=)."""
+    if args.pid is not None:
+        text, where = args.pid, "--pid"
+    elif args.pid_file is not None:
+        try:
+            with open(args.pid_file) as f:
+                text, where = f.read().strip(), args.pid_file
+        except OSError as exc:
+            raise ConfigError(f"--pid-file {args.pid_file}: {exc.strerror}") from None
+    elif os.environ.get("MAINPID"):
+        text, where = os.environ["MAINPID"], "$MAINPID"
+    else:
+        raise ConfigError("which supervisor? give --pid or --pid-file (systemd sets $MAINPID)")
+    if not text.isdigit() or int(text) <= 0:
+        raise ConfigError(f"{where}: not a pid: {text!r}")
+    return int(text)
+
+
+def validate_running(pid: int) -> None:
+    """Loads the config as the supervisor ``pid`` will on a reload: its own command line, its
+    working directory. Raises ConfigError (FILE:LINE for a mistake in the file)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [part.decode() for part in f.read().split(b"\0")[:-1]]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except FileNotFoundError:
+        raise ConfigError(f"no process {pid}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read process {pid}: {exc.strerror}") from None
+    if "run" not in argv:
+        raise ConfigError(f"process {pid} is not a fastlb run supervisor")
+    parser = Parser(prog="fastlb run")
+    settings.add_arguments(parser)
+    values, _ = parser.parse_known_args(argv[argv.index("run") + 1 :])
+    if not values.config:
+        raise ConfigError(f"fastlb (pid {pid}) runs without --config: nothing to reload")
+    values.config = os.path.join(cwd, values.config)
+    fastlb.config.load(vars(values), values.config)
+
+
+def signal_supervisor(args: argparse.Namespace, signum: int, what: str) -> int:
+    pid = supervisor_pid(args)
+    validate_running(pid)
+    try:
+        os.kill(pid, signum)
+    except OSError as exc:
+        raise ConfigError(f"cannot signal pid {pid}: {exc.strerror}") from None
+    print(f"fastlb: {what} asked of pid {pid}; it logs the outcome", file=sys.stderr)
+    return 0
+
+
+def reload_command(args: argparse.Namespace) -> int:
+    return signal_supervisor(args, signal.SIGHUP, "reload")
+
+
+def upgrade_command(args: argparse.Namespace) -> int:
+    return signal_supervisor(args, signal.SIGUSR2, "upgrade")
+
+
 def status_command(args: argparse.Namespace) -> int:
     from fastlb import status  # rich is only needed here
 
@@ -261,8 +347,8 @@ def demo_command(args: argparse.Namespace) -> int:
             },
             None,
         )
-        listeners, stats_socket = open_sockets(config)
-        config = bound_addresses(config, listeners)
+        sockets = Sockets()
+        config, stats_socket = open_sockets(config, sockets)
         setup_logging(config.log_level)
         config = fit_max_conn(config, raise_open_file_limit(), warn=False)
         stats_host, stats_port = stats_socket.getsockname()[:2]
@@ -270,7 +356,7 @@ def demo_command(args: argparse.Namespace) -> int:
             f"http://{args.listen}/", f"http://{stats_host}:{stats_port}/stats", config.workers
         )
         demo.start_backends(backends)
-        arbiter = Arbiter(config, listeners, stats_socket, on_ready=lambda: _print_now(text))
+        arbiter = Arbiter(config, sockets, stats_socket, on_ready=lambda: _print_now(text))
         return arbiter.run()
     finally:
         demo.stop_backends(backends)
@@ -339,20 +425,17 @@ def fit_max_conn(config: Config, limit: int, warn: bool) -> Config:
     return config
 
 
-def open_sockets(
-    config: Config,
-) -> tuple[list[list[tuple[int, socket.socket]]], socket.socket | None]:
-    """The listening sockets of the workers, by slot, and of the stats server; ConfigError when
-    one cannot be bound."""
-    listeners = open_frontend_listeners(config)
+def open_sockets(config: Config, sockets: Sockets) -> tuple[Config, socket.socket | None]:
+    """Binds the frontends' listening sockets into ``sockets`` (what it lacks) and the stats
+    server's; returns the config with port 0 replaced by the ports bound, and the stats socket.
+    ConfigError when one cannot be bound."""
     try:
+        config = sockets.prepare(config)
         stats_socket = open_listener(config.stats) if config.stats else None
     except FastlbError:
-        for slot in listeners:
-            for _, sock in slot:
-                sock.close()
+        sockets.close()
         raise
-    return listeners, stats_socket
+    return config, stats_socket
 
 
 def _print_now(text: str) -> None:

@@ -161,6 +161,7 @@ class Config:
     workers: int = 1
     stats: Address | None = None
     drain_timeout: float = 30.0
+    orphan_timeout: float = 10.0  # workers whose supervisor died serve this long for a successor
     buffer_size: int = 65536
     splice: str = "auto"
     log_level: str = "info"

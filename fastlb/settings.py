@@ -409,9 +409,9 @@ class Option:
     joins_list: bool = field(default=False, kw_only=True)  # a list in the file is "a,b,c"
     display: Callable[[Any], str] | None = field(default=None, kw_only=True)
     none_text: str = field(default="off", kw_only=True)  # how None shows
-    # A reload (SIGHUP) applies it to the running balancer; every other setting waits for a
-    # restart (see Arbiter.handle_hup).
-    reload: bool = field(default=False, kw_only=True)
+    # A reload (SIGHUP) applies it: a new generation of workers starts with it. Only the stats
+    # address waits for a restart.
+    reload: bool = field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
         if not self.attribute:
@@ -747,6 +747,12 @@ OPTIONS: tuple[Option, ...] = (
         metavar="S", scope=PROCESS,
     ),
     Option(
+        "orphan_timeout", "--orphan-timeout", float, seconds(), 10.0,
+        "workers whose supervisor died (killed, or replaced by an upgrade) keep accepting this "
+        "long for a new one on the same sockets, then drain",
+        metavar="S", scope=PROCESS,
+    ),
+    Option(
         "buffer_size", "--buffer-size", int, integer(4096, 64 << 20), 65536,
         "bytes buffered in each direction of a connection", metavar="BYTES", scope=PROCESS,
     ),
@@ -769,7 +775,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "stats", "--stats", Address | None, parse_listen, None,
         "serve GET /stats (JSON) and GET /metrics (Prometheus) over HTTP on this address",
-        metavar="HOST:PORT", scope=PROCESS,
+        metavar="HOST:PORT", scope=PROCESS, reload=False,
     ),
     Option(
         "log_level", "--log-level", str,

@@ -35,13 +35,16 @@ def table_pools(table: msg.Table) -> list[tuple]:
     ]
 
 
-def dataplane_specs(config: Config) -> tuple[list[dict], list[dict]]:
-    """The pools and frontends of a config as the data plane takes them. Pool and frontend ids
-    are their places in the config (they live as long as the workers do)."""
+def dataplane_specs(
+    config: Config, pool_ids: list[int] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """The pools and frontends of a config as the data plane takes them. Pool ids are the
+    supervisor's (kept across reloads), by default their places in the config; frontend ids are
+    their places in the config (they live as long as the workers do)."""
     pool_index = {pool.name: i for i, pool in enumerate(config.pools)}
     pools = [
         {
-            "id": i,
+            "id": pool_ids[i] if pool_ids else i,
             "algorithm": pool.algorithm,
             "connect_timeout": pool.connect_timeout,
             "retries": pool.retries,
@@ -94,8 +97,13 @@ class WorkerProcess:
         control: socket.socket,
         config: Config,
         table: msg.Table,
+        pool_ids: list[int] | None = None,
     ):
         self.worker_id = worker_id
+        self.orphan_timeout = config.orphan_timeout
+        self.drain_timeout = config.drain_timeout
+        self.orphaned_at: float | None = None  # when the supervisor went away
+        self.drain_started = 0.0
         self.control = control
         self.decoder = msg.Decoder()
         self.outgoing = bytearray()
@@ -116,7 +124,7 @@ class WorkerProcess:
             if config.access_log
             else None
         )
-        pools, frontends = dataplane_specs(config)
+        pools, frontends = dataplane_specs(config, pool_ids)
         self.dataplane = _dataplane.Worker(
             pools,
             frontends,
@@ -137,7 +145,8 @@ class WorkerProcess:
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.dataplane.watch(wake_r)
 
-    def serve(self) -> None:
+    def serve(self) -> bool:
+        """Serves until drained; False when an orphan's drain ran out of time."""
         self.send(msg.Hello(worker=self.worker_id, pid=os.getpid()))
         self.flush()  # the supervisor counts us ready (READY=1, /stats) on this message
         while True:
@@ -162,10 +171,23 @@ class WorkerProcess:
             if self.stop_signal and not self.draining:
                 self.drain()
             if self.draining and self.dataplane.active == 0:
-                return
+                return True
+            if self.orphaned_at is not None and not self.control_open:
+                # Nobody will kill us at the drain timeout: keep it ourselves.
+                now = time.monotonic()
+                if not self.draining and now - self.orphaned_at >= self.orphan_timeout:
+                    log.warning(
+                        "worker %d: no new supervisor after %gs: draining",
+                        self.worker_id,
+                        self.orphan_timeout,
+                    )
+                    self.drain()
+                if self.draining and now - self.drain_started >= self.drain_timeout:
+                    return False
 
     def drain(self) -> None:
         self.draining = True
+        self.drain_started = time.monotonic()
         self.dataplane.drain()
 
     def write_access_log(self) -> None:
@@ -202,9 +224,17 @@ class WorkerProcess:
             except ConnectionError:
                 data = b""
             if not data:
-                # The supervisor is gone: nobody will replace us, finish what we hold.
+                # The supervisor is gone (killed, or it executed a new fastlb). Serve on until
+                # a successor's workers accept and tell us to drain (SIGTERM), or the orphan
+                # timeout passes.
                 self.control_open = False
-                self.drain()
+                self.orphaned_at = time.monotonic()
+                if not self.draining:
+                    log.warning(
+                        "worker %d: the supervisor is gone; serving on for up to %gs",
+                        self.worker_id,
+                        self.orphan_timeout,
+                    )
                 return
             for message in self.decoder.feed(data):
                 self.apply(message)
@@ -255,6 +285,7 @@ def run(
     control: socket.socket,
     config: Config,
     table: msg.Table,
+    pool_ids: list[int] | None = None,
 ) -> None:
     """Child entry point after fork: serve until drained, then exit. Never returns."""
     code = 0
@@ -262,10 +293,11 @@ def run(
         # Ctrl-C reaches the whole process group: the supervisor alone decides what it means.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the handler below is in place
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
-            process = WorkerProcess(worker_id, listeners, control, config, table)
+            process = WorkerProcess(worker_id, listeners, control, config, table, pool_ids)
         except (OSError, ValueError, MemoryError) as exc:
             log.error("worker %d cannot start: %s", worker_id, exc)
             code = EXIT_BOOT_FAILED
@@ -273,7 +305,13 @@ def run(
         signal.signal(signal.SIGTERM, _on_signal(process))
         signal.signal(signal.SIGUSR1, _on_signal(process))
         started = time.monotonic()
-        process.serve()
+        if not process.serve():
+            log.warning(
+                "worker %d: drain timeout, closing %d connections",
+                worker_id,
+                process.dataplane.active,
+            )
+            return
         log.debug("worker %d drained after %.1fs", worker_id, time.monotonic() - started)
         buffers, pipes = process.dataplane.held
         if buffers or pipes:

@@ -135,7 +135,7 @@ def test_sighup_reloads_the_backends_and_keeps_open_connections(backends, balanc
 
     path.write_text(f'backend = ["{a.address}", "{b.address}"]\n')
     os.kill(lb.pid, signal.SIGHUP)
-    wait_until(lambda: len(lb.stats()["backends"]) == 2, 10, "the reload to add b")
+    lb.wait_for(reloaded(2, lambda s: len(s["backends"]) == 2), what="the reload to add b")
     names = []
     for _ in range(4):
         with lb.connect() as sock:
@@ -151,14 +151,14 @@ def test_sighup_reloads_the_backends_and_keeps_open_connections(backends, balanc
     # Weight 0 drains b: no new connections.
     path.write_text(f'backend = ["{a.address}", "{b.address},weight=0"]\n')
     os.kill(lb.pid, signal.SIGHUP)
-    wait_until(lambda: lb.stats()["backends"][1]["weight"] == 0, 10, "the reload to drain b")
+    lb.wait_for(reloaded(3, lambda s: s["backends"][1]["weight"] == 0), what="b drained")
     for _ in range(3):
         with lb.connect() as sock:
             assert recv_line(sock) == "a"
 
     path.write_text(f'backend = ["{b.address}"]\n')
     os.kill(lb.pid, signal.SIGHUP)
-    wait_until(lambda: len(lb.stats()["backends"]) == 1, 10, "the reload to remove a")
+    lb.wait_for(reloaded(4, lambda s: len(s["backends"]) == 1), what="the reload to remove a")
     for _ in range(3):
         with lb.connect() as sock:
             assert recv_line(sock) == "b"
@@ -166,6 +166,14 @@ def test_sighup_reloads_the_backends_and_keeps_open_connections(backends, balanc
     held.sendall(b"still here\n")
     assert recv_line(held) == "still here"
     held.close()
+
+
+def reloaded(generation: int, predicate):
+    """A /stats condition: the reload to ``generation`` is done (its workers alone accept) and
+    ``predicate`` holds."""
+    return lambda stats: (
+        stats["generation"] == generation and stats["generation_active"] and predicate(stats)
+    )
 
 
 def test_top_level_check_keys_and_flags_describe_the_default_pools_check(tmp_path):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from fastlb import config as fastlb_config
 from fastlb.protocol import messages as msg
 from fastlb.supervisor.arbiter import Arbiter, WorkerHandle
-from fastlb.supervisor.listeners import open_frontend_listeners
+from fastlb.supervisor.sockets import Sockets
 
 EXAMPLES = [
     msg.Hello(worker=3, pid=4242),
@@ -192,14 +192,15 @@ def supervisor():
         },
         None,
     )
-    arbiter = Arbiter(config, open_frontend_listeners(config))
+    sockets = Sockets()
+    arbiter = Arbiter(sockets.prepare(config), sockets)
     sleepers, peers = [], []
     for worker_id in range(2):
         sleeper = subprocess.Popen(["sleep", "60"])
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         theirs.settimeout(5)
-        worker = WorkerHandle(worker_id, sleeper.pid, ours, started=0.0)
+        worker = WorkerHandle(worker_id, sleeper.pid, ours, 0.0, arbiter.generation)
         arbiter.workers[sleeper.pid] = worker
         arbiter.selector.register(ours, worker.events, lambda mask, w=worker: None)
         sleepers.append(sleeper)

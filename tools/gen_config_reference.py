@@ -162,10 +162,11 @@ def reference() -> str:
         "`[pool.NAME.check]` table; at the top level, under their top-level key, they are the "
         "`default` pool's check and the default of every check table whose type takes them.",
         "",
-        "**Reload.** `SIGHUP` (`systemctl reload fastlb`) reads the `--config` file again and "
-        "applies only the pools' `backend` lists (addresses, weights, backups) to the running "
-        "balancer, without dropping connections. Every other key needs a restart: a reload that "
-        "finds one changed names it in the log and keeps running as before.",
+        "**Reload.** `SIGHUP` (`systemctl reload fastlb`, `fastlb reload`) reads the "
+        "`--config` file again and, if it is valid, starts a new generation of workers with "
+        "it on the listening sockets the supervisor holds; the old generation drains. Every key "
+        "but `stats` is applied so, without dropping connections; a changed `stats` is named "
+        "in the log and waits for a restart.",
         "",
         "## Process: the top level",
         "",

@@ -20,12 +20,14 @@ not boot (respawning it would only loop).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import random
 import selectors
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -49,6 +51,8 @@ from fastlb.metrics import StatsServer
 from fastlb.model import Address, BackendSpec, Config, FrontendSpec, PoolSpec
 from fastlb.protocol import messages as msg
 from fastlb.supervisor import systemd
+from fastlb.supervisor.generation import ACTIVE, DRAINING, PENDING, Generation
+from fastlb.supervisor.sockets import LISTEN_FDS_START, Sockets
 
 log = logging.getLogger("fastlb.supervisor")
 
@@ -64,12 +68,15 @@ WEIGHT_SCALE = 100
 # A stop signal this soon after the one that started the drain is the same request: timeout(1)
 # and some process managers signal both the process and its process group.
 REPEAT_WINDOW = 0.5
+PREDECESSORS_ENV = "FASTLB_PREDECESSORS"  # an upgrade names the workers it leaves behind
+READY_TIMEOUT = 10.0  # a reload whose workers have not all said hello by then failed
 
 SIGNALS = {
     signal.SIGTERM: "term",
     signal.SIGINT: "int",
     signal.SIGHUP: "hup",
     signal.SIGUSR1: "usr1",
+    signal.SIGUSR2: "usr2",
     signal.SIGCHLD: "chld",
 }
 GAVE_UP_LOG_INTERVAL = 10.0  # seconds between two lines about clients that every backend failed
@@ -79,17 +86,18 @@ GAVE_UP_LOG_INTERVAL = 10.0  # seconds between two lines about clients that ever
 class WorkerHandle:
     """The supervisor's side of one worker process."""
 
-    worker_id: int
+    worker_id: int  # its slot in its generation
     pid: int
     control: socket.socket
     started: float
+    generation: Generation
     decoder: msg.Decoder = field(default_factory=msg.Decoder)
     outgoing: bytearray = field(default_factory=bytearray)
     events: int = selectors.EVENT_READ
     connected: bool = True  # the control socket is open
     ready: bool = False  # it said hello: it is accepting
     active: dict[int, int] = field(default_factory=dict)  # backend id -> its open connections
-    frontend_active: dict[int, int] = field(default_factory=dict)  # frontend id -> connections
+    frontend_active: dict[str, int] = field(default_factory=dict)  # frontend -> connections
     others_sent: dict[int, int] = field(default_factory=dict)  # the counts it was last sent
 
 
@@ -136,7 +144,7 @@ class BackendState:
 
 @dataclass
 class PoolState:
-    id: int
+    id: int  # given once per pool name, kept across reloads
     spec: PoolSpec
     backends: list[BackendState]  # in the order of the config
 
@@ -165,23 +173,23 @@ class Arbiter:
     def __init__(
         self,
         config: Config,
-        listeners: list[list[tuple[int, socket.socket]]],
+        sockets: Sockets,
         stats_socket: socket.socket | None = None,
         on_ready: Callable[[], None] | None = None,
         reload: Callable[[], Config] | None = None,
     ):
         self.config = config
         self.reload_config = reload  # SIGHUP: the config read anew (the --config file)
-        self.listeners = listeners  # by worker slot: (frontend id, socket) pairs
+        self.sockets = sockets  # the listening sockets, kept across generations
         self.on_ready = on_ready
         self.workers: dict[int, WorkerHandle] = {}
         self.backend_ids: dict[tuple[str, Address], int] = {}
         self.backends: dict[int, BackendState] = {}
         self.backends_started = False  # backends there at start do not ramp up (slow start)
-        self.pools = [
-            PoolState(i, spec, [self.backend_state(i, spec, b) for b in spec.backends])
-            for i, spec in enumerate(config.pools)
-        ]
+        self.pool_ids: dict[str, int] = {}  # pool name -> id, given once
+        self.pools: list[PoolState] = []  # the config's, in its order
+        self.pool_by_id: dict[int, PoolState] = {}
+        self.set_pools(config)
         self.backends_started = True
         self.frontends = [FrontendState(i, spec) for i, spec in enumerate(config.frontends)]
         self.table_version = 1
@@ -209,9 +217,12 @@ class Arbiter:
         self.exit_code: int | None = None  # set: the loop ends with it
         self.drain_exit_code = EXIT_OK
         self.announced_ready = False
-        self.address = ", ".join(
-            str(address) for frontend in config.frontends for address in frontend.listen
-        )
+        self.address = _addresses(config)
+        self.generations: list[Generation] = []
+        self.generation = self.start_generation(config)  # the newest
+        self.predecessors: set[int] = set()  # workers of a fastlb before us, told to drain
+        # The workers of the supervisor this process was before an upgrade: our children now.
+        self.handed_over = {int(pid) for pid in os.environ.pop(PREDECESSORS_ENV, "").split()}
 
     # ---- the main loop -------------------------------------------------------------------------
 
@@ -293,17 +304,15 @@ class Arbiter:
                 self.kill_workers(signal.SIGKILL)
                 self.exit_code = self.drain_exit_code
         else:
+            self.advance_generations(now)
             self.spawn_workers()
             self.run_checks(now)
             self.log_gave_up(now)
             if now >= self.next_ramp and self.ramping():
                 self.table_changed = True
                 self.next_ramp = now + RAMP_STEP
+        self.reap_predecessors()
         self.publish()
-        if not self.announced_ready and not self.draining:
-            ready = sum(1 for worker in self.workers.values() if worker.ready)
-            if ready == self.config.workers:
-                self.announce_ready()
 
     def log_gave_up(self, now: float) -> None:
         """At most one line per frontend every GAVE_UP_LOG_INTERVAL about clients that were
@@ -357,25 +366,250 @@ class Arbiter:
     handle_int = handle_term
 
     def handle_hup(self) -> None:
-        if self.reload_config is None or self.draining:
-            log.warning("SIGHUP: nothing to reload (no --config file)")
-            return
+        self.reload()
+
+    def handle_usr2(self) -> None:
+        self.upgrade()
+
+    # ---- reloads and upgrades -----------------------------------------------------------------
+
+    def reload(self) -> str | None:
+        """Re-reads the config. Valid: binds the new addresses, starts a new generation of
+        workers with it and returns None; the generations before it drain once all of its
+        workers said hello. Not valid: the running settings stay; returns why, one line."""
+        if self.reload_config is None:
+            log.warning("reload: nothing to reload (no --config file)")
+            return "nothing to reload: fastlb runs without --config"
+        if self.draining:
+            return "stopping: no reload"
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            new = self.reload_config()
+            new = self.sockets.prepare(self.keep_any_ports(self.reload_config()))
         except FastlbError as exc:
             log.error("reload failed, the running settings stay: %s", exc)
             self.reloads["failed"] += 1
-            return
+            systemd.notify(f"READY=1\nSTATUS=reload refused: {exc}")
+            return str(exc)
         self.reloads["applied"] += 1
-        fixed = _needs_restart(self.config, new)
-        if fixed:
-            log.warning("reload: %s changed; restart fastlb to apply", ", ".join(fixed))
+        if new.stats != self.config.stats:
+            log.warning("reload: stats changed; restart fastlb to apply")
+            new = replace(new, stats=self.config.stats)
+        self.apply_config(new)
+        for address in self.sockets.retire_unused(new):
+            log.info("reload: %s retires: no new clients, the queued ones are accepted", address)
+        self.generation = self.start_generation(new)
+        log.info(
+            "reload: generation %d starting %d workers (%s)",
+            self.generation.number,
+            new.workers,
+            self.address,
+        )
+        return None
+
+    def keep_any_ports(self, config: Config) -> Config:
+        """A listen address with port 0 ("any") keeps the port it got, for the same frontend
+        at the same place, rather than a new one on every reload."""
+        running = {frontend.name: frontend.listen for frontend in self.config.frontends}
+        frontends = []
+        for frontend in config.frontends:
+            was = running.get(frontend.name, ())
+            listen = tuple(
+                was[i]
+                if address.port == 0 and i < len(was) and was[i].host == address.host
+                else address
+                for i, address in enumerate(frontend.listen)
+            )
+            frontends.append(replace(frontend, listen=listen))
+        return replace(config, frontends=tuple(frontends))
+
+    def apply_config(self, config: Config) -> None:
+        """Makes ``config`` the running one: pools and frontends (state kept by name), tables."""
+        self.config = config
+        self.set_pools(config)
+        old = {frontend.spec.name: frontend for frontend in self.frontends}
+        self.frontends = []
+        for i, spec in enumerate(config.frontends):
+            frontend = old.get(spec.name) or FrontendState(i, spec)
+            frontend.id, frontend.spec = i, spec
+            self.frontends.append(frontend)
+        self.address = _addresses(config)
+        logging.getLogger().setLevel(config.log_level.upper())
+        self.table_changed = True
+        self.counts_changed = True
+
+    def set_pools(self, config: Config) -> None:
+        """The pools of ``config``; one that stays keeps its id and the state of its backends."""
+        pools = []
+        for spec in config.pools:
+            pool_id = self.pool_ids.setdefault(spec.name, len(self.pool_ids))
+            pool = self.pool_by_id.get(pool_id)
+            if pool is None:
+                pool = PoolState(
+                    pool_id, spec, [self.backend_state(pool_id, spec, b) for b in spec.backends]
+                )
+            else:
+                pool.spec = spec
+                self.replace_backends(pool, spec.backends)
+            pools.append(pool)
+        kept = {pool.id for pool in pools}
         for pool in self.pools:
-            try:
-                specs = new.pool(pool.spec.name).backends
-            except KeyError:
+            if pool.id not in kept:
+                log.info("reload: pool %s removed", pool.spec.name)
+                for backend in pool.backends:
+                    self.checker.cancel(backend.id)
+                    self.backends.pop(backend.id, None)
+        self.pools = pools
+        self.pool_by_id = {pool.id: pool for pool in pools}
+
+    def start_generation(self, config: Config) -> Generation:
+        now = time.monotonic()
+        number = self.generations[-1].number + 1 if self.generations else 1
+        pool_ids = [self.pool_ids[pool.name] for pool in config.pools]
+        generation = Generation(number, config, pool_ids, now, now + READY_TIMEOUT)
+        self.generations.append(generation)
+        return generation
+
+    def advance_generations(self, now: float) -> None:
+        """Activates the newest generation once all its workers said hello (the ones before it
+        then drain), ends a reload whose workers do not start, retires drained generations."""
+        newest = self.generation
+        if newest.state == PENDING:
+            ready = all(
+                slot in newest.workers and self.workers[newest.workers[slot]].ready
+                for slot in range(newest.size)
+            )
+            # A retiring address's queue is accepted by the generations still polling it.
+            if ready and (self.sockets.retiring_queued() == 0 or now >= newest.ready_deadline):
+                self.activate(newest, now)
+            elif not ready and now >= newest.ready_deadline and len(self.generations) > 1:
+                self.abort(newest, f"its workers did not all start within {READY_TIMEOUT:g}s")
+        for generation in list(self.generations):
+            if generation.state != DRAINING:
                 continue
-            self.replace_backends(pool, specs)
+            if not generation.workers:
+                self.generations.remove(generation)
+                log.info("generation %d has drained", generation.number)
+            elif now >= generation.drain_deadline:
+                log.warning(
+                    "generation %d: drain timeout, killing %d workers with open connections",
+                    generation.number,
+                    len(generation.workers),
+                )
+                for pid in generation.workers.values():
+                    self.kill_worker(self.workers[pid], signal.SIGKILL)
+
+    def activate(self, generation: Generation, now: float) -> None:
+        generation.state = ACTIVE
+        for older in self.generations:
+            if older is not generation and older.state != DRAINING:
+                self.drain_generation(older, now)
+        self.sockets.steer_all(generation.config)
+        for address in self.sockets.close_retired():
+            log.info("reload: stopped listening on %s", address)
+        if not self.announced_ready:
+            self.announce_ready()
+            self.find_predecessors()
+            return
+        status = f"generation {generation.number}: {generation.size} workers on {self.address}"
+        log.info("reload done: %s", status)
+        systemd.notify(f"READY=1\nSTATUS={status}")
+
+    def drain_generation(self, generation: Generation, now: float) -> None:
+        """The generation stops polling the listeners (which stay open here) and finishes its
+        connections; they count in the totals until they close."""
+        generation.state = DRAINING
+        generation.drain_deadline = now + self.config.drain_timeout
+        for pid in generation.workers.values():
+            worker = self.workers[pid]
+            if worker.connected:
+                self.send(worker, msg.Drain())
+            else:
+                self.kill_worker(worker, signal.SIGTERM)
+
+    def abort(self, generation: Generation, why: str) -> None:
+        """A reload whose generation cannot start: it drains, the one before it stays."""
+        log.error("reload failed, the running settings stay: %s", why)
+        self.reloads["failed"] += 1
+        self.reloads["applied"] -= 1
+        self.drain_generation(generation, time.monotonic())
+        previous = next(g for g in reversed(self.generations) if g.state != DRAINING)
+        self.generation = previous
+        self.sockets.prepare(previous.config)  # addresses it retired come back
+        self.apply_config(previous.config)
+        systemd.notify(f"READY=1\nSTATUS=reload failed: {why}")
+
+    def upgrade(self) -> str | None:
+        """Execs the installed fastlb in place (the same pid, so systemd keeps following it),
+        handing it the listening sockets as LISTEN_FDS. The workers are left serving: the new
+        supervisor tells them to drain once its own workers accept. Returns why not, if not."""
+        if self.draining:
+            return "stopping: no upgrade"
+        if self.reload_config is not None:
+            try:
+                self.reload_config()
+            except FastlbError as exc:
+                log.error("upgrade refused: %s", exc)
+                return str(exc)
+        handover = self.sockets.handover()
+        log.info("upgrade: executing %s with %d listening sockets", sys.executable, len(handover))
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        env = dict(os.environ)
+        env.update(
+            LISTEN_FDS=str(len(handover)),
+            LISTEN_PID=str(os.getpid()),
+            LISTEN_FDNAMES=":".join(name for _, name in handover),
+        )
+        env[PREDECESSORS_ENV] = " ".join(str(pid) for pid in self.workers)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        # First out of the way of 3..3+n, then into place; every other descriptor closes on exec.
+        base = LISTEN_FDS_START + len(handover)
+        moved = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, base) for sock, _ in handover]
+        for i, fd in enumerate(moved):
+            os.dup2(fd, LISTEN_FDS_START + i, inheritable=True)
+        signal.set_wakeup_fd(-1)
+        try:
+            os.execve(sys.executable, sys.orig_argv, env)
+        except OSError as exc:
+            # Our descriptors are gone: the workers serve on as orphans until a successor.
+            log.critical("upgrade: cannot execute %s: %s", sys.executable, exc)
+            os._exit(EXIT_FORCED)
+
+    def find_predecessors(self) -> None:
+        """Workers of an earlier fastlb on our sockets (left by a killed supervisor, or by the
+        one we replaced in an upgrade) are told to drain, now that ours accept. Our other
+        children (the backends of fastlb demo) are not theirs."""
+        inodes = {os.fstat(sock.fileno()).st_ino for sock in self.sockets.all()}
+        ours = {os.getpid(), 1, *self.workers}
+        for pid in psutil.pids():
+            if pid in ours or not _holds_socket(pid, inodes):
+                continue
+            try:
+                process = psutil.Process(pid)
+                if process.ppid() == os.getpid() and pid not in self.handed_over:
+                    continue
+                if not any("fastlb" in part for part in process.cmdline()):
+                    continue
+                os.kill(pid, signal.SIGTERM)
+            except (psutil.Error, OSError):
+                continue
+            self.predecessors.add(pid)
+        if self.predecessors:
+            log.info(
+                "told %d workers of the previous fastlb to drain: %s",
+                len(self.predecessors),
+                " ".join(map(str, sorted(self.predecessors))),
+            )
+
+    def reap_predecessors(self) -> None:
+        # After an upgrade they are our children; else someone else reaps them.
+        for pid in list(self.predecessors):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid if not psutil.pid_exists(pid) else 0
+            if done:
+                self.predecessors.discard(pid)
 
     def handle_usr1(self) -> None:
         """The access log is reopened by each worker (logrotate moved it away)."""
@@ -388,8 +622,8 @@ class Arbiter:
     # ---- the worker set ------------------------------------------------------------------------
 
     def missing_worker_ids(self) -> list[int]:
-        running = {worker.worker_id for worker in self.workers.values()}
-        return [i for i in range(self.config.workers) if i not in running]
+        """The slots of the newest generation without a worker."""
+        return self.generation.missing_slots()
 
     def spawn_workers(self) -> None:
         now = time.monotonic()
@@ -398,7 +632,9 @@ class Arbiter:
                 self.spawn_worker(worker_id)
 
     def spawn_worker(self, worker_id: int) -> None:
-        table = self.table()
+        generation = self.generation
+        table = self.table(generation)
+        listeners = self.sockets.slot_listeners(generation.config, worker_id)
         try:
             parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:
@@ -414,16 +650,22 @@ class Arbiter:
         if pid == 0:
             try:
                 parent_end.close()
-                self.close_after_fork(keep=worker_id)
+                self.close_after_fork(keep=[sock for _, sock in listeners])
                 worker_process.run(
-                    worker_id, self.listeners[worker_id], child_end, self.config, table
+                    worker_id,
+                    listeners,
+                    child_end,
+                    generation.config,
+                    table,
+                    pool_ids=generation.pool_ids,
                 )
             finally:
                 os._exit(EXIT_FORCED)
         child_end.close()
         parent_end.setblocking(False)
-        worker = WorkerHandle(worker_id, pid, parent_end, time.monotonic())
+        worker = WorkerHandle(worker_id, pid, parent_end, time.monotonic(), generation)
         self.workers[pid] = worker
+        generation.workers[worker_id] = pid
         self.selector.register(
             parent_end, worker.events, lambda mask: self.on_worker_io(worker, mask)
         )
@@ -436,7 +678,7 @@ class Arbiter:
         )
         self.respawn_at[worker_id] = time.monotonic() + MAX_RESPAWN_DELAY
 
-    def close_after_fork(self, keep: int) -> None:
+    def close_after_fork(self, keep: list[socket.socket]) -> None:
         """In the new worker: closes what belongs to the supervisor and the other workers.
 
         The selector's epoll instance is shared with the supervisor, so it is closed without
@@ -444,10 +686,9 @@ class Arbiter:
         signal.set_wakeup_fd(-1)
         os.close(self.wake_r)
         os.close(self.wake_w)
-        for worker_id, slot in enumerate(self.listeners):
-            if worker_id != keep:
-                for _, sock in slot:
-                    sock.close()
+        for sock in self.sockets.all():
+            if not any(sock is kept for kept in keep):
+                sock.close()
         for worker in self.workers.values():
             worker.control.close()
         self.checker.close_after_fork()
@@ -467,12 +708,21 @@ class Arbiter:
 
     def worker_exited(self, worker: WorkerHandle, code: int) -> None:
         del self.workers[worker.pid]
+        generation = worker.generation
+        if generation.workers.get(worker.worker_id) == worker.pid:
+            del generation.workers[worker.worker_id]
         self.disconnect(worker)
         how = _how_it_ended(code)
-        if self.draining:
+        if self.draining or generation.state == DRAINING:
             log.info("worker %d (pid %d) %s", worker.worker_id, worker.pid, how)
             return
+        if generation is not self.generation:
+            log.warning("worker %d (pid %d) %s", worker.worker_id, worker.pid, how)
+            return  # replaced by the reload under way
         self.worker_restarts += 1
+        if code == EXIT_BOOT_FAILED and len(self.generations) > 1:
+            self.abort(generation, f"worker {worker.worker_id} could not start")
+            return
         if code == EXIT_BOOT_FAILED:
             log.error("worker %d could not start: stopping", worker.worker_id)
             self.drain(EXIT_BOOT_FAILED)
@@ -524,9 +774,7 @@ class Arbiter:
                 self.kill_worker(worker, signal.SIGTERM)
 
     def close_listeners(self) -> None:
-        for slot in self.listeners:
-            for _, sock in slot:
-                sock.close()
+        self.sockets.close()
 
     def shutdown(self) -> None:
         """Leaves nothing behind: kills and reaps the workers still running, closes sockets."""
@@ -615,12 +863,16 @@ class Arbiter:
             if worker.active.get(entry.id, 0) != entry.active:
                 worker.active[entry.id] = entry.active
                 self.counts_changed = True
+        specs = worker.generation.config.frontends
+        by_name = {frontend.spec.name: frontend for frontend in self.frontends}
         for entry in report.frontends:
-            if 0 <= entry.id < len(self.frontends):
-                frontend = self.frontends[entry.id]
-                frontend.connections += entry.accepted
-                _add(frontend.ended, entry.ended)
-                worker.frontend_active[entry.id] = entry.active
+            if 0 <= entry.id < len(specs):
+                name = specs[entry.id].name
+                worker.frontend_active[name] = entry.active
+                frontend = by_name.get(name)
+                if frontend is not None:  # else removed by a reload
+                    frontend.connections += entry.accepted
+                    _add(frontend.ended, entry.ended)
         self.access_log_dropped += report.log_dropped
         if report.table != self.table_version:
             return  # counted against an older table: its failures may predate the last change
@@ -675,9 +927,13 @@ class Arbiter:
             self.table_changed = False
             self.table_version += 1
             self.counts_changed = True
-            table = self.table()
+            tables = {}  # a generation's workers know only its pools
             for worker in self.workers.values():
-                self.send(worker, table)
+                generation = worker.generation
+                if generation.state != DRAINING:
+                    if generation.number not in tables:
+                        tables[generation.number] = self.table(generation)
+                    self.send(worker, tables[generation.number])
         if self.counts_changed:
             self.counts_changed = False
             totals = self.active_totals()
@@ -691,8 +947,10 @@ class Arbiter:
                     worker.others_sent.update(changed)
                     self.send(worker, msg.Counts(table=self.table_version, others=changed))
 
-    def table(self) -> msg.Table:
+    def table(self, generation: Generation) -> msg.Table:
+        """The backends of the pools ``generation`` knows."""
         now = time.monotonic()
+        known = set(generation.pool_ids)
         return msg.Table(
             version=self.table_version,
             pools=[
@@ -711,6 +969,7 @@ class Arbiter:
                     ],
                 )
                 for pool in self.pools
+                if pool.id in known
             ],
         )
 
@@ -782,7 +1041,7 @@ class Arbiter:
         )
 
     def pool_spec(self, backend: BackendState) -> PoolSpec:
-        return self.pools[backend.pool].spec
+        return self.pool_by_id[backend.pool].spec
 
     def weight_scale(self, pool: PoolSpec) -> int:
         return WEIGHT_SCALE if pool.slow_start or pool.check.type == "agent" else 1
@@ -915,10 +1174,11 @@ class Arbiter:
     def snapshot(self) -> dict:
         now = time.monotonic()
         totals = self.active_totals()
-        frontend_active = [0] * len(self.frontends)
+        frontend_active = dict.fromkeys((frontend.spec.name for frontend in self.frontends), 0)
         for worker in self.workers.values():
-            for frontend_id, count in worker.frontend_active.items():
-                frontend_active[frontend_id] += count
+            for name, count in worker.frontend_active.items():
+                if name in frontend_active:
+                    frontend_active[name] += count
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -927,10 +1187,14 @@ class Arbiter:
                     "id": worker.worker_id,
                     "pid": worker.pid,
                     "ready": worker.ready,
+                    "generation": worker.generation.number,
+                    "draining": worker.generation.state == DRAINING,
                     **process_usage(worker.pid),
                 }
                 for worker in sorted(self.workers.values(), key=lambda w: w.worker_id)
             ],
+            "generation": self.generation.number,
+            "generation_active": self.generation.state == ACTIVE,
             "worker_restarts": self.worker_restarts,
             "reloads": dict(self.reloads),
             "table_version": self.table_version,
@@ -942,7 +1206,7 @@ class Arbiter:
                     "pool": frontend.spec.pool,
                     "sni": {route.pattern: route.pool for route in frontend.spec.sni},
                     "accept_proxy": [str(net) for net in frontend.spec.accept_proxy],
-                    "active": frontend_active[frontend.id],
+                    "active": frontend_active[frontend.spec.name],
                     "connections": frontend.connections,
                     "rejected": frontend.rejected,
                     "gave_up": frontend.gave_up,
@@ -1012,35 +1276,24 @@ def process_usage(pid: int) -> dict:
         return {"cpu_seconds": None, "rss_bytes": None, "open_fds": None}
 
 
-def _needs_restart(old: Config, new: Config) -> list[str]:
-    """What differs between two configs besides the pools' backend lists (which a reload
-    applies): the names of the settings, frontends and pools that changed."""
-    changed = [
-        name
-        for name in (
-            "workers",
-            "stats",
-            "drain_timeout",
-            "buffer_size",
-            "splice",
-            "log_level",
-            "access_log",
-            "access_log_format",
-        )
-        if getattr(old, name) != getattr(new, name)
-    ]
-    if old.frontends != new.frontends:
-        changed.append("frontends")
-    old_pools = {pool.name: replace(pool, backends=()) for pool in old.pools}
-    new_pools = {pool.name: replace(pool, backends=()) for pool in new.pools}
-    if old_pools.keys() != new_pools.keys():
-        changed.append("the set of pools")
-    changed += [
-        f"pool {name}"
-        for name in old_pools.keys() & new_pools.keys()
-        if old_pools[name] != new_pools[name]
-    ]
-    return changed
+def _addresses(config: Config) -> str:
+    return ", ".join(str(address) for frontend in config.frontends for address in frontend.listen)
+
+
+def _holds_socket(pid: int, inodes: set[int]) -> bool:
+    """Whether process ``pid`` has a descriptor open on one of these socket inodes."""
+    names = {f"socket:[{inode}]" for inode in inodes}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in names:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _how_it_ended(code: int) -> str:

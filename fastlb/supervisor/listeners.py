@@ -1,5 +1,5 @@
-"""The listening sockets: one per worker slot and listen address, each address's sockets in one
-SO_REUSEPORT group, made before forking.
+"""Making listening sockets: the stats server's, and each member of a frontend address's
+SO_REUSEPORT group (see :mod:`fastlb.supervisor.sockets`, which keeps them across generations).
 
 The supervisor keeps every socket open for as long as it runs. A worker only ever uses its
 own, so when it dies its socket and the connections queued on it stay, and its replacement
@@ -8,11 +8,10 @@ inherits both: clients are never refused while a worker restarts.
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 
 from fastlb.errors import ConfigError
-from fastlb.model import Address, Config
+from fastlb.model import Address
 from fastlb.settings import address_family
 
 MAX_BACKLOG = 65535
@@ -25,54 +24,6 @@ def backlog() -> int:
             return min(MAX_BACKLOG, int(f.read()))
     except (OSError, ValueError):
         return socket.SOMAXCONN
-
-
-def open_listeners(address: Address, count: int) -> list[socket.socket]:
-    """``count`` non-blocking listening sockets on ``address``. Port 0 picks one free port for
-    all of them. Raises ConfigError (one line) when the address cannot be bound."""
-    _check_free(address)
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = _listener(address, reuse_port=True)
-            sockets.append(sock)
-            if address.port == 0:
-                address = Address(address.host, sock.getsockname()[1])
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
-    return sockets
-
-
-def open_frontend_listeners(config: Config) -> list[list[tuple[int, socket.socket]]]:
-    """Every frontend's listening sockets by worker slot: for slot i, (frontend id, socket) for
-    each listen address of each frontend. Raises ConfigError; then nothing stays open."""
-    slots: list[list[tuple[int, socket.socket]]] = [[] for _ in range(config.workers)]
-    try:
-        for frontend_id, frontend in enumerate(config.frontends):
-            for address in frontend.listen:
-                for slot, sock in zip(slots, open_listeners(address, config.workers), strict=True):
-                    slot.append((frontend_id, sock))
-    except BaseException:
-        for slot in slots:
-            for _, sock in slot:
-                sock.close()
-        raise
-    return slots
-
-
-def bound_addresses(config: Config, slots: list[list[tuple[int, socket.socket]]]) -> Config:
-    """The config with each listen address as bound: port 0 replaced by the port it got."""
-    bound = [sock for _, sock in slots[0]]
-    frontends = []
-    for frontend in config.frontends:
-        listen = []
-        for address in frontend.listen:
-            port = bound.pop(0).getsockname()[1]
-            listen.append(dataclasses.replace(address, port=port))
-        frontends.append(dataclasses.replace(frontend, listen=tuple(listen)))
-    return dataclasses.replace(config, frontends=tuple(frontends))
 
 
 def open_listener(address: Address) -> socket.socket:
