@@ -724,8 +724,15 @@ def test_check_keys_of_each_type():
     flap = ["flap-window", "flap-base", "flap-max"]
     own = {
         "tcp": [],
-        "http": ["method", "path", "host", "expect-status", "expect-body", "expect-body-regex",
-                 "reuse-connection"],
+        "http": [
+            "method",
+            "path",
+            "host",
+            "expect-status",
+            "expect-body",
+            "expect-body-regex",
+            "reuse-connection",
+        ],
         "send-expect": ["send", "send-hex", "expect", "expect-hex", "expect-regex"],
         "redis": ["username", "password"],
         "postgres": ["ssl-request", "user", "database"],
