@@ -149,6 +149,8 @@ class FrontendState:
     ended: list[int] = field(default_factory=lambda: [0] * len(END_REASONS))  # by reason
     gave_up_logged: int = 0  # gave_up as of the last line about it
     gave_up_logged_at: float = 0.0
+    udp: dict[str, int] = field(default_factory=dict)  # UDP frontends: UdpReport's counters
+    udp_dropped: list[int] = field(default_factory=lambda: [0] * len(msg.UDP_DROP_REASONS))
 
     @property
     def rejected(self) -> int:
@@ -159,6 +161,21 @@ class FrontendState:
     def gave_up(self) -> int:
         """Closed because every backend tried failed."""
         return self.ended[END_REASONS.index("connect-failed")]
+
+    def add_udp(self, entry: msg.UdpReport) -> None:
+        for key in UDP_COUNTERS:
+            self.udp[key] = self.udp.get(key, 0) + getattr(entry, key)
+        _add(self.udp_dropped, entry.dropped)
+
+    def udp_stats(self) -> dict:
+        """The /stats entry of a UDP frontend's traffic."""
+        stats = {key: self.udp.get(key, 0) for key in UDP_COUNTERS}
+        stats["dropped"] = dict(zip(msg.UDP_DROP_REASONS, self.udp_dropped, strict=True))
+        return stats
+
+
+# The counters of a UDP frontend, as UdpReport names them.
+UDP_COUNTERS = ("created", "evicted", "datagrams_in", "bytes_in", "datagrams_out", "bytes_out")
 
 
 class Arbiter:
@@ -621,6 +638,10 @@ class Arbiter:
                 frontend.connections += entry.accepted
                 _add(frontend.ended, entry.ended)
                 worker.frontend_active[entry.id] = entry.active
+        for entry in report.udp:
+            if 0 <= entry.id < len(self.frontends):
+                self.frontends[entry.id].add_udp(entry)
+                worker.frontend_active[entry.id] = entry.flows
         self.access_log_dropped += report.log_dropped
         if report.table != self.table_version:
             return  # counted against an older table: its failures may predate the last change
@@ -841,7 +862,13 @@ class Arbiter:
             ):
                 pool = self.pool_spec(backend)
                 backend.next_check = now + self.check_interval(backend)
-                self.checker.check(backend.id, backend.spec.address, pool.check, pool.send_proxy)
+                self.checker.check(
+                    backend.id,
+                    backend.spec.address,
+                    pool.check,
+                    pool.send_proxy,
+                    udp=pool.protocol == "udp",
+                )
 
     def on_check(self, backend_id: int, result: CheckResult) -> None:
         backend = self.backends.get(backend_id)
@@ -942,6 +969,7 @@ class Arbiter:
                     "pool": frontend.spec.pool,
                     "sni": {route.pattern: route.pool for route in frontend.spec.sni},
                     "accept_proxy": [str(net) for net in frontend.spec.accept_proxy],
+                    "protocol": frontend.spec.protocol,
                     "active": frontend_active[frontend.id],
                     "connections": frontend.connections,
                     "rejected": frontend.rejected,
@@ -951,6 +979,7 @@ class Arbiter:
                         for reason, count in zip(END_REASONS, frontend.ended, strict=True)
                         if count and reason != "open"
                     },
+                    **({"udp": frontend.udp_stats()} if frontend.spec.protocol == "udp" else {}),
                 }
                 for frontend in self.frontends
             ],

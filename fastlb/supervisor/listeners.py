@@ -27,14 +27,15 @@ def backlog() -> int:
         return socket.SOMAXCONN
 
 
-def open_listeners(address: Address, count: int) -> list[socket.socket]:
-    """``count`` non-blocking listening sockets on ``address``. Port 0 picks one free port for
-    all of them. Raises ConfigError (one line) when the address cannot be bound."""
-    _check_free(address)
+def open_listeners(address: Address, count: int, udp: bool = False) -> list[socket.socket]:
+    """``count`` non-blocking listening sockets on ``address`` (bound UDP sockets with
+    ``udp``). Port 0 picks one free port for all of them. Raises ConfigError (one line) when
+    the address cannot be bound."""
+    _check_free(address, udp)
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = _listener(address, reuse_port=True)
+            sock = _udp_socket(address) if udp else _listener(address, reuse_port=True)
             sockets.append(sock)
             if address.port == 0:
                 address = Address(address.host, sock.getsockname()[1])
@@ -51,8 +52,10 @@ def open_frontend_listeners(config: Config) -> list[list[tuple[int, socket.socke
     slots: list[list[tuple[int, socket.socket]]] = [[] for _ in range(config.workers)]
     try:
         for frontend_id, frontend in enumerate(config.frontends):
+            udp = frontend.protocol == "udp"
             for address in frontend.listen:
-                for slot, sock in zip(slots, open_listeners(address, config.workers), strict=True):
+                socks = open_listeners(address, config.workers, udp)
+                for slot, sock in zip(slots, socks, strict=True):
                     slot.append((frontend_id, sock))
     except BaseException:
         for slot in slots:
@@ -83,13 +86,14 @@ def open_listener(address: Address) -> socket.socket:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
 
-def _check_free(address: Address) -> None:
+def _check_free(address: Address, udp: bool = False) -> None:
     # SO_REUSEPORT would let us join the group of another process of the same user (another
     # fastlb on the same port) and share its clients. A socket without it fails to bind there.
     if address.port == 0:
         return
     try:
-        with socket.socket(address_family(address), socket.SOCK_STREAM) as probe:
+        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+        with socket.socket(address_family(address), kind) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             _v6only(probe, address)
             probe.bind((address.host, address.port))
@@ -113,6 +117,21 @@ def _listener(address: Address, reuse_port: bool) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((address.host, address.port))
         sock.listen(backlog())
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _udp_socket(address: Address) -> socket.socket:
+    # One socket of the address's SO_REUSEPORT group: the kernel spreads clients over the
+    # workers by their address and port, so a client's datagrams keep reaching one worker.
+    sock = socket.socket(address_family(address), socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _v6only(sock, address)
+        sock.bind((address.host, address.port))
         sock.setblocking(False)
     except BaseException:
         sock.close()
