@@ -4,12 +4,13 @@ from ``logger --udp``, 64 KiB datagrams, and a backend that stops."""
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import CLIENT_TIMEOUT, START_TIMEOUT, free_ports
+from conftest import CLIENT_TIMEOUT, START_TIMEOUT, free_ports, wait_until
 from peers import DNS_ZONE, NSD_ANSWER, UNBOUND_ANSWER, dig, require
 
 
@@ -235,3 +236,22 @@ def test_replies_leave_from_the_address_the_client_sent_to(configured, peers):
     configured(text)
     assert dig(port, host="127.0.0.2") == [UNBOUND_ANSWER]
     assert dig(port, host="127.0.0.1") == [UNBOUND_ANSWER]
+
+
+def test_a_draining_worker_serves_its_flows_until_they_idle_out(configured):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as backend:
+        backend.bind(("127.0.0.1", 0))
+        backend.settimeout(CLIENT_TIMEOUT)
+        port, stats = free_ports(2)
+        lb = configured(udp_config(port, stats, [f"127.0.0.1:{backend.getsockname()[1]}"], idle=2))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(CLIENT_TIMEOUT)
+            client.sendto(b"question", ("127.0.0.1", port))
+            data, upstream = backend.recvfrom(64)
+            lb.signal(signal.SIGTERM)
+            wait_until(lambda: "draining" in lb.log(), START_TIMEOUT, "the drain to start")
+            # The flow outlives the stop: its reply still reaches the client.
+            backend.sendto(b"answer", upstream)
+            assert client.recv(64) == b"answer"
+            assert lb.proc.poll() is None
+        assert lb.wait_exit() == 0
