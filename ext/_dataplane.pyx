@@ -175,7 +175,7 @@ cdef class Worker:
             self.log_ring = <LogRecord *>calloc(self.log_size, sizeof(LogRecord))
             if self.log_ring == NULL:
                 raise MemoryError()
-        self.conns = <Conn *>calloc(self.max_conn, sizeof(Conn))
+        self.conns = <Conn *>calloc(self.max_conn or 1, sizeof(Conn))  # 0 with UDP alone
         self.events = <epoll_event *>calloc(max_events, sizeof(epoll_event))
         self.free_pipes = <int *>calloc(2 * self.max_free_pipes, sizeof(int))
         if self.conns == NULL or self.events == NULL or self.free_pipes == NULL:

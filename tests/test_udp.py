@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CLIENT_TIMEOUT, START_TIMEOUT, free_ports, wait_until
+from conftest import CLIENT_TIMEOUT, START_TIMEOUT, free_ports, ipv6_loopback, wait_until
 from peers import DNS_ZONE, NSD_ANSWER, UNBOUND_ANSWER, dig, require
 
 
@@ -255,3 +255,22 @@ def test_a_draining_worker_serves_its_flows_until_they_idle_out(configured):
             assert client.recv(64) == b"answer"
             assert lb.proc.poll() is None
         assert lb.wait_exit() == 0
+
+
+def test_an_ipv6_frontend_forwards_to_an_ipv4_backend(configured):
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as backend:
+        backend.bind(("127.0.0.1", 0))
+        backend.settimeout(CLIENT_TIMEOUT)
+        (port,) = free_ports(1, "::1")
+        (stats,) = free_ports(1)
+        text = udp_config(port, stats, [f"127.0.0.1:{backend.getsockname()[1]}"])
+        configured(text.replace(f'"127.0.0.1:{port}"', f'"[::1]:{port}"'))
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as client:
+            client.settimeout(CLIENT_TIMEOUT)
+            client.sendto(b"over six", ("::1", port))
+            data, upstream = backend.recvfrom(64)
+            backend.sendto(data.upper(), upstream)
+            reply, source = client.recvfrom(64)
+            assert reply == b"OVER SIX" and source[:2] == ("::1", port)

@@ -194,8 +194,9 @@ cdef void udp_forward(Worker w, Listener *listener, SockAddr *client, SockAddr *
     counts.datagrams_in += 1
     counts.bytes_in += length
     if f != NULL and (f.backend < 0 or not f.pool.table.backends[f.backend].up):
-        flow_close(w, f)
-        f = NULL
+        if f.backend < 0 or pool_has_up(f.pool):  # else it could only move to a down one
+            flow_close(w, f)
+            f = NULL
     if f == NULL:
         f = flow_open(w, listener, client, local, h)
         if f == NULL:
@@ -210,6 +211,13 @@ cdef void udp_forward(Worker w, Listener *listener, SockAddr *client, SockAddr *
         return
     f.requests += 1
     f.pool.table.backends[f.backend].up_bytes += length
+
+
+cdef inline bint pool_has_up(Pool *pool) noexcept nogil:
+    # Whether a new pick can find an up backend: the eligible set is the up ones, or every
+    # primary when none is up (or in panic, when down ones are used anyway).
+    return (pool.table.n_eligible > 0
+            and pool.table.backends[pool.table.eligible[0]].up)
 
 
 cdef Flow *flow_find(Worker w, Listener *listener, SockAddr *client, uint64_t h) noexcept nogil:
