@@ -564,6 +564,8 @@ def fit_to_open_file_limit(config: Config, limit: int) -> tuple[Config, str | No
         return config, None
     frontends = tuple(
         dataclasses.replace(frontend, max_conn=max(1, frontend.max_conn * most // total))
+        if frontend.protocol == "tcp"
+        else frontend
         for frontend in config.frontends
     )
     why = f"to fit the open-file limit ({limit}; raise it with ulimit -n or LimitNOFILE=)"
@@ -573,6 +575,7 @@ def fit_to_open_file_limit(config: Config, limit: int) -> tuple[Config, str | No
         changes = ", ".join(
             f"frontend {old.name} from {old.max_conn} to {new.max_conn}"
             for old, new in zip(config.frontends, frontends, strict=True)
+            if old.max_conn != new.max_conn
         )
         message = f"max-conn lowered {why}: {changes}"
     return dataclasses.replace(config, frontends=frontends), message

@@ -192,5 +192,6 @@ class Config:
 
     @property
     def max_conn(self) -> int:
-        """Connection slots of one worker: every frontend's share together."""
-        return sum(frontend.max_conn for frontend in self.frontends)
+        """Connection slots of one worker: every TCP frontend's share together (a UDP frontend
+        holds flows instead, max_flows of them)."""
+        return sum(frontend.max_conn for frontend in self.frontends if frontend.protocol == "tcp")

@@ -736,8 +736,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "check_query", "--check-query", str | None, host_name, None,
-        "the name a dns check asks for (an A query)",
-        scope=CHECK, command_line=False, attribute="query", table_key="query",
+        "the name a dns check asks for (an A query)", metavar="NAME",
+        scope=CHECK, attribute="query", table_key="query",
         check_types=("dns",),
     ),
     Option(
