@@ -3,6 +3,7 @@ from ``logger --udp``, 64 KiB datagrams, and a backend that stops."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -274,3 +275,25 @@ def test_an_ipv6_frontend_forwards_to_an_ipv4_backend(configured):
             backend.sendto(data.upper(), upstream)
             reply, source = client.recvfrom(64)
             assert reply == b"OVER SIX" and source[:2] == ("::1", port)
+
+
+def test_a_reload_that_removes_a_flows_backend_moves_the_flow(configured):
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as first,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second,
+    ):
+        for backend in (first, second):
+            backend.bind(("127.0.0.1", 0))
+            backend.settimeout(CLIENT_TIMEOUT)
+        addresses = [f"127.0.0.1:{b.getsockname()[1]}" for b in (first, second)]
+        port, stats = free_ports(2)
+        lb = configured(udp_config(port, stats, addresses[:1], idle=5))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.sendto(b"one", ("127.0.0.1", port))
+            assert first.recv(64) == b"one"
+            lb.config_path.write_text(udp_config(port, stats, addresses[1:], idle=5))
+            os.kill(lb.pid, signal.SIGHUP)
+            lb.wait_for(lambda s: [b["address"] for b in s["backends"]] == addresses[1:])
+            # The same client address and port: its flow lost its backend, and moves.
+            client.sendto(b"two", ("127.0.0.1", port))
+            assert second.recv(64) == b"two"
