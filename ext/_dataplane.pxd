@@ -4,8 +4,8 @@
 # includes.
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from includes.linux cimport (epoll_event, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage,
-                             socklen_t)
+from includes.linux cimport (epoll_event, iovec, mmsghdr, sockaddr, sockaddr_in, sockaddr_in6,
+                             sockaddr_storage, socklen_t)
 
 
 cdef enum:
@@ -158,6 +158,9 @@ cdef struct Pool:
     int send_proxy          # 0: off; 1 or 2: the PROXY protocol version sent first to backends
     bint close_on_down      # on-down = "close": reset the connections of a backend marked down
     int64_t first_byte_timeout_ms   # observe = "first-byte": 0 off
+    int64_t udp_idle_timeout_ms     # a UDP flow that carried nothing this long ends
+    uint32_t udp_responses          # replies per client datagram after which a UDP flow
+                                    # ends (nginx's proxy_responses); 0: never
 
 
 # A network of trusted PROXY senders (accept-proxy).
@@ -165,6 +168,33 @@ cdef struct TrustedNet:
     int family
     int prefix
     uint8_t addr[16]
+
+
+# ---- UDP flows (ext/udp/flows.pxi) --------------------------------------------------------------
+cdef enum:
+    UDP_BATCH = 32          # datagrams per recvmmsg / sendmmsg
+    UDP_MAX = 65536         # the largest datagram, whole
+    UDP_CONTROL = 64        # room for one IP_PKTINFO / IPV6_PKTINFO message
+    UDP_DROP_KINDS = 5
+
+# Why a datagram was not forwarded.
+cdef enum:
+    UDP_DROP_NO_BACKEND = 0     # the pool had no backend to pick
+    UDP_DROP_ERROR = 1          # out of descriptors or memory for the flow's socket
+    UDP_DROP_BACKEND_SEND = 2   # the backend's socket would not take it (buffer full)
+    UDP_DROP_CLIENT_SEND = 3    # the client's reply could not be sent
+    UDP_DROP_REFUSED = 4        # the backend's host answered port unreachable
+
+cdef struct UdpCounters:
+    uint64_t created            # flows
+    uint64_t evicted            # oldest flows ended to make room (max-flows)
+    uint64_t datagrams_in       # client -> backend
+    uint64_t bytes_in
+    uint64_t datagrams_out      # backend -> client
+    uint64_t bytes_out
+    uint64_t dropped[UDP_DROP_KINDS]
+
+cdef struct Flow
 
 
 # Where clients arrive: limits, timeouts and the routes to pools.
@@ -184,6 +214,13 @@ cdef struct Frontend:
     int32_t reported_active
     uint64_t accepted       # counters since the last report
     uint32_t ended[END_KINDS]   # connections ended, by END_* reason, since the last report
+    bint udp                    # its listeners are UDP sockets: datagrams go by flows
+    int max_flows               # UDP flows of this worker on this frontend
+    int nflows
+    int32_t reported_flows
+    Flow *oldest                # its flows by last use, oldest first: idle ones expire
+    Flow *newest                # from this end, and the oldest is evicted when full
+    UdpCounters udp_counts      # since the last report
 
 
 # One listening socket of a frontend.
@@ -192,6 +229,36 @@ cdef struct Listener:
     Frontend *frontend
     bint listening          # registered with epoll
     int64_t resume_ms       # paused after EMFILE/ENFILE until then; 0 when not paused by that
+    bint pktinfo            # UDP bound to a wildcard: datagrams carry the address they were
+                            # sent to, and replies leave from it
+
+
+# A client address and port on one listener, and the backend its datagrams go to.
+cdef struct Flow:
+    SockAddr client
+    SockAddr local          # where the client sent to (pktinfo listeners only)
+    Listener *listener
+    Pool *pool
+    int fd                  # connected to the backend; -1 while the slot is free
+    int backend             # index into pool.table; -1 when a reload removed it
+    uint32_t backend_id
+    uint32_t requests       # client datagrams forwarded
+    uint32_t responses      # replies forwarded
+    uint64_t hash
+    int64_t last_ms         # last datagram either way
+    Flow *chain             # next in its hash bucket, or in the free list
+    Flow *older             # the frontend's flows by last use
+    Flow *newer
+
+# One batch of datagrams for recvmmsg or sendmmsg: headers, addresses and the bytes.
+cdef struct UdpBatch:
+    mmsghdr msgs[UDP_BATCH]
+    iovec iov[UDP_BATCH]
+    SockAddr names[UDP_BATCH]
+    char control[UDP_BATCH][UDP_CONTROL]
+    char *data              # UDP_BATCH x UDP_MAX bytes
+    int n                   # queued to send
+    Listener *listener      # where the queued replies go out
 
 
 # Why a connection ended, for the access log.
@@ -326,6 +393,13 @@ cdef class Worker:
     cdef uint64_t log_head      # next record to write
     cdef uint64_t log_tail      # next record to read
     cdef uint64_t log_dropped   # records lost because the ring was full
+    cdef Flow *flows            # every UDP frontend's max_flows slots; NULL without UDP
+    cdef Flow *free_flows
+    cdef Flow **flow_buckets    # by hash of listener and client address
+    cdef uint64_t flow_mask
+    cdef int nflows
+    cdef UdpBatch *udp_in       # datagrams read from a listener
+    cdef UdpBatch *udp_out      # replies waiting for one sendmmsg
 
     cdef _add_pool(self, dict spec)
     cdef _add_frontend(self, dict spec)

@@ -7,7 +7,7 @@
 # never modified. Readiness is remembered in per-socket flags (CAN_READ / CAN_WRITE) that are
 # cleared on EAGAIN, so backpressure costs no epoll_ctl: a full destination simply stops us
 # reading the source until its EPOLLOUT edge arrives.
-from libc.errno cimport (EAGAIN, ECONNABORTED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS,
+from libc.errno cimport (EAGAIN, ECONNABORTED, ECONNREFUSED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS,
                          ENOMEM, errno)
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
@@ -42,6 +42,8 @@ DEF EMFILE_PAUSE_MS = 100     # accept pauses this long when out of file descrip
 DEF NO_PIPE = -3              # _pump_splice could not get a pipe
 DEF NO_ID = 0xFFFFFFFF        # a log record's pool or backend when there was none
 DEF LOG_RING_SIZE = 16384     # ended connections the access log holds between two slices
+
+include "udp/flows.pxi"
 
 # Upper bounds of the histogram buckets, in ms (the last bucket is +Inf): connect time, and how
 # long connections last.
@@ -124,6 +126,10 @@ cdef class Worker:
         self.frontends = NULL
         self.listeners = NULL
         self.log_ring = NULL
+        self.flows = NULL
+        self.flow_buckets = NULL
+        self.udp_in = NULL
+        self.udp_out = NULL
 
     def __init__(self, list pools, list frontends, list listeners, *, int buffer_size=65536,
                  str splice="auto", int report_interval_ms=0, int max_events=512,
@@ -159,13 +165,17 @@ cdef class Worker:
             self.listeners[self.nlisteners].fd = fd
             self.listeners[self.nlisteners].frontend = &self.frontends[frontend]
             self.nlisteners += 1
+        udp_flows = [self.frontends[i].max_flows for i in range(self.nfrontends)
+                     if self.frontends[i].udp]
+        if udp_flows:
+            udp_init(self, udp_flows)
 
         if access_log:
             self.log_size = LOG_RING_SIZE
             self.log_ring = <LogRecord *>calloc(self.log_size, sizeof(LogRecord))
             if self.log_ring == NULL:
                 raise MemoryError()
-        self.conns = <Conn *>calloc(self.max_conn, sizeof(Conn))
+        self.conns = <Conn *>calloc(self.max_conn or 1, sizeof(Conn))  # 0 with UDP alone
         self.events = <epoll_event *>calloc(max_events, sizeof(epoll_event))
         self.free_pipes = <int *>calloc(2 * self.max_free_pipes, sizeof(int))
         if self.conns == NULL or self.events == NULL or self.free_pipes == NULL:
@@ -209,6 +219,8 @@ cdef class Worker:
         pool.max_tries = retries + 1
         pool.hash_port = hash_key == "src-ip-port"
         pool.send_proxy = send_proxy
+        pool.udp_idle_timeout_ms = <int64_t>(spec.get("udp_idle_timeout", 30.0) * 1000)
+        pool.udp_responses = spec.get("udp_responses", 0)
         self.npools += 1
 
     cdef _add_frontend(self, dict spec):
@@ -250,7 +262,12 @@ cdef class Worker:
             fe.sni[fe.nsni].wildcard = wildcard
             fe.sni[fe.nsni].pool = route_pool
             fe.nsni += 1
-        self.max_conn += max_conn
+        fe.udp = bool(spec.get("udp", False))
+        fe.max_flows = spec.get("max_flows", 10000)
+        if fe.max_flows < 1:
+            raise ValueError("max_flows must be at least 1")
+        if not fe.udp:
+            self.max_conn += max_conn  # a UDP frontend holds flows, not connection slots
 
     def __dealloc__(self):
         cdef Conn *c
@@ -290,6 +307,7 @@ cdef class Worker:
                 free(self.frontends[i].trusted)
                 free(self.frontends[i].sni)
             free(self.frontends)
+        udp_free(self)
         free(self.listeners)
         free(self.log_ring)
         if self.epfd >= 0:
@@ -429,15 +447,38 @@ cdef class Worker:
             if listener.listening:
                 epoll_ctl(self.epfd, EPOLL_CTL_DEL, listener.fd, NULL)
                 listener.listening = False
-            if listener.fd >= 0:
+            if listener.fd >= 0 and not listener.frontend.udp:
+                # A UDP listener stays open: the replies of its flows leave through it.
                 close(listener.fd)
                 listener.fd = -1
         self.npaused = 0
 
     @property
     def active(self):
-        """Connections this worker holds."""
-        return self.nconns
+        """Connections and UDP flows this worker holds."""
+        return self.nconns + self.nflows
+
+    def report_udp(self):
+        """The UDP frontends whose counters moved since the last call: (id, active flows,
+        created, evicted, datagrams_in, bytes_in, datagrams_out, bytes_out, dropped by
+        UDP_DROP_* reason); the counts but the first are deltas."""
+        cdef Frontend *fe
+        cdef UdpCounters *u
+        cdef int i, k
+        changes = []
+        for i in range(self.nfrontends):
+            fe = &self.frontends[i]
+            u = &fe.udp_counts
+            if not fe.udp or (fe.nflows == fe.reported_flows and not u.datagrams_in
+                              and not u.datagrams_out and not u.created
+                              and not any(u.dropped[k] for k in range(UDP_DROP_KINDS))):
+                continue
+            changes.append((fe.id, fe.nflows, u.created, u.evicted, u.datagrams_in, u.bytes_in,
+                            u.datagrams_out, u.bytes_out,
+                            [u.dropped[k] for k in range(UDP_DROP_KINDS)]))
+            fe.reported_flows = fe.nflows
+            memset(u, 0, sizeof(UdpCounters))
+        return changes
 
     @property
     def held(self):
@@ -483,11 +524,18 @@ cdef class Worker:
                 data = self.events[i].data.u64
                 tag = data & TAG_MASK
                 if tag == TAG_LISTENER:
-                    self._accept_burst(<Listener *>(data & ~TAG_MASK))
+                    if (<Listener *>(data & ~TAG_MASK)).frontend.udp:
+                        udp_read(self, <Listener *>(data & ~TAG_MASK))
+                    else:
+                        self._accept_burst(<Listener *>(data & ~TAG_MASK))
                 elif tag != TAG_WAKE:
                     c = <Conn *>(data & ~TAG_MASK)
                     if c.state != CONN_CLOSED:
                         self._handle(c, tag == TAG_BACKEND, self.events[i].events)
+                elif data != TAG_WAKE:
+                    flow_reply(self, <Flow *>(data & ~TAG_MASK))
+            if self.udp_out != NULL and self.udp_out.n:
+                udp_flush(self)
             # Slots closed in this batch are reused only now: later events of the same batch
             # may still name them.
             while self.dead != NULL:
@@ -498,6 +546,8 @@ cdef class Worker:
                 self.free_conns = dead
             if self.now_ms >= self.next_scan_ms:
                 self._scan_timeouts()
+                if self.nflows:
+                    expire_flows(self)
                 self.next_scan_ms = self.now_ms + SCAN_INTERVAL_MS
             if self.npaused:
                 self._resume_listeners()
@@ -1250,6 +1300,8 @@ cdef class Worker:
                 for i in range(c.ntried):
                     c.tried[i] = remap[c.tried[i]]
             c = c.next
+        if self.nflows:
+            remap_flows(self, pool, remap)
         free(remap)
         if table_refresh(table) < 0:
             raise MemoryError()

@@ -194,16 +194,22 @@ def check_command(args: argparse.Namespace) -> int:
     if message:
         print(f"fastlb: note: {message}", file=sys.stderr)
     unbound = 0
-    addresses = [(f"frontend {f.name}", address) for f in config.frontends for address in f.listen]
+    addresses = [
+        (f"frontend {f.name}", address, f.protocol == "udp")
+        for f in config.frontends
+        for address in f.listen
+    ]
     if config.stats:
-        addresses.append(("stats", config.stats))
-    for owner, address in addresses:
-        problem = bind_problem(address)
+        addresses.append(("stats", config.stats, False))
+    for owner, address, udp in addresses:
+        problem = bind_problem(address, udp)
         if problem:
             print(f"fastlb: error: {owner} cannot listen on {address}: {problem}", file=sys.stderr)
             unbound += 1
     unreachable = 0
     for pool in config.pools:
+        if pool.protocol == "udp":
+            continue  # no connect tells whether a UDP server listens; its checks do
         for backend in pool.backends:
             problem = probe(backend, pool.check.timeout)
             if problem:
@@ -215,11 +221,12 @@ def check_command(args: argparse.Namespace) -> int:
     return EXIT_UNREACHABLE if unreachable else 0
 
 
-def bind_problem(address: settings.Address) -> str | None:
-    """Why ``fastlb run`` could not listen on ``address`` now, or None. Binds as its listeners
-    do (SO_REUSEADDR, IPv6 only for IPv6) and closes at once."""
+def bind_problem(address: settings.Address, udp: bool = False) -> str | None:
+    """Why ``fastlb run`` could not listen on ``address`` (over UDP with ``udp``) now, or None.
+    Binds as its listeners do (SO_REUSEADDR, IPv6 only for IPv6) and closes at once."""
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     try:
-        with socket.socket(settings.address_family(address), socket.SOCK_STREAM) as sock:
+        with socket.socket(settings.address_family(address), kind) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if address.ipv6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

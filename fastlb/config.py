@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fastlb import config_file, settings
+from fastlb import config_file, model, settings
 from fastlb.config_file import Document
 from fastlb.errors import ConfigError
 from fastlb.model import DEFAULT, Address, CheckSpec, Config, FrontendSpec, PoolSpec, SniRoute
@@ -45,7 +45,7 @@ from fastlb.settings import CHECK, FRONTEND, OPTIONS, POOL, PROCESS, Option
 FRONTEND_KEYS = ("pool", "sni", "sni-required")  # frontend table keys that are no flags
 POOL_KEYS = ("check",)  # true, false or the [pool.NAME.check] table
 # Only the default frontend and pool have the listen and backend of the flags and top level.
-_NOT_INHERITED = ("listen", "backends")
+_NOT_INHERITED = ("listen", "backends", "protocol")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 MAX_HOST_NAME = 253
@@ -89,7 +89,8 @@ def load(values: Mapping[str, Any], path: str | None) -> Config:
         pools.append(_pool(name, top, table, document))
 
     frontends: list[FrontendSpec] = []
-    used: dict[Address, str] = {}  # listen addresses so far: the frontend using each
+    # listen addresses so far, by protocol and address: the frontend using each
+    used: dict[tuple[str, Address], str] = {}
     if "listen" in top:
         if DEFAULT in frontend_tables:
             raise ConfigError(
@@ -105,8 +106,42 @@ def load(values: Mapping[str, Any], path: str | None) -> Config:
         frontends.append(_frontend(name, top, table, document, pools, used))
     if not frontends:
         raise ConfigError("--listen is required (or a [frontend.NAME] in the --config file)")
+    pools = _with_protocols(frontends, pools)
     process = {option.attribute: _value(option, top, {}, True) for option in _scoped(PROCESS)}
     return Config(frontends=tuple(frontends), pools=tuple(pools), **process)
+
+
+def _with_protocols(frontends: list[FrontendSpec], pools: list[PoolSpec]) -> list[PoolSpec]:
+    """Each pool with the protocol of the frontends that route to it: one, as a UDP pool's
+    backends and checks are not a TCP pool's."""
+    protocols: dict[str, str] = {}
+    for frontend in frontends:
+        if frontend.protocol == "udp" and (frontend.sni or frontend.accept_proxy):
+            raise ConfigError(
+                f"frontend {frontend.name}: a udp frontend reads no PROXY header or SNI "
+                "(accept-proxy, sni)"
+            )
+        for name in frontend.pools():
+            other = protocols.setdefault(name, frontend.protocol)
+            if other != frontend.protocol:
+                raise ConfigError(
+                    f"pool {name} is used by both tcp and udp frontends; give each its own pool"
+                )
+    result = []
+    for pool in pools:
+        protocol = protocols.get(pool.name, "tcp")
+        udp_check = pool.check.type in model.UDP_CHECK_TYPES
+        if protocol == "udp" and pool.check.active and not udp_check:
+            raise ConfigError(
+                f"pool {pool.name} serves udp: its check type must be one of "
+                f"{', '.join(model.UDP_CHECK_TYPES)}, not {pool.check.type}"
+            )
+        if protocol == "tcp" and pool.check.type == "dns":
+            raise ConfigError(f"pool {pool.name}: dns checks are for pools of udp frontends")
+        if protocol == "udp" and pool.send_proxy:
+            raise ConfigError(f"pool {pool.name} serves udp: send-proxy is for tcp")
+        result.append(dataclasses.replace(pool, protocol=protocol))
+    return result
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -247,13 +282,14 @@ def _frontend(
     for address in values["listen"]:
         if address.port == 0:  # each one binds a port of its own
             continue
-        if address in used:
-            if used[address] != name:
-                raise given.error(f"listen {address} is also used by frontend {used[address]}")
+        key = (values["protocol"], address)  # TCP and UDP may share a port
+        if key in used:
+            if used[key] != name:
+                raise given.error(f"listen {address} is also used by frontend {used[key]}")
             raise given.error(
                 f"{'--listen' if table is None else 'listen'} {address} is given twice"
             )
-        used[address] = name
+        used[key] = name
 
     pool = section.get("pool")
     if pool is None:
@@ -422,6 +458,8 @@ def _check(
             f"pool {pool}: a send-expect check needs something to send or expect (send, "
             "send-hex, expect, expect-hex or expect-regex)"
         )
+    if check.type == "dns" and check.query is None:
+        raise where.error(f"pool {pool}: a dns check needs the name it asks for (query)")
     if check.type == "redis" and check.username is not None and check.password is None:
         raise where.error(f"pool {pool}: a redis check with a username needs its password")
     return check
@@ -526,6 +564,8 @@ def fit_to_open_file_limit(config: Config, limit: int) -> tuple[Config, str | No
         return config, None
     frontends = tuple(
         dataclasses.replace(frontend, max_conn=max(1, frontend.max_conn * most // total))
+        if frontend.protocol == "tcp"
+        else frontend
         for frontend in config.frontends
     )
     why = f"to fit the open-file limit ({limit}; raise it with ulimit -n or LimitNOFILE=)"
@@ -535,6 +575,7 @@ def fit_to_open_file_limit(config: Config, limit: int) -> tuple[Config, str | No
         changes = ", ".join(
             f"frontend {old.name} from {old.max_conn} to {new.max_conn}"
             for old, new in zip(config.frontends, frontends, strict=True)
+            if old.max_conn != new.max_conn
         )
         message = f"max-conn lowered {why}: {changes}"
     return dataclasses.replace(config, frontends=frontends), message

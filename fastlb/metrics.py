@@ -14,7 +14,11 @@ whose script polls ``/stats`` every second and computes the rates between two po
                     "sni": {<pattern>: <pool>}, "accept_proxy": [<network>, ...],
                     "active": <open connections>, "connections": <accepted>,
                     "rejected": <closed before a pick>,
-                    "gave_up": <closed because every backend tried failed>}, ...],
+                    "gave_up": <closed because every backend tried failed>,
+                    "protocol": "tcp" | "udp", (udp: "active" counts flows, and)
+                    "udp": {"created": <flows>, "evicted": <flows>, "datagrams_in": <int>,
+                            "bytes_in": <client -> backend>, "datagrams_out": <int>,
+                            "bytes_out": <int>, "dropped": {<reason>: <int>}}}, ...],
      "pools": [{"name": <str>, "algorithm": <str>, "send_proxy": "v1" | "v2" | null,
                 "check": <active check type> | null, "panic": <bool>,
                 "backends": [<backend id>, ...]}, ...],
@@ -156,6 +160,7 @@ class StatsCollector(Collector):
             for reason, count in frontend["ended"].items():
                 ended.add_metric([frontend["name"], reason], count)
         yield ended
+        yield from _udp_families(stats["frontends"])
         yield CounterMetricFamily(
             "fastlb_access_log_dropped",
             "Access log records lost because the writer fell behind.",
@@ -399,6 +404,37 @@ class StatsServer:
             conn.close()
         self.clients.clear()
         self.sock.close()
+
+
+_UDP_FAMILIES = {
+    "created": ("fastlb_udp_flows_created", "UDP flows opened."),
+    "evicted": ("fastlb_udp_flows_evicted", "UDP flows ended to make room (max-flows)."),
+    "datagrams_in": ("fastlb_udp_datagrams_in", "Datagrams from clients."),
+    "bytes_in": ("fastlb_udp_bytes_in", "Bytes of datagrams from clients."),
+    "datagrams_out": ("fastlb_udp_datagrams_out", "Datagrams from backends to clients."),
+    "bytes_out": ("fastlb_udp_bytes_out", "Bytes of datagrams from backends to clients."),
+}
+
+
+def _udp_families(frontends: list[dict]) -> Iterator[Metric]:
+    """The traffic of the UDP frontends: flows, datagrams and bytes each way, drops."""
+    families = {
+        key: CounterMetricFamily(name, text, labels=["frontend"])
+        for key, (name, text) in _UDP_FAMILIES.items()
+    }
+    dropped = CounterMetricFamily(
+        "fastlb_udp_dropped", "Datagrams not forwarded, by why.", labels=["frontend", "reason"]
+    )
+    for frontend in frontends:
+        udp = frontend.get("udp")
+        if udp is None:
+            continue
+        for key, family in families.items():
+            family.add_metric([frontend["name"]], udp[key])
+        for reason, count in udp["dropped"].items():
+            dropped.add_metric([frontend["name"], reason], count)
+    yield from families.values()
+    yield dropped
 
 
 @functools.cache

@@ -49,7 +49,11 @@ class BackendSpec:
         return text + ",backup" if self.backup else text
 
 
-CHECK_TYPES = ("tcp", "http", "send-expect", "redis", "postgres", "mysql", "tls", "agent")
+CHECK_TYPES = ("tcp", "http", "send-expect", "redis", "postgres", "mysql", "tls", "agent", "dns")
+UDP_CHECK_TYPES = ("send-expect", "dns")  # the checks of a pool behind a UDP frontend
+PROTOCOLS = ("tcp", "udp")
+# DNS response codes a dns check may expect (RFC 1035 and 2136), by name.
+DNS_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,9 @@ class CheckSpec:
     database: str | None = None
     # tls
     sni: str | None = None
+    # dns: an A query for this name, answered with this response code
+    query: str | None = None
+    rcode: str = "NOERROR"
     # flap damping: a fall within flap_window of the last rise keeps the backend out for
     # flap_base x the flaps in a row, at most flap_max
     flap_window: float = 0.0  # 0: off
@@ -112,6 +119,9 @@ class PoolSpec:
     on_down: str | None = None  # "close": reset the connections of a backend marked down
     slow_start: float = 0.0  # seconds over which a backend that comes back ramps its weight
     panic_threshold: float = 0.5  # fewer primaries up than this share: use all primaries
+    udp_idle_timeout: float = 30.0  # a UDP flow that carried nothing this long ends; 0: never
+    udp_responses: int = 0  # replies per client datagram, then a UDP flow ends (1: DNS); 0: off
+    protocol: str = "tcp"  # that of the frontends routing here (not a setting of its own)
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,8 @@ class FrontendSpec:
     max_conn: int = 10000  # per worker
     idle_timeout: float = 600.0  # nginx stream's proxy_timeout; 0: off
     inspect_timeout: float = 5.0
+    protocol: str = "tcp"  # one of PROTOCOLS; udp forwards datagrams by flows
+    max_flows: int = 10000  # UDP flows per worker; the oldest is evicted beyond
 
     @property
     def peeks(self) -> bool:
@@ -182,5 +194,6 @@ class Config:
 
     @property
     def max_conn(self) -> int:
-        """Connection slots of one worker: every frontend's share together."""
-        return sum(frontend.max_conn for frontend in self.frontends)
+        """Connection slots of one worker: every TCP frontend's share together (a UDP frontend
+        holds flows instead, max_flows of them)."""
+        return sum(frontend.max_conn for frontend in self.frontends if frontend.protocol == "tcp")

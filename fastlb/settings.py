@@ -554,6 +554,28 @@ OPTIONS: tuple[Option, ...] = (
         metavar="ACTION", scope=POOL,
     ),
     Option(
+        "protocol", "--protocol", str, one_of(*model.PROTOCOLS), "tcp",
+        "what the frontend forwards: tcp connections, or udp datagrams (by flows: a client "
+        "address and port, and the backend picked for it)",
+        metavar="PROTO", scope=FRONTEND,
+    ),
+    Option(
+        "max_flows", "--max-flows", int, integer(1), 10000,
+        "UDP flows per worker; a new flow beyond them ends the least recently used one",
+        metavar="N", scope=FRONTEND,
+    ),
+    Option(
+        "udp_idle_timeout", "--udp-idle-timeout", float, seconds(), 30.0,
+        "end a UDP flow that carried no datagram either way for this long; 0: never",
+        metavar="S", scope=POOL,
+    ),
+    Option(
+        "udp_responses", "--udp-responses", int, integer(0), 0,
+        "end a UDP flow once each of its client's datagrams got this many replies from the "
+        "backend (1 for DNS, as nginx's proxy_responses); 0: only when idle",
+        metavar="N", scope=POOL,
+    ),
+    Option(
         "slow_start", "--slow-start", float, seconds(), 0.0,
         "a backend that comes back up ramps its weight from 5% to full over this long; 0: off",
         metavar="S", scope=POOL,
@@ -719,6 +741,18 @@ OPTIONS: tuple[Option, ...] = (
         "the database of a postgres check's startup message", none_text="the user's",
         scope=CHECK, command_line=False, attribute="database", table_key="database",
         check_types=("postgres",),
+    ),
+    Option(
+        "check_query", "--check-query", str | None, host_name, None,
+        "the name a dns check asks for (an A query)", metavar="NAME",
+        scope=CHECK, attribute="query", table_key="query",
+        check_types=("dns",),
+    ),
+    Option(
+        "check_rcode", "--check-rcode", str, one_of(*model.DNS_RCODES), _CHECK.rcode,
+        "the response code a dns check expects",
+        scope=CHECK, command_line=False, attribute="rcode", table_key="rcode",
+        check_types=("dns",),
     ),
     Option(
         "check_sni", "--check-sni", str | None, host_name, None,

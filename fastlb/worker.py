@@ -54,6 +54,8 @@ def dataplane_specs(
             "panic_threshold": pool.panic_threshold,
             "on_down": pool.on_down,
             "first_byte_timeout": pool.first_byte_timeout if pool.observe == "first-byte" else 0.0,
+            "udp_idle_timeout": pool.udp_idle_timeout,
+            "udp_responses": pool.udp_responses,
         }
         for i, pool in enumerate(config.pools)
     ]
@@ -74,6 +76,8 @@ def dataplane_specs(
             ],
             "sni": [(route.pattern, pool_index[route.pool]) for route in frontend.sni],
             "sni_required": frontend.sni_required,
+            "udp": frontend.protocol == "udp",
+            "max_flows": frontend.max_flows,
         }
         for i, frontend in enumerate(config.frontends)
     ]
@@ -156,7 +160,8 @@ class WorkerProcess:
             if self.access_log is not None:
                 self.write_access_log()
             report = self.dataplane.report()
-            if report is not None or self.log_dropped:
+            udp = self.dataplane.report_udp()
+            if report is not None or self.log_dropped or udp:
                 version, backends, frontends = report or (0, [], [])
                 self.send(
                     msg.Report(
@@ -164,6 +169,7 @@ class WorkerProcess:
                         backends=[msg.BackendReport(*row) for row in backends],
                         frontends=[msg.FrontendReport(*row) for row in frontends],
                         log_dropped=self.log_dropped,
+                        udp=[msg.UdpReport(*row) for row in udp],
                     )
                 )
                 self.log_dropped = 0

@@ -11,6 +11,9 @@ is skipped, naming the Debian package that provides it.
 - :class:`NginxProxyEcho` accepts a PROXY header and answers with the address it was given.
 - :class:`TlsServer` is ``openssl s_server -www`` with its own self-signed certificate, so a
   client tells which server answered by the certificate it sees.
+- :class:`Unbound` and :class:`Nsd` serve the zone ``example.test`` over UDP, each answering
+  ``who.example.test`` with an address of its own (:data:`UNBOUND_ANSWER`,
+  :data:`NSD_ANSWER`); :func:`dig` asks through anything in between.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from conftest import START_TIMEOUT, STOP_TIMEOUT, free_port, wait_until
 from fastlb.model import Address
 
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+DNS_ZONE = "example.test"
+WHO = f"who.{DNS_ZONE}"  # answered with the server's own address below
+UNBOUND_ANSWER = "192.0.2.1"
+NSD_ANSWER = "192.0.2.2"
 
 
 def require(program: str, package: str) -> str:
@@ -247,6 +254,108 @@ class TlsServer(PeerProcess):
         return accepts("127.0.0.1", self.port)
 
 
+# ---- DNS servers ---------------------------------------------------------------------------------
+
+
+def dig(port: int, name: str = WHO, source_port: int | None = None, host: str = "127.0.0.1"):
+    """The A records of ``name`` that ``dig`` gets over UDP from host:port (one try, 2 s), or
+    None without an answer; ``source_port`` fixes the client's port."""
+    argv = [require("dig", "bind9-dnsutils"), "+short", "+time=2", "+tries=1", "+notcp"]
+    if source_port is not None:
+        argv += ["-b", f"127.0.0.1#{source_port}"]
+    argv += [f"@{host}", "-p", str(port), name, "A"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=START_TIMEOUT)
+    if done.returncode != 0:
+        return None
+    return done.stdout.split()
+
+
+def answers_dns(port: int) -> bool:
+    return bool(dig(port))
+
+
+class Unbound(PeerProcess):
+    """unbound on 127.0.0.1, with example.test as local data."""
+
+    def __init__(self, workdir: Path, name: str = "unbound"):
+        program = require("unbound", "unbound")
+        self.port = free_port()
+        config_path = workdir / f"{name}.conf"
+        config_path.write_text(
+            "server:\n"
+            f"    interface: 127.0.0.1@{self.port}\n"
+            "    do-daemonize: no\n"
+            '    username: ""\n'
+            '    chroot: ""\n'
+            f'    directory: "{workdir}"\n'
+            f'    pidfile: "{workdir / name}.pid"\n'
+            "    use-syslog: no\n"
+            '    logfile: ""\n'
+            "    num-threads: 1\n"
+            "    access-control: 127.0.0.0/8 allow\n"
+            f'    local-zone: "{DNS_ZONE}." static\n'
+            f'    local-data: "{DNS_ZONE}. A {UNBOUND_ANSWER}"\n'
+            f'    local-data: "{WHO}. A {UNBOUND_ANSWER}"\n'
+            "remote-control:\n"
+            "    control-enable: no\n"
+        )
+        super().__init__(name, [program, "-d", "-c", str(config_path)], workdir)
+        self.wait_ready()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        return answers_dns(self.port)
+
+
+class Nsd(PeerProcess):
+    """nsd on 127.0.0.1, authoritative for example.test; response rate limiting off (a load
+    test from one address would meet it)."""
+
+    def __init__(self, workdir: Path, name: str = "nsd"):
+        program = require("nsd", "nsd")
+        self.port = free_port()
+        home = workdir / name
+        home.mkdir()
+        (home / "zone").write_text(
+            f"$ORIGIN {DNS_ZONE}.\n$TTL 60\n"
+            "@ IN SOA ns hostmaster 1 3600 600 86400 60\n"
+            "@ IN NS ns\n"
+            f"@ IN A {NSD_ANSWER}\nns IN A {NSD_ANSWER}\nwho IN A {NSD_ANSWER}\n"
+        )
+        config_path = home / "nsd.conf"
+        config_path.write_text(
+            "server:\n"
+            f"    ip-address: 127.0.0.1@{self.port}\n"
+            '    username: ""\n'
+            '    chroot: ""\n'
+            f'    zonesdir: "{home}"\n'
+            '    database: ""\n'
+            f'    pidfile: "{home}/nsd.pid"\n'
+            f'    xfrdfile: "{home}/xfrd.state"\n'
+            f'    xfrdir: "{home}"\n'
+            f'    zonelistfile: "{home}/zone.list"\n'
+            "    server-count: 1\n"
+            "    rrl-ratelimit: 0\n"
+            "remote-control:\n"
+            "    control-enable: no\n"
+            "zone:\n"
+            f"    name: {DNS_ZONE}\n"
+            "    zonefile: zone\n"
+        )
+        super().__init__(name, [program, "-d", "-c", str(config_path)], workdir)
+        self.wait_ready()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        return answers_dns(self.port)
+
+
 # ---- redis-server --------------------------------------------------------------------------------
 
 
@@ -300,6 +409,12 @@ class Peers:
 
     def redis_server(self) -> RedisServer:
         return self._started(RedisServer(self.workdir))
+
+    def unbound(self) -> Unbound:
+        return self._started(Unbound(self.workdir, f"unbound{len(self.started)}"))
+
+    def nsd(self) -> Nsd:
+        return self._started(Nsd(self.workdir, f"nsd{len(self.started)}"))
 
     def stop_all(self) -> None:
         for peer in self.started:

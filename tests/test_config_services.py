@@ -275,8 +275,8 @@ FLAT_1 = 'listen = "127.0.0.1:7001"\nbackend = "127.0.0.1:9"\n'
     [
         (POOL_P + '[frontend.a]\nlisten = "127.0.0.1:7001"\nalgorithm = "x"\n', 5,
          "unknown key 'algorithm' in [frontend.a]; algorithm is a pool setting (a frontend "
-         "takes: listen, max-conn, idle-timeout, inspect-timeout, accept-proxy, pool, sni, "
-         "sni-required)"),
+         "takes: listen, max-conn, idle-timeout, inspect-timeout, accept-proxy, protocol, "
+         "max-flows, pool, sni, sni-required)"),
         (POOL_P + "bogus = 1\n" + FRONT_A, 3,
          "unknown key 'bogus' in [pool.p] (a pool takes: backend, algorithm,"),
         (POOL_P + FRONT_A + "workers = 2\n", 6, "workers is a process setting"),
@@ -739,6 +739,7 @@ def test_check_keys_of_each_type():
         "mysql": [],
         "tls": ["sni"],
         "agent": [],
+        "dns": ["query", "rcode"],
     }
     assert set(own) == set(model.CHECK_TYPES)
     for check_type, keys in own.items():

@@ -30,6 +30,7 @@ import pytest
 from conftest import START_TIMEOUT, free_port, free_ports
 from peers import PeerProcess, RedisServer, accepts, require, self_signed_certificate
 
+from fastlb.health import probes
 from fastlb.health.probes import LOCAL_HEADERS, Checker, CheckResult, parse_agent_reply
 from fastlb.model import Address, CheckSpec
 
@@ -1123,3 +1124,31 @@ def test_a_stopped_postgres_is_marked_down_by_fastlb(postgres, configured, backe
         assert lb.backend(address)["history"]["last_check"]["reason"] == "timeout"
     finally:
         postgres.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_dns_query_asks_for_the_a_records_of_its_name():
+    query = probes.dns_query("who.example.test.", 0x1234)
+    assert query[:12] == bytes.fromhex("1234 0100 0001 0000 0000 0000")
+    assert query[12:] == b"\x03who\x07example\x04test\x00\x00\x01\x00\x01"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expect", "verdict"),
+    [
+        (0x8180, "NOERROR", (True, "DNS NOERROR")),
+        (0x8183, "NOERROR", (False, "DNS NXDOMAIN")),
+        (0x8183, "NXDOMAIN", (True, "DNS NXDOMAIN")),
+        (0x818B, "NOERROR", (False, "DNS rcode 11")),
+    ],
+)
+def test_a_dns_check_judges_the_answers_rcode(flags, expect, verdict):
+    conversation = probes.DnsQuery(CheckSpec(type="dns", query="example.test", rcode=expect))
+    ident = int.from_bytes(conversation.opening()[:2])
+    assert conversation.feed(ident.to_bytes(2) + flags.to_bytes(2) + bytes(8))[:2] == verdict
+
+
+def test_a_dns_check_waits_past_answers_to_other_queries():
+    conversation = probes.DnsQuery(CheckSpec(type="dns", query="example.test"))
+    other = (int.from_bytes(conversation.opening()[:2]) ^ 1).to_bytes(2)
+    assert conversation.feed(other + b"\x81\x80" + bytes(8)) is None
+    assert not conversation.feed(b"\x00").ok  # too short for a DNS header

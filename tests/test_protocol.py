@@ -28,6 +28,12 @@ EXAMPLES = [
         frontends=[msg.FrontendReport(0, active=6, accepted=11, ended=[0, 9, 1, 0, 0, 1])],
     ),
     msg.Report(table=1, backends=[], frontends=[]),
+    msg.Report(
+        table=3,
+        backends=[],
+        frontends=[],
+        udp=[msg.UdpReport(1, flows=4, created=9, datagrams_in=12, bytes_in=900, dropped=[0, 2])],
+    ),
     msg.Table(
         version=2,
         pools=[
@@ -138,6 +144,11 @@ def test_counts_round_trip(others, version):
         (
             raw(t="report", table=1, backends=[{"id": 1, "active": 1, "new": 1.5}], frontends=[]),
             "new must be a whole number",
+        ),
+        (
+            raw(t="report", table=1, backends=[], frontends=[],
+                udp=[{"id": 0, "flows": 1, "dropped": [1, "x"]}]),
+            "dropped must be a list of whole numbers",
         ),
         (msgpack.packb([1, 2, 3]), "not a map"),
         (msgpack.packb("hello"), "not a map"),

@@ -63,7 +63,7 @@ def test_defaults_follow_haproxy():
 SCOPE_CLASSES = {
     settings.PROCESS: (Config, {"frontends", "pools"}),
     settings.FRONTEND: (FrontendSpec, {"name", "pool", "sni", "sni_required"}),
-    settings.POOL: (PoolSpec, {"name", "check"}),
+    settings.POOL: (PoolSpec, {"name", "check", "protocol"}),
     settings.CHECK: (CheckSpec, set()),
 }
 

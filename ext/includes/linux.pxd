@@ -147,3 +147,62 @@ cdef extern from "<time.h>" nogil:
         CLOCK_MONOTONIC_COARSE
 
     int clock_gettime(int clk, timespec *tp)
+
+
+# UDP: batched datagrams and the address a datagram was sent to.
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        SOCK_DGRAM
+        MSG_DONTWAIT
+        MSG_TRUNC
+        MSG_CTRUNC
+
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
+    cmsghdr *CMSG_NXTHDR(msghdr *msg, cmsghdr *cmsg)
+    unsigned char *CMSG_DATA(cmsghdr *cmsg)
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
+
+    int recvmmsg(int fd, mmsghdr *vmessages, unsigned int vlen, int flags, timespec *tmo)
+    int sendmmsg(int fd, mmsghdr *vmessages, unsigned int vlen, int flags)
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_IP
+        IPPROTO_IPV6
+        IP_PKTINFO
+        IPV6_PKTINFO
+        IPV6_RECVPKTINFO
+        IPV6_V6ONLY
+
+    struct in_pktinfo:
+        int ipi_ifindex
+        in_addr ipi_spec_dst
+        in_addr ipi_addr
+
+    struct in6_pktinfo:
+        in6_addr ipi6_addr
+        unsigned int ipi6_ifindex

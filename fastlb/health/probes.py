@@ -58,6 +58,16 @@ The kinds (``CheckSpec.type``):
     ``agent_state`` is the last state word, ``agent_weight`` the last weight. The agent is on
     ``CheckSpec.port`` (the configuration requires one; this module falls back to the
     backend's port).
+``dns``
+    Sends a DNS query for ``CheckSpec.query`` (type A, class IN, recursion desired) and passes
+    when the answer with the query's id has the response code ``CheckSpec.rcode`` (reason:
+    ``"DNS NOERROR"``). Only the 12-byte header of the answer is read, so no DNS library is
+    needed.
+
+The checks of a pool behind a UDP frontend (``send-expect`` and ``dns``) use a connected UDP
+socket instead: ``send`` goes out as one datagram, and each datagram back is fed to the
+conversation until one matches or the check times out; a port unreachable answer fails it at
+once (``"refused"``).
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ import heapq
 import itertools
 import logging
 import os
+import random
 import re
 import selectors
 import socket
@@ -80,7 +91,7 @@ from typing import NamedTuple
 
 import h11
 
-from fastlb.model import Address, CheckSpec
+from fastlb.model import DNS_RCODES, Address, CheckSpec
 
 log = logging.getLogger("fastlb.health")
 
@@ -316,6 +327,40 @@ class SendExpect(Conversation):
         return None
 
 
+DNS_FLAGS_QUERY = 0x0100  # a standard query, recursion desired
+DNS_QTYPE_A = 1
+DNS_CLASS_IN = 1
+
+
+def dns_query(name: str, ident: int) -> bytes:
+    """A DNS query message (RFC 1035 4.1) for the A records of ``name``."""
+    header = struct.pack("!HHHHHH", ident, DNS_FLAGS_QUERY, 1, 0, 0, 0)
+    labels = [label.encode("ascii") for label in name.rstrip(".").split(".") if label]
+    qname = b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+    return header + qname + struct.pack("!HH", DNS_QTYPE_A, DNS_CLASS_IN)
+
+
+class DnsQuery(Conversation):
+    def __init__(self, spec: CheckSpec):
+        self.ident = random.getrandbits(16)
+        self.query = dns_query(spec.query or ".", self.ident)
+        self.expect = spec.rcode
+
+    def opening(self) -> bytes:
+        return self.query
+
+    def feed(self, data: bytes) -> Verdict | None:
+        if len(data) < 12:
+            return _failed(f"not a DNS answer ({len(data)} bytes)")
+        ident, flags = struct.unpack_from("!HH", data)
+        if ident != self.ident or not flags & 0x8000:
+            return None  # not the answer to this query: wait for it
+        code = flags & 0xF
+        rcode = DNS_RCODES[code] if code < len(DNS_RCODES) else f"rcode {code}"
+        verdict = _passed if rcode == self.expect else _failed
+        return verdict(f"DNS {rcode}")
+
+
 def _resp_command(*words: str) -> bytes:
     """A command as a RESP array of bulk strings."""
     parts = [b"*%d\r\n" % len(words)]
@@ -524,6 +569,7 @@ class AgentLine(Conversation):
 # ---- the checker: sockets in the selector ------------------------------------------------------
 
 SOCK_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+SOCK_DGRAM_NONBLOCK = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 CONNECT_PENDING = (errno.EINPROGRESS, errno.EAGAIN)
 
 
@@ -631,9 +677,11 @@ class Checker:
         address: Address,
         spec: CheckSpec,
         send_proxy: str | None = None,
+        udp: bool = False,
         started: float | None = None,
     ) -> None:
-        """Starts a check of ``key`` (replacing one in flight). Its result comes to
+        """Starts a check of ``key`` (replacing one in flight), over UDP with ``udp``. Its
+        result comes to
         ``on_result``, at once when it ends before it has to wait: it could not start, or it
         had nothing to wait for (a tcp check connected by the time ``connect()`` returned)."""
         probe = self.pending.get(key)
@@ -656,7 +704,7 @@ class Checker:
                 self.check_on_kept(kept, plan, started)
                 return
             conversation = plan.start()
-            sock = socket.socket(plan.family, SOCK_STREAM_NONBLOCK)
+            sock = socket.socket(plan.family, SOCK_DGRAM_NONBLOCK if udp else SOCK_STREAM_NONBLOCK)
         except (ValueError, re.error) as exc:  # a setting the configuration should have refused
             self.report(key, address, started, _failed(str(exc)))
             return
@@ -715,6 +763,8 @@ class Checker:
             return partial(TlsHandshake, self.client_tls_context(), spec)
         if kind == "agent":
             return partial(AgentLine, spec)
+        if kind == "dns":
+            return partial(DnsQuery, spec)
         raise ValueError(f"unknown check type {kind!r}")
 
     def client_tls_context(self) -> ssl.SSLContext:
@@ -790,7 +840,9 @@ class Checker:
             self.drop(probe)
             if probe.reused and not conversation.received and verdict.reason != "timeout":
                 plan = self.plans[probe.key]
-                self.check(probe.key, plan.address, plan.spec, plan.send_proxy, probe.started)
+                self.check(
+                    probe.key, plan.address, plan.spec, plan.send_proxy, started=probe.started
+                )
                 return
         self.report(probe.key, probe.target, probe.started, verdict)
 

@@ -23,7 +23,11 @@ worker -> supervisor
               accepted, ended}]`` likewise; ``ended`` counts the connections that ended by why,
               indexed by the data plane's END_* codes (``fastlb.accesslog.END_REASONS``).
               ``log_dropped``: access log records lost since the previous report (the writer
-              fell behind).
+              fell behind). ``udp``: ``[{id, flows, created, evicted, datagrams_in, bytes_in,
+              datagrams_out, bytes_out, dropped}]`` for each UDP frontend whose counters moved:
+              ``flows`` is this worker's active flows (absolute), the others are deltas;
+              ``in`` is client -> backend; ``dropped`` counts datagrams not forwarded, indexed
+              by :data:`UDP_DROP_REASONS`.
 
 supervisor -> worker
   ``table``   ``{t, version, pools}``: whole backend tables, each swapped in at once.
@@ -79,12 +83,30 @@ class FrontendReport:
     ended: list[int] = field(default_factory=list)  # connections ended, by reason code
 
 
+# Why a UDP datagram was not forwarded, in the data plane's UDP_DROP_* order.
+UDP_DROP_REASONS = ("no-backend", "error", "backend-send", "client-send", "refused")
+
+
+@dataclass(frozen=True, slots=True)
+class UdpReport:
+    id: int  # the frontend's
+    flows: int
+    created: int = 0
+    evicted: int = 0
+    datagrams_in: int = 0
+    bytes_in: int = 0
+    datagrams_out: int = 0
+    bytes_out: int = 0
+    dropped: list[int] = field(default_factory=list)  # by UDP_DROP_REASONS
+
+
 @dataclass(frozen=True, slots=True)
 class Report:
     table: int
     backends: list[BackendReport]
     frontends: list[FrontendReport]
     log_dropped: int = 0
+    udp: list[UdpReport] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +163,14 @@ _NAMES = {cls: name for name, cls in _TYPES.items()}
 _NESTED: dict[tuple[type, str], type] = {
     (Report, "backends"): BackendReport,
     (Report, "frontends"): FrontendReport,
+    (Report, "udp"): UdpReport,
     (Table, "pools"): PoolTable,
     (PoolTable, "backends"): BackendEntry,
 }
 # The type each scalar field must have; bools are ints to Python, so they are checked apart.
 _BOOL_FIELDS = {"up", "backup"}
 _STR_FIELDS = {"host"}
-_INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended"}
+_INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended", "dropped"}
 
 
 def _plain(value: object) -> object:

@@ -157,6 +157,8 @@ class FrontendState:
     ended: list[int] = field(default_factory=lambda: [0] * len(END_REASONS))  # by reason
     gave_up_logged: int = 0  # gave_up as of the last line about it
     gave_up_logged_at: float = 0.0
+    udp: dict[str, int] = field(default_factory=dict)  # UDP frontends: UdpReport's counters
+    udp_dropped: list[int] = field(default_factory=lambda: [0] * len(msg.UDP_DROP_REASONS))
 
     @property
     def rejected(self) -> int:
@@ -167,6 +169,21 @@ class FrontendState:
     def gave_up(self) -> int:
         """Closed because every backend tried failed."""
         return self.ended[END_REASONS.index("connect-failed")]
+
+    def add_udp(self, entry: msg.UdpReport) -> None:
+        for key in UDP_COUNTERS:
+            self.udp[key] = self.udp.get(key, 0) + getattr(entry, key)
+        _add(self.udp_dropped, entry.dropped)
+
+    def udp_stats(self) -> dict:
+        """The /stats entry of a UDP frontend's traffic."""
+        stats = {key: self.udp.get(key, 0) for key in UDP_COUNTERS}
+        stats["dropped"] = dict(zip(msg.UDP_DROP_REASONS, self.udp_dropped, strict=True))
+        return stats
+
+
+# The counters of a UDP frontend, as UdpReport names them.
+UDP_COUNTERS = ("created", "evicted", "datagrams_in", "bytes_in", "datagrams_out", "bytes_out")
 
 
 class Arbiter:
@@ -873,6 +890,13 @@ class Arbiter:
                 if frontend is not None:  # else removed by a reload
                     frontend.connections += entry.accepted
                     _add(frontend.ended, entry.ended)
+        for entry in report.udp:
+            if 0 <= entry.id < len(specs):
+                name = specs[entry.id].name
+                worker.frontend_active[name] = entry.flows
+                frontend = by_name.get(name)
+                if frontend is not None:
+                    frontend.add_udp(entry)
         self.access_log_dropped += report.log_dropped
         if report.table != self.table_version:
             return  # counted against an older table: its failures may predate the last change
@@ -1100,7 +1124,13 @@ class Arbiter:
             ):
                 pool = self.pool_spec(backend)
                 backend.next_check = now + self.check_interval(backend)
-                self.checker.check(backend.id, backend.spec.address, pool.check, pool.send_proxy)
+                self.checker.check(
+                    backend.id,
+                    backend.spec.address,
+                    pool.check,
+                    pool.send_proxy,
+                    udp=pool.protocol == "udp",
+                )
 
     def on_check(self, backend_id: int, result: CheckResult) -> None:
         backend = self.backends.get(backend_id)
@@ -1206,6 +1236,7 @@ class Arbiter:
                     "pool": frontend.spec.pool,
                     "sni": {route.pattern: route.pool for route in frontend.spec.sni},
                     "accept_proxy": [str(net) for net in frontend.spec.accept_proxy],
+                    "protocol": frontend.spec.protocol,
                     "active": frontend_active[frontend.spec.name],
                     "connections": frontend.connections,
                     "rejected": frontend.rejected,
@@ -1215,6 +1246,7 @@ class Arbiter:
                         for reason, count in zip(END_REASONS, frontend.ended, strict=True)
                         if count and reason != "open"
                     },
+                    **({"udp": frontend.udp_stats()} if frontend.spec.protocol == "udp" else {}),
                 }
                 for frontend in self.frontends
             ],

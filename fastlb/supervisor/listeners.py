@@ -1,5 +1,6 @@
 """Making listening sockets: the stats server's, and each member of a frontend address's
-SO_REUSEPORT group (see :mod:`fastlb.supervisor.sockets`, which keeps them across generations).
+SO_REUSEPORT group, TCP or UDP (see :mod:`fastlb.supervisor.sockets`, which keeps them across
+generations).
 
 The supervisor keeps every socket open for as long as it runs. A worker only ever uses its
 own, so when it dies its socket and the connections queued on it stay, and its replacement
@@ -34,13 +35,14 @@ def open_listener(address: Address) -> socket.socket:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
 
-def _check_free(address: Address) -> None:
+def _check_free(address: Address, udp: bool = False) -> None:
     # SO_REUSEPORT would let us join the group of another process of the same user (another
     # fastlb on the same port) and share its clients. A socket without it fails to bind there.
     if address.port == 0:
         return
     try:
-        with socket.socket(address_family(address), socket.SOCK_STREAM) as probe:
+        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+        with socket.socket(address_family(address), kind) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             _v6only(probe, address)
             probe.bind((address.host, address.port))
@@ -64,6 +66,21 @@ def _listener(address: Address, reuse_port: bool) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((address.host, address.port))
         sock.listen(backlog())
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _udp_socket(address: Address) -> socket.socket:
+    # One socket of the address's SO_REUSEPORT group: the kernel spreads clients over the
+    # workers by their address and port, so a client's datagrams keep reaching one worker.
+    sock = socket.socket(address_family(address), socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _v6only(sock, address)
+        sock.bind((address.host, address.port))
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -15,6 +15,11 @@ place is the slot. We steer rather than rely on ``net.ipv4.tcp_migrate_req``: th
 per network namespace, off by default and not ours to turn on, and it would not help an
 address removed altogether (there is no sibling to migrate to).
 
+A UDP frontend's address has a group of its own, bound UDP sockets, beside a TCP one on the same
+address. Its datagrams are never steered: the kernel's hash of the client's address and port
+keeps a client on one socket, which a random pick would break, and a spare socket is still
+polled. A retiring UDP group closes at once (a datagram has no queue to wait for).
+
 An address removed by a reload *retires*: a socket filter drops new SYNs (clients retransmit,
 then find the port closed, as for any address given up), the generation still accepting drains
 what is queued, and the group is closed once its accept queues are empty (TCP_INFO), never
@@ -32,7 +37,7 @@ import struct
 
 from fastlb.errors import ConfigError
 from fastlb.model import Address, Config
-from fastlb.supervisor.listeners import _check_free, _listener
+from fastlb.supervisor.listeners import _check_free, _listener, _udp_socket
 
 log = logging.getLogger("fastlb.supervisor")
 
@@ -72,12 +77,24 @@ def queued(sock: socket.socket) -> int:
     return struct.unpack_from("I", info, TCP_INFO_UNACKED)[0]
 
 
+Endpoint = tuple[str, Address]  # ("tcp" or "udp", address): what a group is kept by
+
+
 @dataclasses.dataclass
 class Group:
     address: Address
     sockets: list[socket.socket]
     owned: bool  # bound by fastlb: siblings may be added, and a program steers SYNs
     retiring: bool = False
+    protocol: str = "tcp"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return (self.protocol, self.address)
+
+    @property
+    def label(self) -> str:
+        return str(self.address) if self.protocol == "tcp" else f"{self.address} (udp)"
 
     def for_slot(self, slot: int, workers: int) -> list[socket.socket]:
         """The sockets worker ``slot`` of ``workers`` polls: every one is polled by someone."""
@@ -85,6 +102,8 @@ class Group:
         return mine or [self.sockets[slot % len(self.sockets)]]
 
     def queued(self) -> int:
+        if self.protocol != "tcp":
+            return 0
         return sum(queued(sock) for sock in self.sockets)
 
     def close(self) -> None:
@@ -96,8 +115,8 @@ class Group:
 class Sockets:
     """Every listening socket of the frontends, by address."""
 
-    def __init__(self, groups: dict[Address, Group] | None = None):
-        self.groups: dict[Address, Group] = groups or {}
+    def __init__(self, groups: dict[Endpoint, Group] | None = None):
+        self.groups: dict[Endpoint, Group] = groups or {}
 
     # ---- making and inheriting -----------------------------------------------------------------
 
@@ -116,18 +135,25 @@ class Sockets:
             fd = LISTEN_FDS_START + i
             try:
                 sock = socket.socket(fileno=fd)
-                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                udp = sock.type == socket.SOCK_DGRAM
+                listening = udp or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
             except OSError as exc:
                 raise ConfigError(f"inherited descriptor {fd}: {exc.strerror or exc}") from None
-            if sock.type != socket.SOCK_STREAM or not listening:
-                raise ConfigError(f"inherited descriptor {fd} is not a listening TCP socket")
+            if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM) or not listening:
+                raise ConfigError(
+                    f"inherited descriptor {fd} is neither a listening TCP socket nor a UDP one"
+                )
             sock.set_inheritable(False)
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not udp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             host, port = sock.getsockname()[:2]
             address = Address(host, port)
             owned = i < len(names) and names[i] == OWN_NAME
-            group = sockets.groups.setdefault(address, Group(address, [], owned))
+            protocol = "udp" if udp else "tcp"
+            group = sockets.groups.setdefault(
+                (protocol, address), Group(address, [], owned, protocol=protocol)
+            )
             group.sockets.append(sock)
         return sockets
 
@@ -138,16 +164,17 @@ class Sockets:
         Raises ConfigError (one line) and then closes only what it bound."""
         added: list[Group] = []
         grown: list[tuple[Group, int]] = []
-        bound: dict[Address, Address] = {}
+        bound: dict[Endpoint, Address] = {}
         try:
-            for address in _addresses(config):
-                group = self.groups.get(address)
+            for endpoint in _endpoints(config):
+                protocol, address = endpoint
+                group = self.groups.get(endpoint)
                 if group is None:
-                    _check_free(address)
-                    group = Group(address, [], owned=True)
+                    _check_free(address, udp=protocol == "udp")
+                    group = Group(address, [], owned=True, protocol=protocol)
                     self._bind(group, config.workers)
                     added.append(group)
-                    bound[address] = group.address
+                    bound[endpoint] = group.address
                 elif group.owned and len(group.sockets) < config.workers:
                     grown.append((group, len(group.sockets)))
                     self._bind(group, config.workers)
@@ -160,22 +187,26 @@ class Sockets:
                 del group.sockets[size:]
             raise
         for group in added:
-            self.groups[group.address] = group
+            self.groups[group.endpoint] = group
             self.steer(group, config.workers)
         config = _rebind(config, bound)
-        for address in _addresses(config):
-            group = self.groups[address]
+        for endpoint in _endpoints(config):
+            group = self.groups[endpoint]
             if group.retiring:
                 group.retiring = False
-                for sock in group.sockets:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+                if group.owned and group.protocol == "tcp":
+                    for sock in group.sockets:
+                        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
         return config
 
     def _bind(self, group: Group, count: int) -> None:
         address = group.address
         while len(group.sockets) < count:
             try:
-                sock = _listener(address, reuse_port=True)
+                if group.protocol == "udp":
+                    sock = _udp_socket(address)
+                else:
+                    sock = _listener(address, reuse_port=True)
             except OSError as exc:
                 raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
             group.sockets.append(sock)
@@ -190,32 +221,32 @@ class Sockets:
             (frontend_id, sock)
             for frontend_id, frontend in enumerate(config.frontends)
             for address in frontend.listen
-            for sock in self.groups[address].for_slot(slot, config.workers)
+            for sock in self.groups[(frontend.protocol, address)].for_slot(slot, config.workers)
         ]
 
     def steer(self, group: Group, workers: int) -> None:
         """New SYNs of an owned group go to its first ``workers`` sockets only."""
-        if not group.owned or not group.sockets:
+        if not group.owned or not group.sockets or group.protocol != "tcp":
             return
         code, program = _filter(steer_program(workers))
         group.sockets[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, program)
         del code
 
     def steer_all(self, config: Config) -> None:
-        for address in _addresses(config):
-            self.steer(self.groups[address], config.workers)
+        for endpoint in _endpoints(config):
+            self.steer(self.groups[endpoint], config.workers)
 
     # ---- retiring -------------------------------------------------------------------------------
 
-    def retire_unused(self, config: Config) -> list[Address]:
+    def retire_unused(self, config: Config) -> list[str]:
         """Starts retiring every group ``config`` does not listen on: new SYNs are dropped."""
-        keep = set(_addresses(config))
+        keep = set(_endpoints(config))
         retired = []
         for group in self.groups.values():
-            if group.address not in keep and not group.retiring:
+            if group.endpoint not in keep and not group.retiring:
                 group.retiring = True
-                retired.append(group.address)
-                if not group.owned:
+                retired.append(group.label)
+                if not group.owned or group.protocol != "tcp":
                     continue  # systemd's socket: our copy closes, the socket stays as it is
                 code, program = _filter(DROP_SYN)
                 for sock in group.sockets:
@@ -228,12 +259,12 @@ class Sockets:
             group.queued() for group in self.groups.values() if group.retiring and group.owned
         )
 
-    def close_retired(self) -> list[Address]:
+    def close_retired(self) -> list[str]:
         closed = [group for group in self.groups.values() if group.retiring]
         for group in closed:
             group.close()
-            del self.groups[group.address]
-        return [group.address for group in closed]
+            del self.groups[group.endpoint]
+        return [group.label for group in closed]
 
     # ---- all of them ---------------------------------------------------------------------------
 
@@ -255,15 +286,20 @@ class Sockets:
         self.groups.clear()
 
 
-def _addresses(config: Config) -> list[Address]:
-    return [address for frontend in config.frontends for address in frontend.listen]
+def _endpoints(config: Config) -> list[Endpoint]:
+    return [
+        (frontend.protocol, address) for frontend in config.frontends for address in frontend.listen
+    ]
 
 
-def _rebind(config: Config, bound: dict[Address, Address]) -> Config:
-    """``config`` with each address of ``bound`` replaced by the address it maps to."""
+def _rebind(config: Config, bound: dict[Endpoint, Address]) -> Config:
+    """``config`` with each endpoint of ``bound`` replaced by the address it maps to."""
     frontends = tuple(
         dataclasses.replace(
-            frontend, listen=tuple(bound.get(address, address) for address in frontend.listen)
+            frontend,
+            listen=tuple(
+                bound.get((frontend.protocol, address), address) for address in frontend.listen
+            ),
         )
         for frontend in config.frontends
     )
