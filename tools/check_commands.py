@@ -401,9 +401,19 @@ def tracebacks(running: bytes, stopping: bytes) -> bool:
         return True
     for trace in stopping.decode("utf-8", "replace").split(marker)[1:]:
         last = [line for line in trace.splitlines() if line and not line.startswith(" ")]
-        if not last or last[-1] != "KeyboardInterrupt":
+        if not last or last[-1] not in INTERRUPTED:
             return True
     return False
+
+
+# How a traceback of an interrupt ends: the interrupt, or a chained exception that leads to one
+# (asyncio cancels its tasks on Ctrl-C).
+INTERRUPTED = {
+    "KeyboardInterrupt",
+    "asyncio.exceptions.CancelledError",
+    "During handling of the above exception, another exception occurred:",
+    "The above exception was the direct cause of the following exception:",
+}
 
 
 def tail(run: Run, lines: int = 25) -> str:
