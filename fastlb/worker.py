@@ -216,6 +216,9 @@ class WorkerProcess:
             self.dataplane.set_others(message.others)
         elif isinstance(message, msg.Drain):
             self.drain()
+        elif isinstance(message, msg.KillSessions):
+            for backend_id in message.backends:
+                self.dataplane.close_backend(backend_id)
         elif isinstance(message, msg.Invalid):
             log.warning("worker %d: ignoring a bad message: %s", self.worker_id, message.reason)
         else:
