@@ -194,7 +194,7 @@ class Arbiter:
             log.warning("%s", state_warning)
         for note in self.runtime.reconcile(config, starting=True):
             log.info("state file: %s", note)
-        self.state_changed = False
+        self.state_changed = True  # the file is written again as the config left it
         self.reload_config = reload  # SIGHUP: the config read anew (the --config file)
         self.listeners = listeners  # by worker slot: (frontend id, socket) pairs
         self.on_ready = on_ready
