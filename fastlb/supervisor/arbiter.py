@@ -1311,6 +1311,8 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
             "log_level",
             "access_log",
             "access_log_format",
+            "control",
+            "state_file",
         )
         if getattr(old, name) != getattr(new, name)
     ]
