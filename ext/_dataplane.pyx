@@ -352,6 +352,26 @@ cdef class Worker:
             self.pools[<int>where[0]].table.backends[<int>where[1]].others_active = count
         return unknown
 
+    def close_backend(self, backend_id):
+        """Resets every connection to a backend now, as on-down close does for one marked down
+        (fastlb ctl kill-sessions); returns how many. An unknown id closes nothing."""
+        cdef Conn *c = self.live
+        cdef Conn *nxt
+        cdef Pool *pool
+        cdef int index, closed = 0
+        where = self.backend_index.get(backend_id)
+        if where is None:
+            return 0
+        pool = &self.pools[<int>where[0]]
+        index = where[1]
+        while c != NULL:
+            nxt = c.next
+            if c.pool == pool and c.backend == index:
+                self._close(c, True, END_BACKEND_DOWN)
+                closed += 1
+            c = nxt
+        return closed
+
     def poll(self, int timeout_ms):
         cdef int woke
         with nogil:
@@ -1280,8 +1300,9 @@ cdef class Worker:
             nxt = c.next
             if c.pool == pool:
                 j = remap[c.backend] if c.backend >= 0 else -1
+                # Weight 0 is a drain (the operator's): its connections finish.
                 if (pool.close_on_down and j >= 0 and old[c.backend].up
-                        and not new.backends[j].up):
+                        and not new.backends[j].up and new.backends[j].weight > 0):
                     self._close(c, True, END_BACKEND_DOWN)
                 else:
                     self._count_bytes(c)

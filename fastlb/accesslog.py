@@ -47,12 +47,12 @@ def _timestamp(wall: float) -> str:
 
 class AccessLog:
     def __init__(
-        self, path: str, form: str, frontends: list[str], pools: list[str], journald: bool
+        self, path: str, form: str, frontends: list[str], pools: dict[int, str], journald: bool
     ):
         self.path = path
         self.json = form == "json"
-        self.frontends = frontends  # names by id
-        self.pools = pools
+        self.frontends = frontends  # names by id (their places in the config)
+        self.pools = pools  # names by the supervisor's pool id
         self.stamp = not journald or path != "-"
         self.fd = -1
         self.reopen()
@@ -77,7 +77,7 @@ class AccessLog:
             entry = {
                 "client": str(Address(host, port)),
                 "frontend": self.frontends[frontend],
-                "pool": "-" if pool is None else self.pools[pool],
+                "pool": self.pools.get(pool, "-") if pool is not None else "-",
                 "backend": "-" if backend is None else backends.get(backend, str(backend)),
                 "connect_ms": connected - start if connected else -1,
                 "duration_ms": end - start,

@@ -1,4 +1,4 @@
-"""The ``fastlb`` command: ``run``, ``check`` and ``demo``.
+"""The ``fastlb`` command: ``run``, ``check``, ``demo``, ``status`` and ``ctl``.
 
 The flags of ``run`` and ``check`` come from the table in :mod:`fastlb.settings`. Every user
 error ends as one line on stderr, ``fastlb: error: ...``, and exit status 2.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import resource
@@ -18,6 +19,8 @@ import textwrap
 
 import fastlb.config
 from fastlb import __version__, demo, settings
+from fastlb.control.commands import VERBS, Runtime, config_pools, unusable_pools
+from fastlb.control.server import bind_control_socket, load_state
 from fastlb.errors import EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, FastlbError
 from fastlb.model import Config
 from fastlb.supervisor.arbiter import Arbiter
@@ -31,6 +34,7 @@ LOG_FORMAT = "%(asctime)s fastlb[%(process)d]: %(levelname)s %(message)s"
 JOURNAL_FORMAT = "fastlb[%(process)d]: %(levelname)s %(message)s"
 WATCH_WIDTH = 160  # a watch piped to a file: room for the rate columns too
 DEMO_DRAIN_TIMEOUT = "2"  # a browser's keep-alive connection should not hold Ctrl-C for long
+DEFAULT_CONTROL = "/run/fastlb/control.sock"  # where the shipped systemd unit puts it
 
 
 class Parser(argparse.ArgumentParser):
@@ -121,6 +125,25 @@ def build_parser() -> Parser:
         sub.add_argument("--pid", metavar="PID", help="the supervisor's pid [default: $MAINPID]")
         sub.add_argument("--pid-file", metavar="FILE", help="a file holding the supervisor's pid")
         sub.set_defaults(handler=handler)
+    ctl_parser = commands.add_parser(
+        "ctl",
+        help="change a running balancer: drain, disable, weight, add or remove a backend",
+        description="Send one command to a running fastlb over its --control socket and print "
+        "the answer; exit status 2 when it refuses the command, 4 when it cannot be reached.",
+        epilog="verbs:\n"
+        + "\n".join(f"  {f'{verb} {args}':<40} {what}" for verb, (args, what) in VERBS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ctl_parser.add_argument(
+        "--control",
+        metavar="PATH",
+        default=DEFAULT_CONTROL,
+        help="the balancer's control socket [default: %(default)s]",
+    )
+    ctl_parser.add_argument("--json", action="store_true", help="print the reply as JSON")
+    ctl_parser.add_argument("verb", metavar="VERB", help="one of: " + ", ".join(VERBS))
+    ctl_parser.add_argument("args", metavar="ARG", nargs="*", help="the verb's arguments")
+    ctl_parser.set_defaults(handler=ctl_command)
     return parser
 
 
@@ -141,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("choose a command: run, check, demo, status, reload or upgrade")
+        parser.error("choose a command: run, check, demo, status, reload, upgrade or ctl")
     try:
         return args.handler(args)
     except FastlbError as exc:
@@ -175,6 +198,13 @@ def run_command(args: argparse.Namespace) -> int:
     config, stats_socket = open_sockets(config, sockets)
     for address in sockets.retire_unused(config):
         log.warning("inherited socket on %s: no frontend listens there; closing it", address)
+    try:
+        control_socket = bind_control_socket(config.control) if config.control else None
+    except FastlbError:
+        sockets.close()
+        if stats_socket:
+            stats_socket.close()
+        raise
     setup_logging(config.log_level)
     limit = raise_open_file_limit()
     config = fit_max_conn(config, limit, warn=args.max_conn is not None)
@@ -182,7 +212,13 @@ def run_command(args: argparse.Namespace) -> int:
     def reload() -> Config:
         return fastlb.config.fit_to_open_file_limit(load_config(args), limit)[0]
 
-    return Arbiter(config, sockets, stats_socket, reload=reload if args.config else None).run()
+    return Arbiter(
+        config,
+        sockets,
+        stats_socket,
+        reload=reload if args.config else None,
+        control_socket=control_socket,
+    ).run()
 
 
 def check_command(args: argparse.Namespace) -> int:
@@ -193,6 +229,14 @@ def check_command(args: argparse.Namespace) -> int:
         print(line)
     if message:
         print(f"fastlb: note: {message}", file=sys.stderr)
+    runtime, state_warning = (
+        load_state(config.state_file) if config.state_file else (Runtime(), None)
+    )
+    if state_warning:
+        print(f"fastlb: warning: {state_warning}", file=sys.stderr)
+    runtime.reconcile(config, starting=True)
+    for problem in unusable_pools(config_pools(config, runtime)).values():
+        print(f"fastlb: warning: {problem}", file=sys.stderr)
     unbound = 0
     addresses = [
         (f"frontend {f.name}", address, f.protocol == "udp")
@@ -337,6 +381,19 @@ def status_command(args: argparse.Namespace) -> int:
         status.watch(address, interval, status.console(width=WATCH_WIDTH))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends
+    return 0
+
+
+def ctl_command(args: argparse.Namespace) -> int:
+    from fastlb.control import client
+
+    reply = client.request(args.control, args.verb, args.args)
+    if args.json:
+        print(json.dumps(reply, indent=1))
+    else:
+        sys.stdout.write(client.render(reply))
+    for warning in reply.get("warnings", ()):
+        print(f"fastlb: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -179,6 +179,8 @@ class Config:
     log_level: str = "info"
     access_log: str | None = None  # a file, or - for stderr
     access_log_format: str = "text"
+    control: str | None = None  # the control socket's path
+    state_file: str | None = None  # where runtime changes and health are journaled
 
     def pool(self, name: str) -> PoolSpec:
         for pool in self.pools:

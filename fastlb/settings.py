@@ -361,6 +361,14 @@ def access_log_path(text: str) -> str:
     return os.path.abspath(text)
 
 
+@accepting("a file name")
+def file_path(text: str) -> str:
+    """A file name, made absolute (the service may change directory)."""
+    if not text:
+        raise ValueError("expected a file name")
+    return os.path.abspath(text)
+
+
 class OneOf:
     """A name from a list that is read when parsing: compiled algorithms register themselves."""
 
@@ -826,6 +834,18 @@ OPTIONS: tuple[Option, ...] = (
         "access_log_format", "--access-log-format", str, one_of("text", "json"), "text",
         "the access log's lines: text (key=value) or json (one object per line)",
         metavar="FORMAT", scope=PROCESS,
+    ),
+    Option(
+        "control", "--control", str | None, file_path, None,
+        "serve the runtime control API (fastlb ctl) on a unix socket at this path, mode 0600, "
+        "as in /run/fastlb/control.sock",
+        metavar="PATH", scope=PROCESS,
+    ),
+    Option(
+        "state_file", "--state-file", str | None, file_path, None,
+        "journal runtime changes (fastlb ctl) and backend health to this file, as in "
+        "/var/lib/fastlb/state.json, and apply it at start, so that they survive restarts",
+        metavar="PATH", scope=PROCESS,
     ),
 )  # fmt: skip
 

@@ -122,7 +122,7 @@ class WorkerProcess:
                 config.access_log,
                 config.access_log_format,
                 [frontend.name for frontend in config.frontends],
-                [pool.name for pool in config.pools],
+                {pool_ids[i] if pool_ids else i: pool.name for i, pool in enumerate(config.pools)},
                 journald="JOURNAL_STREAM" in os.environ,
             )
             if config.access_log
@@ -252,6 +252,9 @@ class WorkerProcess:
             self.dataplane.set_others(message.others)
         elif isinstance(message, msg.Drain):
             self.drain()
+        elif isinstance(message, msg.KillSessions):
+            for backend_id in message.backends:
+                self.dataplane.close_backend(backend_id)
         elif isinstance(message, msg.Invalid):
             log.warning("worker %d: ignoring a bad message: %s", self.worker_id, message.reason)
         else:

@@ -50,6 +50,7 @@ EXAMPLES = [
     msg.Table(version=1, pools=[]),
     msg.Counts(table=7, others={0: 4, 3: 0, 17: 11}),
     msg.Drain(),
+    msg.KillSessions(backends=[3, 0]),
 ]
 
 
@@ -180,7 +181,7 @@ def test_messages_before_garbage_in_the_same_chunk_are_kept():
 
 @given(junk=st.binary(max_size=64))
 def test_no_input_makes_the_decoder_raise(junk):
-    kinds = (msg.Invalid, msg.Hello, msg.Report, msg.Table, msg.Counts, msg.Drain)
+    kinds = (msg.Invalid, msg.Hello, msg.Report, msg.Table, msg.Counts, msg.Drain, msg.KillSessions)
     decoder = msg.Decoder()
     for i in range(len(junk)):
         assert all(isinstance(item, kinds) for item in decoder.feed(junk[i : i + 1]))

@@ -79,6 +79,20 @@ RUN_EXAMPLE = (
     "--workers 4 --stats 127.0.0.1:9000"
 )
 
+CTL_EXAMPLE = "fastlb run --config contrib/fastlb.toml --control /run/fastlb/control.sock"
+CTL_VERBS = (
+    "fastlb ctl show                                  # state, health, weights, connections",
+    "fastlb ctl drain default/10.0.0.11:8080          # no new connections; open ones finish",
+    "fastlb ctl disable default/10.0.0.11:8080        # maintenance: no traffic, no checks",
+    "fastlb ctl enable default/10.0.0.11:8080",
+    "fastlb ctl weight default/10.0.0.12:8080 5",
+    "fastlb ctl add default 10.0.0.14:8080,weight=2",
+    "fastlb ctl remove default/10.0.0.14:8080         "
+    "# drains, then gone after its last connection",
+    "fastlb ctl kill-sessions default/10.0.0.12:8080  # reset its open connections now",
+    "fastlb ctl reload                                # as SIGHUP; a bad file is refused, exit 2",
+)
+
 CHECKS: dict[str, Check] = {
     VENV_STEP: Check(120, exits=True),
     "pip install . && fastlb demo": Check(300, serves="http://127.0.0.1:8000/"),
@@ -86,6 +100,8 @@ CHECKS: dict[str, Check] = {
     "fastlb status 127.0.0.1:9000": Check(30, exits=True, inside=RUN_EXAMPLE),
     "fastlb status --watch 127.0.0.1:9000": Check(30, shows=r"\bdefault\b", inside=RUN_EXAMPLE),
     "fastlb run --help": Check(30, exits=True),
+    CTL_EXAMPLE: Check(30, netns=True, shows=r"ready: \d+ workers accepting"),
+    **{verb: Check(30, exits=True, inside=CTL_EXAMPLE) for verb in CTL_VERBS},
     "pip install '.[load]' && apt-get install -y haproxy nginx libnginx-mod-stream wrk": Check(
         600, exits=True
     ),

@@ -36,6 +36,8 @@ supervisor -> worker
               workers, for the backends whose count changed since the last counts sent to this
               worker; a backend left out keeps its count.
   ``drain``   ``{t}``: stop accepting, finish open connections, then exit.
+  ``kill-sessions`` ``{t, backends}``: reset every open connection to these backend ids now
+              (``fastlb ctl kill-sessions``), as on-down close does for a backend marked down.
 """
 
 from __future__ import annotations
@@ -143,13 +145,18 @@ class Drain:
 
 
 @dataclass(frozen=True, slots=True)
+class KillSessions:
+    backends: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class Invalid:
     """Stands in for a message that could not be decoded; the reader logs it and goes on."""
 
     reason: str
 
 
-Message = Hello | Report | Table | Counts | Drain
+Message = Hello | Report | Table | Counts | Drain | KillSessions
 
 _TYPES: dict[str, type] = {
     "hello": Hello,
@@ -157,6 +164,7 @@ _TYPES: dict[str, type] = {
     "table": Table,
     "counts": Counts,
     "drain": Drain,
+    "kill-sessions": KillSessions,
 }
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 # Fields that hold lists of nested entries, and the entry type of each.
@@ -170,7 +178,8 @@ _NESTED: dict[tuple[type, str], type] = {
 # The type each scalar field must have; bools are ints to Python, so they are checked apart.
 _BOOL_FIELDS = {"up", "backup"}
 _STR_FIELDS = {"host"}
-_INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended", "dropped"}
+# (Report.backends, PoolTable.backends are nested entries: _NESTED is looked up first.)
+_INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended", "dropped", "backends"}
 
 
 def _plain(value: object) -> object:

@@ -37,6 +37,8 @@ import psutil
 from fastlb import __version__
 from fastlb import worker as worker_process
 from fastlb.accesslog import END_REASONS
+from fastlb.control import commands
+from fastlb.control.server import ControlServer, load_state, save_state
 from fastlb.errors import EXIT_BOOT_FAILED, EXIT_FORCED, EXIT_OK, FastlbError
 from fastlb.health.probes import Checker, CheckResult
 from fastlb.health.state import (
@@ -80,6 +82,9 @@ SIGNALS = {
     signal.SIGCHLD: "chld",
 }
 GAVE_UP_LOG_INTERVAL = 10.0  # seconds between two lines about clients that every backend failed
+# A removed backend goes once no worker holds a connection to it this long after its drain went
+# out: time for every worker to swap that table in and report (each reports within 50 ms).
+REMOVE_SETTLE = 0.5
 
 
 @dataclass
@@ -114,6 +119,10 @@ class BackendState:
     history: History
     next_check: float = 0.0
     admin: str | None = None  # "drain" or "maint", as its agent said
+    operator: str | None = None  # "drain" or "disable", as fastlb ctl said: wins over admin
+    runtime_weight: int | None = None  # set by fastlb ctl weight
+    added: bool = False  # by fastlb ctl add, not in the config
+    removing_since: float | None = None  # fastlb ctl remove: when its drain went out
     agent_weight: int | None = None  # percent of its weight, as its agent said
     ramp_from: float | None = None  # slow start: when it came back
     transitions: int = 0  # changes of state since start
@@ -132,8 +141,13 @@ class BackendState:
 
     @property
     def in_use(self) -> bool:
-        """Up, and not put in maintenance by its agent."""
-        return self.health.up and self.admin != "maint"
+        """Up, not put in maintenance by its agent, and left in service by the operator."""
+        return self.health.up and self.admin != "maint" and self.in_service
+
+    @property
+    def in_service(self) -> bool:
+        """Not drained, disabled or being removed by the operator."""
+        return self.operator is None and self.removing_since is None
 
     @property
     def state(self) -> str:
@@ -194,8 +208,18 @@ class Arbiter:
         stats_socket: socket.socket | None = None,
         on_ready: Callable[[], None] | None = None,
         reload: Callable[[], Config] | None = None,
+        control_socket: socket.socket | None = None,
     ):
         self.config = config
+        self.latest_config = config  # the file as last read: what runtime changes apply to
+        self.runtime, state_warning = (
+            load_state(config.state_file) if config.state_file else (commands.Runtime(), None)
+        )
+        if state_warning:
+            log.warning("%s", state_warning)
+        for note in self.runtime.reconcile(config, starting=True):
+            log.info("state file: %s", note)
+        self.state_changed = True  # the file is written again as the config left it
         self.reload_config = reload  # SIGHUP: the config read anew (the --config file)
         self.sockets = sockets  # the listening sockets, kept across generations
         self.on_ready = on_ready
@@ -207,6 +231,7 @@ class Arbiter:
         self.pools: list[PoolState] = []  # the config's, in its order
         self.pool_by_id: dict[int, PoolState] = {}
         self.set_pools(config)
+        self.sync_runtime()
         self.backends_started = True
         self.frontends = [FrontendState(i, spec) for i, spec in enumerate(config.frontends)]
         self.table_version = 1
@@ -225,6 +250,11 @@ class Arbiter:
         self.checker = Checker(self.selector, self.on_check)
         self.stats = (
             StatsServer(stats_socket, self.selector, self.snapshot) if stats_socket else None
+        )
+        self.control = (
+            ControlServer(control_socket, self.selector, self.control_request)
+            if control_socket
+            else None
         )
         self.respawn_at: dict[int, float] = {}  # worker id -> when it may be spawned again
         self.crashes: dict[int, int] = {}  # worker id -> quick deaths in a row
@@ -260,6 +290,9 @@ class Arbiter:
         if self.stats:
             host, port = self.stats.sock.getsockname()[:2]
             log.info("stats on http://%s/stats and /metrics", _host_port(host, port))
+        if self.control:
+            log.info("control socket on %s", self.control.path)
+        self.warn_unusable_pools()
         try:
             while self.exit_code is None:
                 self.sleep()
@@ -277,6 +310,8 @@ class Arbiter:
         deadlines = [self.checker.next_deadline(), time.monotonic() + MAX_SLEEP]
         if self.stats:
             deadlines.append(self.stats.next_deadline())
+        if self.control:
+            deadlines.append(self.control.next_deadline())
         if self.draining:
             deadlines.append(self.drain_deadline)
         else:
@@ -289,6 +324,11 @@ class Arbiter:
             deadlines += [self.respawn_at.get(worker_id, 0.0) for worker_id in missing]
             if self.ramping():
                 deadlines.append(self.next_ramp)
+            deadlines += [
+                backend.removing_since + REMOVE_SETTLE
+                for backend in self.backends.values()
+                if backend.removing_since is not None
+            ]
         timeout = max(0.0, min(d for d in deadlines if d is not None) - time.monotonic())
         stats_events = []
         for key, mask in self.selector.select(timeout):
@@ -310,6 +350,8 @@ class Arbiter:
         self.checker.expire(now)
         if self.stats:
             self.stats.expire(now)
+        if self.control:
+            self.control.expire(now)
         if self.draining:
             if not self.workers:
                 log.info("all workers have exited")
@@ -328,8 +370,10 @@ class Arbiter:
             if now >= self.next_ramp and self.ramping():
                 self.table_changed = True
                 self.next_ramp = now + RAMP_STEP
+            self.finish_removals(now)
         self.reap_predecessors()
         self.publish()
+        self.journal()
 
     def log_gave_up(self, now: float) -> None:
         """At most one line per frontend every GAVE_UP_LOG_INTERVAL about clients that were
@@ -408,10 +452,17 @@ class Arbiter:
             systemd.notify(f"READY=1\nSTATUS=reload refused: {exc}")
             return str(exc)
         self.reloads["applied"] += 1
-        if new.stats != self.config.stats:
-            log.warning("reload: stats changed; restart fastlb to apply")
-            new = replace(new, stats=self.config.stats)
-        self.apply_config(new)
+        for name in ("stats", "control", "state_file"):
+            if getattr(new, name) != getattr(self.config, name):
+                log.warning("reload: %s changed; restart fastlb to apply", name.replace("_", "-"))
+                new = replace(new, **{name: getattr(self.config, name)})
+        self.latest_config = new
+        for note in self.runtime.reconcile(new):
+            log.info("reload: %s", note)
+        self.state_changed = True
+        self.apply_config(new)  # the pools' backends as the runtime changes leave them
+        self.sync_runtime()
+        self.warn_unusable_pools()
         for address in self.sockets.retire_unused(new):
             log.info("reload: %s retires: no new clients, the queued ones are accepted", address)
         self.generation = self.start_generation(new)
@@ -458,6 +509,7 @@ class Arbiter:
         """The pools of ``config``; one that stays keeps its id and the state of its backends."""
         pools = []
         for spec in config.pools:
+            spec = replace(spec, backends=self.runtime.specs(spec))  # ctl's adds and removals
             pool_id = self.pool_ids.setdefault(spec.name, len(self.pool_ids))
             pool = self.pool_by_id.get(pool_id)
             if pool is None:
@@ -711,6 +763,8 @@ class Arbiter:
         self.checker.close_after_fork()
         if self.stats:
             self.stats.close_after_fork()
+        if self.control:
+            self.control.close_after_fork()
         self.selector.close()
 
     def reap_workers(self) -> None:
@@ -806,6 +860,9 @@ class Arbiter:
         self.checker.close()
         if self.stats:
             self.stats.close()
+        if self.control:
+            self.control.close()
+        self.journal()
         self.close_listeners()
         self.selector.close()
         for signum, handler in self.saved_handlers.items():
@@ -1021,24 +1078,28 @@ class Arbiter:
                 backend_id = self.backend_ids[key] = len(self.backend_ids)
             check = pool.check
             now = time.monotonic()
+            # Down when last seen down (the state file): no traffic before its checks pass.
+            up = self.runtime.get(pool.name, spec.address).health != "down"
             backend = BackendState(
                 backend_id,
                 pool_id,
                 spec,
-                HealthState(check.rise, check.fall),
+                HealthState(check.rise, check.fall, up=up),
                 FailureRun(check.fall),
                 Damping(check.flap_window, check.flap_base, check.flap_max),
-                History("up", time.time()),
-                ramp_from=now if pool.slow_start and self.backends_started else None,
+                History("up" if up else "down", time.time()),
+                ramp_from=now if pool.slow_start and self.backends_started and up else None,
             )
         self.backends[backend_id] = backend
         return backend
 
-    def replace_backends(self, pool: PoolState, specs: tuple[BackendSpec, ...]) -> None:
+    def replace_backends(
+        self, pool: PoolState, specs: tuple[BackendSpec, ...], why: str = "reload"
+    ) -> None:
         """Swaps in a new backend list for one pool. Workers keep each open connection on its
         backend; a backend that stays keeps its id, health and counters."""
         if tuple(backend.spec for backend in pool.backends) == tuple(specs):
-            log.info("reload: the backends of pool %s are unchanged", pool.spec.name)
+            log.info("%s: the backends of pool %s are unchanged", why, pool.spec.name)
             return
         old = {backend.spec.address: backend for backend in pool.backends}
         for backend in pool.backends:
@@ -1056,7 +1117,8 @@ class Arbiter:
         self.counts_changed = True
         stayed = sum(1 for spec in specs if spec.address in old)
         log.info(
-            "reload: pool %s has %d backends (%d kept, %d added, %d removed)",
+            "%s: pool %s has %d backends (%d kept, %d added, %d removed)",
+            why,
             pool.spec.name,
             len(specs),
             stayed,
@@ -1072,10 +1134,14 @@ class Arbiter:
 
     def effective_weight(self, backend: BackendState, now: float) -> int:
         """The weight the workers use, in units of 1 / weight_scale: the configured one, times
-        its agent's percentage, ramped up while slow start lasts; 0 while its agent drains it."""
-        if backend.admin == "drain":
+        its agent's percentage, ramped up while slow start lasts; 0 while its agent or the
+        operator drains it. The operator's runtime weight stands for the configured one."""
+        if backend.admin == "drain" or not backend.in_service:
             return 0
-        weight = backend.spec.weight * self.weight_scale(self.pool_spec(backend))
+        configured = (
+            backend.spec.weight if backend.runtime_weight is None else backend.runtime_weight
+        )
+        weight = configured * self.weight_scale(self.pool_spec(backend))
         if backend.agent_weight is not None:
             weight = weight * backend.agent_weight // 100
         slow_start = self.pool_spec(backend).slow_start
@@ -1098,6 +1164,8 @@ class Arbiter:
         return any(backend.ramp_from is not None for backend in self.backends.values())
 
     def wants_check(self, backend: BackendState) -> bool:
+        if backend.operator == "disable":
+            return False  # maintenance: no checks either
         return self.pool_spec(backend).check.active or not backend.up
 
     def check_interval(self, backend: BackendState) -> float:
@@ -1185,6 +1253,7 @@ class Arbiter:
         if hold:
             why += f"; held down {hold:g}s for flapping"
         self.record(backend, why)
+        self.journal_health(backend)
         log.warning("backend %s is down: %s (pool %s)", backend.spec.address, why, pool.name)
 
     def mark_up(self, backend: BackendState, why: str) -> None:
@@ -1197,18 +1266,228 @@ class Arbiter:
             self.next_ramp = now  # the first lowered weight goes out with this table
         self.table_changed = True
         self.record(backend, why)
+        self.journal_health(backend)
         log.info("backend %s is up: %s (pool %s)", backend.spec.address, why, pool.name)
 
+    # ---- runtime control (fastlb ctl) and the state file ---------------------------------------
+
+    def control_request(self, request: object) -> dict:
+        """The reply to one request on the control socket; CommandError: a refused one."""
+        command = commands.parse(request)
+        if command.verb == "show":
+            return {"ok": True, "data": self.show(command.pool)}
+        if command.verb == "reload":
+            error = self.reload()
+            if error:
+                raise commands.CommandError(f"reload refused, the running settings stay: {error}")
+            return self.control_reply("reloaded")
+        if self.draining:
+            raise commands.CommandError("fastlb is stopping")
+        present = {
+            pool.spec.name: {backend.spec.address: backend.spec for backend in pool.backends}
+            for pool in self.pools
+        }
+        if command.verb == "kill-sessions":
+            backend = self.find_backend(command.pool, command.address)
+            count = self.active_totals()[backend.id]
+            self.kill_sessions(backend)
+            where = f"{command.pool}/{command.address}"
+            log.info("ctl: resetting the %d connections of %s", count, where)
+            return self.control_reply(f"{where}: resetting its {count} open connections")
+        message = self.runtime.apply(command, present)
+        log.info("ctl: %s", message)
+        self.state_changed = True
+        pool = next(pool for pool in self.pools if pool.spec.name == command.pool)
+        specs = self.runtime_specs(pool)
+        if specs != tuple(backend.spec for backend in pool.backends):
+            self.replace_backends(pool, specs, why=f"ctl {command.verb}")
+        self.sync_runtime()
+        return self.control_reply(message)
+
+    def control_reply(self, message: str) -> dict:
+        return {"ok": True, "message": message, "warnings": self.warn_unusable_pools()}
+
+    def find_backend(self, pool_name: str, address: Address) -> BackendState:
+        for pool in self.pools:
+            if pool.spec.name == pool_name:
+                for backend in pool.backends:
+                    if backend.spec.address == address:
+                        return backend
+                raise commands.CommandError(f"no backend {address} in pool {pool_name}")
+        names = ", ".join(pool.spec.name for pool in self.pools)
+        raise commands.CommandError(f"no pool {pool_name!r} (pools: {names})")
+
+    def kill_sessions(self, backend: BackendState) -> None:
+        """Every worker resets its connections to the backend now, as on-down close does."""
+        for worker in self.workers.values():
+            self.send(worker, msg.KillSessions(backends=[backend.id]))
+
+    def runtime_specs(self, pool: PoolState) -> tuple[BackendSpec, ...]:
+        """A pool's backends: the config's as last read, with the operator's changes."""
+        try:
+            listed = self.latest_config.pool(pool.spec.name)
+        except KeyError:  # a pool a reload dropped keeps running as it was
+            listed = replace(
+                pool.spec, backends=tuple(b.spec for b in pool.backends if not b.added)
+            )
+        return self.runtime.specs(listed)
+
+    def sync_runtime(self) -> None:
+        """Gives every backend the operator's state held in ``self.runtime``."""
+        now = time.monotonic()
+        for pool in self.pools:
+            for backend in pool.backends:
+                override = self.runtime.get(pool.spec.name, backend.spec.address)
+                removing = override.removed == "pending"
+                before = (backend.operator, backend.runtime_weight, backend.removing_since)
+                if override.admin == "disable" and backend.operator != "disable":
+                    self.checker.cancel(backend.id)
+                backend.operator = override.admin
+                backend.runtime_weight = override.weight
+                backend.added = override.added is not None
+                if not removing:
+                    backend.removing_since = None
+                elif backend.removing_since is None:
+                    backend.removing_since = now  # its drain goes out with this turn's table
+                if before != (backend.operator, backend.runtime_weight, backend.removing_since):
+                    self.table_changed = True
+
+    def finish_removals(self, now: float) -> None:
+        """Forgets the removed backends that no worker holds a connection to any more."""
+        due = [
+            backend
+            for backend in self.backends.values()
+            if backend.removing_since is not None and now - backend.removing_since >= REMOVE_SETTLE
+        ]
+        if not due:
+            return
+        totals = self.active_totals()
+        done = [backend for backend in due if totals[backend.id] == 0]
+        for backend in done:
+            name = self.pool_by_id[backend.pool].spec.name
+            self.runtime.removal_done(name, backend.spec.address)
+            log.info("backend %s removed from pool %s", backend.spec.address, name)
+        for pool_id in sorted({backend.pool for backend in done}):
+            pool = self.pool_by_id[pool_id]
+            self.replace_backends(pool, self.runtime_specs(pool), why="ctl remove")
+        if done:
+            self.state_changed = True
+            self.sync_runtime()
+
+    def warn_unusable_pools(self) -> list[str]:
+        """Logs, and returns, a line for each pool that no backend can take a connection in."""
+        problems = list(commands.unusable_pools(self.pool_weights()).values())
+        for problem in problems:
+            log.warning("%s", problem)
+        return problems
+
+    def pool_weights(self) -> list[tuple[str, list[tuple[int, bool]]]]:
+        """Each pool's backends as (weight, left in service by the operator)."""
+        return [
+            (
+                pool.spec.name,
+                [
+                    (
+                        b.spec.weight if b.runtime_weight is None else b.runtime_weight,
+                        b.in_service,
+                    )
+                    for b in pool.backends
+                ],
+            )
+            for pool in self.pools
+        ]
+
+    def journal_health(self, backend: BackendState) -> None:
+        if self.runtime.set_health(self.pool_spec(backend).name, backend.spec.address, backend.up):
+            self.state_changed = True
+
+    def journal(self) -> None:
+        """Writes the state file if the runtime state changed (at most once a turn)."""
+        if not self.state_changed:
+            return
+        self.state_changed = False
+        if self.config.state_file:
+            try:
+                save_state(self.config.state_file, self.runtime)
+            except OSError as exc:
+                log.error(
+                    "cannot write the state file %s: %s",
+                    self.config.state_file,
+                    exc.strerror or exc,
+                )
+
+    def show(self, pool_name: str | None) -> dict:
+        """What fastlb ctl show prints: frontends, pools and their backends."""
+        pools = [pool for pool in self.pools if pool_name in (None, pool.spec.name)]
+        if not pools:
+            names = ", ".join(pool.spec.name for pool in self.pools)
+            raise commands.CommandError(f"no pool {pool_name!r} (pools: {names})")
+        now = time.monotonic()
+        totals = self.active_totals()
+        frontend_active = self.frontend_active()
+        unusable = commands.unusable_pools(self.pool_weights())
+        return {
+            "frontends": [
+                {
+                    "name": frontend.spec.name,
+                    "listen": [str(address) for address in frontend.spec.listen],
+                    "pools": frontend.spec.pools(),
+                    "active": frontend_active[frontend.spec.name],
+                    "connections": frontend.connections,
+                }
+                for frontend in self.frontends
+                if pool_name is None or pool_name in frontend.spec.pools()
+            ],
+            "pools": [
+                {
+                    "name": pool.spec.name,
+                    "algorithm": pool.spec.algorithm,
+                    "usable": pool.spec.name not in unusable,
+                    "backends": [self.show_backend(b, totals, now) for b in pool.backends],
+                }
+                for pool in pools
+            ],
+        }
+
+    def show_backend(self, backend: BackendState, totals: dict[int, int], now: float) -> dict:
+        if backend.removing_since is not None:
+            state = "removing"
+        elif backend.operator:
+            state = "disabled" if backend.operator == "disable" else "draining"
+        else:
+            state = backend.state  # up, down, or what its agent said (drain, maint)
+        scale = self.weight_scale(self.pool_spec(backend))
+        return {
+            "address": str(backend.spec.address),
+            "state": state,
+            "health": "up" if backend.up else "down",
+            "admin": backend.operator,
+            "agent": backend.admin,
+            "added": backend.added,
+            "backup": backend.spec.backup,
+            "weight": backend.spec.weight,
+            "runtime_weight": backend.runtime_weight,
+            "effective_weight": round(self.effective_weight(backend, now) / scale, 2),
+            "active": totals[backend.id],
+            "connections": backend.connections,
+            "failed": backend.failed,
+        }
+
     # ---- stats ----------------------------------------------------------------------------------
+
+    def frontend_active(self) -> dict[str, int]:
+        """Open connections (UDP: flows) by frontend name, every generation's workers together."""
+        active = dict.fromkeys((frontend.spec.name for frontend in self.frontends), 0)
+        for worker in self.workers.values():
+            for name, count in worker.frontend_active.items():
+                if name in active:
+                    active[name] += count
+        return active
 
     def snapshot(self) -> dict:
         now = time.monotonic()
         totals = self.active_totals()
-        frontend_active = dict.fromkeys((frontend.spec.name for frontend in self.frontends), 0)
-        for worker in self.workers.values():
-            for name, count in worker.frontend_active.items():
-                if name in frontend_active:
-                    frontend_active[name] += count
+        frontend_active = self.frontend_active()
         return {
             "pid": os.getpid(),
             "version": __version__,
