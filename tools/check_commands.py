@@ -416,8 +416,8 @@ def tracebacks(running: bytes, stopping: bytes) -> bool:
     if marker in running.decode("utf-8", "replace"):
         return True
     for trace in stopping.decode("utf-8", "replace").split(marker)[1:]:
-        last = [line for line in trace.splitlines() if line and not line.startswith(" ")]
-        if not last or last[-1] not in INTERRUPTED:
+        last = [line.strip() for line in trace.splitlines() if line and not line[0].isspace()]
+        if last and last[-1] not in INTERRUPTED:  # none: a piece of two traces printed at once
             return True
     return False
 
