@@ -21,8 +21,13 @@ from fastlb.protocol import messages as msg
 
 log = logging.getLogger("fastlb.worker")
 
-TICK_MS = 50  # longest slice without the GIL; reports go out at least this often
-REPORT_INTERVAL_MS = 10  # with count-driven algorithms, report count changes this soon
+TICK_MS = 50  # longest slice without the GIL
+# With count-driven algorithms and other workers, count changes go out this soon: the others
+# pick by them.
+REPORT_INTERVAL_MS = 1
+# Everything else (bytes, connections, histograms) goes out this often: a report costs the
+# supervisor per backend listed, and with 1,000 backends every connection may touch another.
+STATS_INTERVAL = 1.0
 MAX_PENDING_OUT = 1 << 20  # stop queueing reports for a supervisor that does not read
 
 SEND_PROXY = {None: 0, "v1": 1, "v2": 2}
@@ -78,8 +83,9 @@ def dataplane_specs(config: Config) -> tuple[list[dict], list[dict]]:
 
 
 def counts_matter(config: Config) -> bool:
-    """Whether some pool picks by every worker's counts: then count changes are reported soon."""
-    return any(
+    """Whether some pool picks by every worker's counts, and there are other workers: then
+    count changes are reported at once."""
+    return config.workers > 1 and any(
         "global-counts" in _dataplane.algorithm_needs(pool.algorithm)
         or pool.hash_balance_factor > 0
         for pool in config.pools
@@ -140,29 +146,41 @@ class WorkerProcess:
     def serve(self) -> None:
         self.send(msg.Hello(worker=self.worker_id, pid=os.getpid()))
         self.flush()  # the supervisor counts us ready (READY=1, /stats) on this message
+        next_stats = time.monotonic() + STATS_INTERVAL
         while True:
             if self.dataplane.poll(TICK_MS):
                 self.read_wakeups()
                 self.read_control()
             if self.access_log is not None:
                 self.write_access_log()
-            report = self.dataplane.report()
-            if report is not None or self.log_dropped:
-                version, backends, frontends = report or (0, [], [])
-                self.send(
-                    msg.Report(
-                        table=version,
-                        backends=[msg.BackendReport(*row) for row in backends],
-                        frontends=[msg.FrontendReport(*row) for row in frontends],
-                        log_dropped=self.log_dropped,
-                    )
-                )
-                self.log_dropped = 0
+            finished = self.draining and self.dataplane.active == 0
+            now = time.monotonic()
+            stats = finished or now >= next_stats
+            if stats:
+                next_stats = now + STATS_INTERVAL
+            self.report(stats)
             self.flush()
             if self.stop_signal and not self.draining:
                 self.drain()
-            if self.draining and self.dataplane.active == 0:
+            if finished:
                 return
+
+    def report(self, stats: bool) -> None:
+        """Sends what changed: everything when stats, else only counts and failures."""
+        report = self.dataplane.report(stats)
+        if report is None and not (stats and self.log_dropped):
+            return
+        version, backends, frontends = report or (self.table_version, [], [])
+        self.send(
+            msg.Report(
+                table=version,
+                backends=[msg.BackendReport(*row) for row in backends],
+                frontends=[msg.FrontendReport(*row) for row in frontends],
+                log_dropped=self.log_dropped if stats else 0,
+            )
+        )
+        if stats:
+            self.log_dropped = 0
 
     def drain(self) -> None:
         self.draining = True
@@ -182,6 +200,7 @@ class WorkerProcess:
 
     def set_table(self, table: msg.Table) -> None:
         self.dataplane.set_table(table.version, table_pools(table))
+        self.table_version = table.version
         self.backend_names = {
             b.id: str(Address(b.host, b.port)) for pool in table.pools for b in pool.backends
         }

@@ -36,6 +36,7 @@ from harness import (
     HarnessError,
     Processes,
     free_port,
+    free_ports,
     raise_nofile_limit,
     wait_for_port,
 )
@@ -142,7 +143,7 @@ def start_nginx_backends(procs: Processes, count: int, tmp: Path, kind: str = "p
     (docroot / BULK_PATH.lstrip("/")).chmod(0o644)
     if kind == "tls":
         make_certificate(prefix)
-    ports = [free_port() for _ in range(count)]
+    ports = free_ports(count)
     config = prefix / "nginx.conf"
     config.write_text(nginx_http_config(ports, prefix, docroot, kind))
     cmd = ["nginx", "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
@@ -153,7 +154,7 @@ def start_nginx_backends(procs: Processes, count: int, tmp: Path, kind: str = "p
 
 
 def start_python_backends(procs: Processes, count: int) -> Backends:
-    ports = [free_port() for _ in range(count)]
+    ports = free_ports(count)
     cmd = [sys.executable, str(HERE / "backend.py"), "python-http"]
     for port in ports:
         cmd += ["--port", str(port)]
