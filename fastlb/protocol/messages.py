@@ -10,8 +10,11 @@ per-frontend entries are maps with named fields.
 
 worker -> supervisor
   ``hello``   ``{t, v, worker, pid}``: first message; ``v`` is :data:`PROTOCOL_VERSION`.
-  ``report``  ``{t, table, backends, frontends}``: what changed since the previous report, sent at
-              least every 50 ms while anything did. ``table`` is the version the worker holds.
+  ``report``  ``{t, table, backends, frontends}``: what changed since the previous report, sent
+              every second while anything did, and at once (within 1 ms) for a connect that
+              failed or, when other workers pick by the counts, an active count that changed:
+              those carry only such backends, and no frontends (a backend whose only change is
+              its count has only ``id`` and ``active``). ``table`` is the version the worker holds.
               ``backends``: ``[{id, active, new, up_bytes, down_bytes, failed, succeeded,
               streak}]`` for each backend whose counters moved: ``active`` is this worker's open
               connections to it (absolute); ``new``, ``up_bytes`` (client -> backend),
@@ -150,7 +153,26 @@ _STR_FIELDS = {"host"}
 _INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended"}
 
 
+# Entries that leave out the fields at their defaults: a report lists many of them, and a
+# reader fills in the defaults. (Fields without a default, like id and active, always go.)
+_SPARSE_DEFAULTS = {
+    cls: tuple(
+        (spec.name, spec.default if spec.default is not MISSING else spec.default_factory())
+        for spec in fields(cls)
+        if spec.default is not MISSING or spec.default_factory is not MISSING
+    )
+    for cls in (BackendReport, FrontendReport)
+}
+
+
 def _plain(value: object) -> object:
+    sparse = _SPARSE_DEFAULTS.get(type(value))
+    if sparse is not None:
+        body = {spec.name: getattr(value, spec.name) for spec in fields(value)}
+        for name, default in sparse:
+            if body[name] == default:
+                del body[name]
+        return body
     if hasattr(value, "__dataclass_fields__"):
         return {spec.name: _plain(getattr(value, spec.name)) for spec in fields(value)}
     if isinstance(value, list):

@@ -20,6 +20,7 @@ not boot (respawning it would only loop).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import random
@@ -53,6 +54,7 @@ from fastlb.supervisor import systemd
 log = logging.getLogger("fastlb.supervisor")
 
 MAX_SLEEP = 1.0  # the loop runs its housekeeping at least this often
+BUSY_RETRY = 0.01  # a check due while the previous one is still running waits this long
 QUICK_DEATH = 1.0  # a worker that dies sooner than this after starting is crash-looping
 RESPAWN_DELAY = 0.1  # delay before the second quick respawn; it doubles each time after
 MAX_RESPAWN_DELAY = 5.0
@@ -190,7 +192,12 @@ class Arbiter:
         self.access_log_dropped = 0  # records the workers' access logs lost
         self.worker_restarts = 0  # workers that died and were replaced (not drained)
         self.reloads = {"applied": 0, "failed": 0}
-        self.counts_changed = False
+        self.counts_changed = False  # every backend's counts may have changed
+        self.changed_counts: set[int] = set()  # backend ids whose counts reports changed
+        # When each backend that wants checks is due: (next_check, id), rebuilt after a table
+        # change (None until then); entries whose time is no longer the backend's are stale.
+        self.check_queue: list[tuple[float, int]] | None = None
+        self.any_ramping: bool | None = None  # ramping(), until the next table change
         self.signal_queue: list[int] = []
         self.saved_handlers: dict[int, object] = {}  # restored on the way out
         self.saved_wakeup_fd = -1
@@ -252,11 +259,9 @@ class Arbiter:
         if self.draining:
             deadlines.append(self.drain_deadline)
         else:
-            deadlines += [
-                backend.next_check
-                for backend in self.backends.values()
-                if self.wants_check(backend)
-            ]
+            queue = self.checks_queued()
+            if queue:
+                deadlines.append(queue[0][0])
             missing = self.missing_worker_ids()
             deadlines += [self.respawn_at.get(worker_id, 0.0) for worker_id in missing]
             if self.ramping():
@@ -597,6 +602,7 @@ class Arbiter:
                 msg.PROTOCOL_VERSION,
             )
         worker.ready = True
+        self.counts_changed = True  # its first counts: every backend's
         log.info("worker %d (pid %d) is accepting", worker.worker_id, worker.pid)
 
     def handle_report(self, worker: WorkerHandle, report: msg.Report) -> None:
@@ -614,7 +620,7 @@ class Arbiter:
             backend.duration_ms_sum += entry.duration_ms_sum
             if worker.active.get(entry.id, 0) != entry.active:
                 worker.active[entry.id] = entry.active
-                self.counts_changed = True
+                self.changed_counts.add(entry.id)
         for entry in report.frontends:
             if 0 <= entry.id < len(self.frontends):
                 frontend = self.frontends[entry.id]
@@ -664,8 +670,7 @@ class Arbiter:
         self.selector.unregister(worker.control)
         worker.control.close()
         worker.outgoing.clear()
-        if any(worker.active.values()):
-            self.counts_changed = True
+        self.changed_counts.update(b for b, count in worker.active.items() if count)
         worker.active = {}
         worker.frontend_active = {}
 
@@ -676,20 +681,33 @@ class Arbiter:
             self.table_version += 1
             self.counts_changed = True
             table = self.table()
+            # Health, weights or the backends changed: what checks and ramps is found anew.
+            self.check_queue = None
+            self.any_ramping = None
             for worker in self.workers.values():
                 self.send(worker, table)
         if self.counts_changed:
-            self.counts_changed = False
             totals = self.active_totals()
-            for worker in self.workers.values():
-                changed = {}
-                for backend_id, total in totals.items():
-                    others = total - worker.active.get(backend_id, 0)
-                    if worker.others_sent.get(backend_id, 0) != others:
-                        changed[backend_id] = others
-                if changed:
-                    worker.others_sent.update(changed)
-                    self.send(worker, msg.Counts(table=self.table_version, others=changed))
+        elif self.changed_counts:
+            # Only the backends the reports changed: proportional to them, not to all backends.
+            totals = {
+                backend_id: sum(w.active.get(backend_id, 0) for w in self.workers.values())
+                for backend_id in self.changed_counts
+                if backend_id in self.backends
+            }
+        else:
+            return
+        self.counts_changed = False
+        self.changed_counts.clear()
+        for worker in self.workers.values():
+            changed = {}
+            for backend_id, total in totals.items():
+                others = total - worker.active.get(backend_id, 0)
+                if worker.others_sent.get(backend_id, 0) != others:
+                    changed[backend_id] = others
+            if changed:
+                worker.others_sent.update(changed)
+                self.send(worker, msg.Counts(table=self.table_version, others=changed))
 
     def table(self) -> msg.Table:
         now = time.monotonic()
@@ -812,7 +830,9 @@ class Arbiter:
         return up > 0 and in_panic(up, len(primaries), pool.spec.panic_threshold)
 
     def ramping(self) -> bool:
-        return any(backend.ramp_from is not None for backend in self.backends.values())
+        if self.any_ramping is None:
+            self.any_ramping = any(b.ramp_from is not None for b in self.backends.values())
+        return self.any_ramping
 
     def wants_check(self, backend: BackendState) -> bool:
         return self.pool_spec(backend).check.active or not backend.up
@@ -832,16 +852,36 @@ class Arbiter:
             interval = check.interval
         return interval + (random.uniform(0, check.jitter) if check.jitter else 0.0)
 
+    def checks_queued(self) -> list[tuple[float, int]]:
+        """The backends that want checks, earliest due first (a heap)."""
+        if self.check_queue is None:
+            self.check_queue = [
+                (backend.next_check, backend.id)
+                for backend in self.backends.values()
+                if self.wants_check(backend)
+            ]
+            heapq.heapify(self.check_queue)
+        return self.check_queue
+
     def run_checks(self, now: float) -> None:
-        for backend in self.backends.values():
-            if (
-                self.wants_check(backend)
-                and now >= backend.next_check
-                and not self.checker.busy(backend.id)
-            ):
-                pool = self.pool_spec(backend)
-                backend.next_check = now + self.check_interval(backend)
-                self.checker.check(backend.id, backend.spec.address, pool.check, pool.send_proxy)
+        """Starts the checks that are due; touches only those."""
+        queue = self.checks_queued()
+        busy = []
+        while queue and queue[0][0] <= now:
+            due, backend_id = heapq.heappop(queue)
+            backend = self.backends.get(backend_id)
+            if backend is None or backend.next_check != due or not self.wants_check(backend):
+                continue  # removed, rescheduled, or no longer checked
+            if self.checker.busy(backend_id):
+                backend.next_check = now + BUSY_RETRY
+                busy.append((backend.next_check, backend_id))
+                continue
+            pool = self.pool_spec(backend)
+            backend.next_check = now + self.check_interval(backend)
+            heapq.heappush(queue, (backend.next_check, backend_id))
+            self.checker.check(backend.id, backend.spec.address, pool.check, pool.send_proxy)
+        for entry in busy:
+            heapq.heappush(queue, entry)
 
     def on_check(self, backend_id: int, result: CheckResult) -> None:
         backend = self.backends.get(backend_id)
@@ -892,6 +932,8 @@ class Arbiter:
         backend.ramp_from = None
         hold = backend.damping.on_fall(now)
         backend.next_check = now + self.check_interval(backend)
+        if self.check_queue is not None:
+            heapq.heappush(self.check_queue, (backend.next_check, backend.id))
         self.table_changed = True
         if hold:
             why += f"; held down {hold:g}s for flapping"
