@@ -191,39 +191,68 @@ class _Bad(Exception):
     pass
 
 
+def _plan(cls: type) -> tuple[tuple[str, bool, str, type | None], ...]:
+    """How each field of cls is read: (name, optional, kind, nested entry type)."""
+    plan = []
+    for spec in fields(cls):
+        optional = spec.default is not MISSING or spec.default_factory is not MISSING
+        nested = _NESTED.get((cls, spec.name))
+        if nested is not None:
+            kind = "nested"
+        elif spec.name in _BOOL_FIELDS:
+            kind = "bool"
+        elif spec.name in _STR_FIELDS:
+            kind = "str"
+        elif spec.name in _INT_LIST_FIELDS:
+            kind = "int list"
+        elif spec.name == "others":
+            kind = "others"
+        else:
+            kind = "int"
+        plan.append((spec.name, optional, kind, nested))
+    return tuple(plan)
+
+
+_PLANS: dict[type, tuple] = {}
+
+
 def _fill(cls: type, body: object, where: str) -> object:
     """An instance of cls from a decoded map, checking every field's shape."""
     if not isinstance(body, dict):
         raise _Bad(f"{where}: not a map")
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _plan(cls)
     kwargs = {}
-    for spec in fields(cls):
-        if spec.name not in body:
-            if spec.default is not MISSING or spec.default_factory is not MISSING:
-                continue  # optional: it has a default
-            raise _Bad(f"{where}: missing field {spec.name!r}")
-        value = body[spec.name]
-        nested = _NESTED.get((cls, spec.name))
-        if nested is not None:
+    for name, optional, kind, nested in plan:
+        if name not in body:
+            if optional:
+                continue
+            raise _Bad(f"{where}: missing field {name!r}")
+        value = body[name]
+        # msgpack decodes whole numbers as exactly int, true and false as bool.
+        if kind == "int":
+            if type(value) is not int:
+                raise _Bad(f"{where}: {name} must be a whole number")
+        elif kind == "int list":
+            if type(value) is not list or not all(type(x) is int for x in value):
+                raise _Bad(f"{where}: {name} must be a list of whole numbers")
+        elif kind == "nested":
             if not isinstance(value, list):
-                raise _Bad(f"{where}: {spec.name} must be a list")
-            value = [_fill(nested, item, f"{where}.{spec.name}") for item in value]
-        elif spec.name in _BOOL_FIELDS:
+                raise _Bad(f"{where}: {name} must be a list")
+            inner = f"{where}.{name}"
+            value = [_fill(nested, item, inner) for item in value]
+        elif kind == "bool":
             if not isinstance(value, bool):
-                raise _Bad(f"{where}: {spec.name} must be true or false")
-        elif spec.name in _STR_FIELDS:
+                raise _Bad(f"{where}: {name} must be true or false")
+        elif kind == "str":
             if not isinstance(value, str):
-                raise _Bad(f"{where}: {spec.name} must be a string")
-        elif spec.name in _INT_LIST_FIELDS:
-            if not isinstance(value, list) or not all(_is_int(x) for x in value):
-                raise _Bad(f"{where}: {spec.name} must be a list of whole numbers")
-        elif spec.name == "others":
-            if not isinstance(value, dict) or not all(
-                _is_int(k) and _is_int(v) for k, v in value.items()
-            ):
-                raise _Bad(f"{where}: others must map backend ids to counts")
-        elif not _is_int(value):
-            raise _Bad(f"{where}: {spec.name} must be a whole number")
-        kwargs[spec.name] = value
+                raise _Bad(f"{where}: {name} must be a string")
+        elif not isinstance(value, dict) or not all(
+            _is_int(k) and _is_int(v) for k, v in value.items()
+        ):
+            raise _Bad(f"{where}: others must map backend ids to counts")
+        kwargs[name] = value
     return cls(**kwargs)
 
 
