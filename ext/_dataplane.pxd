@@ -327,12 +327,14 @@ cdef class Worker:
     cdef int held_events    # a batch kept back while Python handles a wake-up in it
     cdef bint counts_changed
     cdef bint report_counts     # report_interval_ms set: count changes go out on their own
-    cdef int64_t last_report_ms
+    cdef int64_t last_report_us     # CLOCK_MONOTONIC µs (now_ms is too coarse for 1 ms)
     cdef Backend **changed      # backends whose counters moved since the last full report
     cdef int nchanged
     cdef Backend **count_changed    # backends whose active count changed, or a connect failed
     cdef int ncount_changed
     cdef int changed_capacity   # room in both lists: every backend of every table
+    cdef int64_t counts_since_us    # CLOCK_MONOTONIC µs of the oldest unreported count change
+    cdef int64_t reported_since_us  # the same for the counts in the last report
     cdef uint32_t table_version
     cdef Backend detached   # counts for connections whose backend left the table (reload)
     cdef LogRecord *log_ring    # ended connections for the access log; NULL when off

@@ -72,6 +72,12 @@ cdef inline int64_t monotonic_ms() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
+cdef inline int64_t monotonic_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000 + ts.tv_nsec // 1000
+
+
 cdef inline uint32_t flags_from_events(uint32_t ev) noexcept nogil:
     cdef uint32_t f = 0
     if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
@@ -362,8 +368,10 @@ cdef class Worker:
         cdef Frontend *fe
         cdef Conn *c
         backends = []
-        self.last_report_ms = self.now_ms
+        self.last_report_us = monotonic_us()
         self.counts_changed = False
+        self.reported_since_us = self.counts_since_us
+        self.counts_since_us = 0
         if not stats:
             for i in range(self.ncount_changed):
                 b = self.count_changed[i]
@@ -465,6 +473,8 @@ cdef class Worker:
         if self.ncount_changed >= self.changed_capacity:
             return
         b.queued |= QUEUED_COUNT
+        if self.counts_since_us == 0:
+            self.counts_since_us = monotonic_us()
         self.count_changed[self.ncount_changed] = b
         self.ncount_changed += 1
         self.counts_changed = True
@@ -515,6 +525,12 @@ cdef class Worker:
         self.npaused = 0
 
     @property
+    def counts_since_us(self):
+        """When the oldest count change in the last report happened (CLOCK_MONOTONIC µs, as
+        time.monotonic_ns() // 1000 reads it); 0 when it carried none."""
+        return self.reported_since_us
+
+    @property
     def active(self):
         """Connections this worker holds."""
         return self.nconns
@@ -533,7 +549,7 @@ cdef class Worker:
 
     cdef int _poll(self, int timeout_ms) noexcept nogil:
         # Called without the GIL; touches no Python objects.
-        cdef int64_t deadline = self.now_ms + timeout_ms, wait
+        cdef int64_t deadline = self.now_ms + timeout_ms, wait, remaining_us
         cdef int n, i
         cdef uint64_t data, tag
         cdef Conn *c
@@ -551,8 +567,10 @@ cdef class Worker:
                     wait = EMFILE_PAUSE_MS
                 if self.counts_changed and self.report_counts:
                     # Other workers pick by these counts: wake to report them.
-                    if self.last_report_ms + self.report_interval_ms - self.now_ms < wait:
-                        wait = self.last_report_ms + self.report_interval_ms - self.now_ms
+                    remaining_us = (self.last_report_us + self.report_interval_ms * 1000
+                                    - monotonic_us())
+                    if (remaining_us + 999) // 1000 < wait:
+                        wait = (remaining_us + 999) // 1000
                 if wait < 0:
                     wait = 0
                 n = epoll_wait(self.epfd, self.events, self.max_events, <int>wait)
@@ -588,7 +606,7 @@ cdef class Worker:
             if self.now_ms >= deadline:
                 return 0
             if (self.counts_changed and self.report_counts
-                    and self.now_ms - self.last_report_ms >= self.report_interval_ms):
+                    and monotonic_us() - self.last_report_us >= self.report_interval_ms * 1000):
                 return 0
 
     cdef void _pause_listener(self, Listener *listener, int64_t until_ms) noexcept nogil:

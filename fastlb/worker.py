@@ -7,6 +7,7 @@ module applies the supervisor's messages and sends reports.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import signal
@@ -110,6 +111,7 @@ class WorkerProcess:
         self.stop_signal = False
         self.reopen_signal = False
         self.log_dropped = 0  # access log records lost, not reported yet
+        self.count_staleness = [0] * (len(msg.STALENESS_BOUNDS_MS) + 1)  # not reported yet
         self.backend_names: dict[int, str] = {}
         self.access_log = (
             AccessLog(
@@ -168,7 +170,8 @@ class WorkerProcess:
     def report(self, stats: bool) -> None:
         """Sends what changed: everything when stats, else only counts and failures."""
         report = self.dataplane.report(stats)
-        if report is None and not (stats and self.log_dropped):
+        staleness = stats and any(self.count_staleness)
+        if report is None and not (stats and self.log_dropped) and not staleness:
             return
         version, backends, frontends = report or (self.table_version, [], [])
         self.send(
@@ -177,10 +180,14 @@ class WorkerProcess:
                 backends=[msg.BackendReport(*row) for row in backends],
                 frontends=[msg.FrontendReport(*row) for row in frontends],
                 log_dropped=self.log_dropped if stats else 0,
+                counts_since_us=self.dataplane.counts_since_us if report else 0,
+                count_staleness=list(self.count_staleness) if staleness else [],
             )
         )
         if stats:
             self.log_dropped = 0
+            if staleness:
+                self.count_staleness = [0] * len(self.count_staleness)
 
     def drain(self) -> None:
         self.draining = True
@@ -233,6 +240,9 @@ class WorkerProcess:
             self.set_table(message)
         elif isinstance(message, msg.Counts):
             self.dataplane.set_others(message.others)
+            if message.counts_since_us:
+                took_ms = (time.monotonic_ns() // 1000 - message.counts_since_us) / 1000
+                self.count_staleness[bisect.bisect_left(msg.STALENESS_BOUNDS_MS, took_ms)] += 1
         elif isinstance(message, msg.Drain):
             self.drain()
         elif isinstance(message, msg.Invalid):

@@ -26,14 +26,18 @@ worker -> supervisor
               accepted, ended}]`` likewise; ``ended`` counts the connections that ended by why,
               indexed by the data plane's END_* codes (``fastlb.accesslog.END_REASONS``).
               ``log_dropped``: access log records lost since the previous report (the writer
-              fell behind).
+              fell behind). ``counts_since_us``: when the oldest count change this report
+              carries happened (CLOCK_MONOTONIC µs; 0: none). ``count_staleness``: counts
+              received since the previous such report, by how long after that change they were
+              applied (a histogram over :data:`STALENESS_BOUNDS_MS`).
 
 supervisor -> worker
   ``table``   ``{t, version, pools}``: whole backend tables, each swapped in at once.
               ``pools`` is ``[{id, backends: [{id, host, port, weight, up, backup}]}]``.
   ``counts``  ``{t, table, others}``: ``{backend id: active connections}`` held by all *other*
               workers, for the backends whose count changed since the last counts sent to this
-              worker; a backend left out keeps its count.
+              worker; a backend left out keeps its count. ``counts_since_us``: the oldest
+              ``counts_since_us`` of the reports behind them (0: unknown).
   ``drain``   ``{t}``: stop accepting, finish open connections, then exit.
 """
 
@@ -48,6 +52,8 @@ PROTOCOL_VERSION = 2
 # The upper bounds (ms) of the data plane's histogram buckets, the last bucket being +Inf: how
 # long a connect took, and how long a connection lasted. ext/_dataplane.pyx holds the same.
 CONNECT_BOUNDS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+# How long after a count changed in one worker the others applied it (ms; then +Inf).
+STALENESS_BOUNDS_MS = (0.25, 0.5, 1, 2, 5, 10, 25, 50, 100)
 DURATION_BOUNDS_MS = (10, 50, 100, 500, 1000, 5000, 10000, 30000, 60000, 300000, 1800000, 3600000)
 
 
@@ -88,6 +94,8 @@ class Report:
     backends: list[BackendReport]
     frontends: list[FrontendReport]
     log_dropped: int = 0
+    counts_since_us: int = 0
+    count_staleness: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +124,7 @@ class Table:
 class Counts:
     table: int
     others: dict[int, int]
+    counts_since_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +159,7 @@ _NESTED: dict[tuple[type, str], type] = {
 # The type each scalar field must have; bools are ints to Python, so they are checked apart.
 _BOOL_FIELDS = {"up", "backup"}
 _STR_FIELDS = {"host"}
-_INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended"}
+_INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended", "count_staleness"}
 
 
 # Entries that leave out the fields at their defaults: a report lists many of them, and a

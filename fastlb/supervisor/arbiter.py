@@ -194,6 +194,9 @@ class Arbiter:
         self.reloads = {"applied": 0, "failed": 0}
         self.counts_changed = False  # every backend's counts may have changed
         self.changed_counts: set[int] = set()  # backend ids whose counts reports changed
+        self.counts_since_us = 0  # the oldest change behind them (Report.counts_since_us)
+        # Counts applied by the workers, by how long after the change (STALENESS_BOUNDS_MS).
+        self.count_staleness = [0] * (len(msg.STALENESS_BOUNDS_MS) + 1)
         # When each backend that wants checks is due: (next_check, id), rebuilt after a table
         # change (None until then); entries whose time is no longer the backend's are stale.
         self.check_queue: list[tuple[float, int]] | None = None
@@ -628,6 +631,11 @@ class Arbiter:
                 _add(frontend.ended, entry.ended)
                 worker.frontend_active[entry.id] = entry.active
         self.access_log_dropped += report.log_dropped
+        _add(self.count_staleness, report.count_staleness)
+        if report.counts_since_us and (
+            not self.counts_since_us or report.counts_since_us < self.counts_since_us
+        ):
+            self.counts_since_us = report.counts_since_us
         if report.table != self.table_version:
             return  # counted against an older table: its failures may predate the last change
         for entry in report.backends:
@@ -699,6 +707,7 @@ class Arbiter:
             return
         self.counts_changed = False
         self.changed_counts.clear()
+        since, self.counts_since_us = self.counts_since_us, 0
         for worker in self.workers.values():
             changed = {}
             for backend_id, total in totals.items():
@@ -707,7 +716,10 @@ class Arbiter:
                     changed[backend_id] = others
             if changed:
                 worker.others_sent.update(changed)
-                self.send(worker, msg.Counts(table=self.table_version, others=changed))
+                self.send(
+                    worker,
+                    msg.Counts(table=self.table_version, others=changed, counts_since_us=since),
+                )
 
     def table(self) -> msg.Table:
         now = time.monotonic()
@@ -977,6 +989,11 @@ class Arbiter:
             "reloads": dict(self.reloads),
             "table_version": self.table_version,
             "access_log_dropped": self.access_log_dropped,
+            # How soon count changes reached the other workers (count-driven pools only).
+            "count_staleness_ms": {
+                "bounds": list(msg.STALENESS_BOUNDS_MS),
+                "counts": list(self.count_staleness),
+            },
             "frontends": [
                 {
                     "name": frontend.spec.name,
