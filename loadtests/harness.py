@@ -40,7 +40,10 @@ def _drop_source_tree_from_path() -> None:
 
 
 _drop_source_tree_from_path()  # before any script imports fastlb
-NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+# scale.py's bundle unpacks the module elsewhere and names it here.
+NGINX_STREAM_MODULE = Path(
+    os.environ.get("FASTLB_NGINX_STREAM_MODULE", "/usr/lib/nginx/modules/ngx_stream_module.so")
+)
 INSTALL_HINT = "apt-get install haproxy libnginx-mod-stream wrk"
 
 
