@@ -355,19 +355,20 @@ cdef class Worker:
 
     def report(self, bint stats=True):
         """What changed since the last call, or None when nothing did: (table_version,
-        backends, frontends). With stats, backends are (id, active, new, up_bytes, down_bytes,
+        backends, frontends, counts). With stats, backends are (id, active, new, up_bytes, down_bytes,
         failed, succeeded, streak, connect_hist, connect_ms_sum, duration_hist,
         duration_ms_sum) for each backend whose counters moved; active is absolute, the others
         are deltas (the histograms are lists of HIST_BUCKETS counts); frontends: (id, active,
-        accepted, ended by END_* reason) likewise. Without stats, only what must not wait: a
-        whole row for each backend where a connect failed, (id, active) for each whose count
-        changed when report_interval_ms is set, and no frontends. Either walks only the
-        backends that changed."""
+        accepted, ended by END_* reason) likewise, and counts is empty. Without stats, only
+        what must not wait: a whole row for each backend where a connect failed, no frontends,
+        and counts {id: active} for the others whose count changed, when report_interval_ms is
+        set. Either walks only the backends that changed."""
         cdef int i, k
         cdef Backend *b
         cdef Frontend *fe
         cdef Conn *c
         backends = []
+        counts = {}
         self.last_report_us = monotonic_us()
         self.counts_changed = False
         self.reported_since_us = self.counts_since_us
@@ -379,10 +380,10 @@ cdef class Worker:
                 if b.failed:
                     backends.append(self._backend_row(b))
                 elif self.report_counts and b.local_active != b.reported_active:
-                    backends.append((b.id, b.local_active))
+                    counts[b.id] = b.local_active
                     b.reported_active = b.local_active
             self.ncount_changed = 0
-            return (self.table_version, backends, []) if backends else None
+            return (self.table_version, backends, [], counts) if backends or counts else None
         c = self.live
         while c != NULL:
             if c.pool != NULL:
@@ -407,7 +408,7 @@ cdef class Worker:
             memset(fe.ended, 0, sizeof(fe.ended))
         if not backends and not frontends:
             return None
-        return (self.table_version, backends, frontends)
+        return (self.table_version, backends, frontends, counts)
 
     cdef tuple _backend_row(self, Backend *b):
         """b's report row; its deltas start again from zero."""

@@ -173,12 +173,13 @@ class WorkerProcess:
         staleness = stats and any(self.count_staleness)
         if report is None and not (stats and self.log_dropped) and not staleness:
             return
-        version, backends, frontends = report or (self.table_version, [], [])
+        version, backends, frontends, counts = report or (self.table_version, [], [], {})
         self.send(
             msg.Report(
                 table=version,
                 backends=[msg.BackendReport(*row) for row in backends],
                 frontends=[msg.FrontendReport(*row) for row in frontends],
+                counts=counts,
                 log_dropped=self.log_dropped if stats else 0,
                 counts_since_us=self.dataplane.counts_since_us if report else 0,
                 count_staleness=list(self.count_staleness) if staleness else [],

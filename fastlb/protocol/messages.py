@@ -13,8 +13,10 @@ worker -> supervisor
   ``report``  ``{t, table, backends, frontends}``: what changed since the previous report, sent
               every second while anything did, and at once (within 1 ms) for a connect that
               failed or, when other workers pick by the counts, an active count that changed:
-              those carry only such backends, and no frontends (a backend whose only change is
-              its count has only ``id`` and ``active``). ``table`` is the version the worker holds.
+              those carry only such backends and no frontends, and ``counts``: ``{backend id:
+              active}`` for the backends whose only change is their count (a map: a report
+              every millisecond costs little per backend). ``table`` is the version the worker
+              holds.
               ``backends``: ``[{id, active, new, up_bytes, down_bytes, failed, succeeded,
               streak}]`` for each backend whose counters moved: ``active`` is this worker's open
               connections to it (absolute); ``new``, ``up_bytes`` (client -> backend),
@@ -94,6 +96,7 @@ class Report:
     backends: list[BackendReport]
     frontends: list[FrontendReport]
     log_dropped: int = 0
+    counts: dict[int, int] = field(default_factory=dict)
     counts_since_us: int = 0
     count_staleness: list[int] = field(default_factory=list)
 
@@ -160,6 +163,7 @@ _NESTED: dict[tuple[type, str], type] = {
 _BOOL_FIELDS = {"up", "backup"}
 _STR_FIELDS = {"host"}
 _INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended", "count_staleness"}
+_COUNT_MAP_FIELDS = {"others", "counts"}
 
 
 # Entries that leave out the fields at their defaults: a report lists many of them, and a
@@ -214,8 +218,8 @@ def _plan(cls: type) -> tuple[tuple[str, bool, str, type | None], ...]:
             kind = "str"
         elif spec.name in _INT_LIST_FIELDS:
             kind = "int list"
-        elif spec.name == "others":
-            kind = "others"
+        elif spec.name in _COUNT_MAP_FIELDS:
+            kind = "count map"
         else:
             kind = "int"
         plan.append((spec.name, optional, kind, nested))
@@ -260,7 +264,7 @@ def _fill(cls: type, body: object, where: str) -> object:
         elif not isinstance(value, dict) or not all(
             _is_int(k) and _is_int(v) for k, v in value.items()
         ):
-            raise _Bad(f"{where}: others must map backend ids to counts")
+            raise _Bad(f"{where}: {name} must map backend ids to counts")
         kwargs[name] = value
     return cls(**kwargs)
 

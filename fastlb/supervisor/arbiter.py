@@ -624,6 +624,10 @@ class Arbiter:
             if worker.active.get(entry.id, 0) != entry.active:
                 worker.active[entry.id] = entry.active
                 self.changed_counts.add(entry.id)
+        for backend_id, active in report.counts.items():
+            if backend_id in self.backends and worker.active.get(backend_id, 0) != active:
+                worker.active[backend_id] = active
+                self.changed_counts.add(backend_id)
         for entry in report.frontends:
             if 0 <= entry.id < len(self.frontends):
                 frontend = self.frontends[entry.id]
