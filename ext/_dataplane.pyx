@@ -411,11 +411,16 @@ cdef class Worker:
         return (self.table_version, backends, frontends, counts)
 
     cdef tuple _backend_row(self, Backend *b):
-        """b's report row; its deltas start again from zero."""
-        cdef int k
+        """b's report row; its deltas start again from zero. The histograms leave out their
+        trailing empty buckets (most connections fall in the first)."""
+        cdef int k, nconnect = HIST_BUCKETS, nduration = HIST_BUCKETS
+        while nconnect and not b.connect_hist[nconnect - 1]:
+            nconnect -= 1
+        while nduration and not b.duration_hist[nduration - 1]:
+            nduration -= 1
         row = (b.id, b.local_active, b.new_conns, b.up_bytes, b.down_bytes, b.failed,
-               b.succeeded, b.streak, [b.connect_hist[k] for k in range(HIST_BUCKETS)],
-               b.connect_ms_sum, [b.duration_hist[k] for k in range(HIST_BUCKETS)],
+               b.succeeded, b.streak, [b.connect_hist[k] for k in range(nconnect)],
+               b.connect_ms_sum, [b.duration_hist[k] for k in range(nduration)],
                b.duration_ms_sum)
         b.reported_active = b.local_active
         b.new_conns = b.up_bytes = b.down_bytes = 0

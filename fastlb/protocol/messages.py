@@ -23,7 +23,8 @@ worker -> supervisor
               ``down_bytes``, ``failed`` and ``succeeded`` (connect attempts) are deltas;
               ``streak`` is the run of consecutive connect failures this worker has seen on it,
               0 after a success; ``connect_ms`` and ``duration_ms`` are histograms (counts by
-              bucket, the data plane's fixed bounds) of the connects that completed and of the
+              bucket, the data plane's fixed bounds; trailing empty buckets may be left out) of
+              the connects that completed and of the
               connections that ended, with their sums in ms. ``frontends``: ``[{id, active,
               accepted, ended}]`` likewise; ``ended`` counts the connections that ended by why,
               indexed by the data plane's END_* codes (``fastlb.accesslog.END_REASONS``).
