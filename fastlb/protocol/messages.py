@@ -179,19 +179,24 @@ _SPARSE_DEFAULTS = {
 }
 
 
+# Field names by message and entry type, read once: dataclasses.fields() is slow per call.
+_FIELD_NAMES = {
+    cls: tuple(spec.name for spec in fields(cls))
+    for cls in (*_TYPES.values(), *set(_NESTED.values()))
+}
+
+
 def _plain(value: object) -> object:
-    sparse = _SPARSE_DEFAULTS.get(type(value))
-    if sparse is not None:
-        body = {spec.name: getattr(value, spec.name) for spec in fields(value)}
-        for name, default in sparse:
-            if body[name] == default:
-                del body[name]
-        return body
-    if hasattr(value, "__dataclass_fields__"):
-        return {spec.name: _plain(getattr(value, spec.name)) for spec in fields(value)}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
+    names = _FIELD_NAMES.get(type(value))
+    if names is None:
+        if type(value) is list and value and type(value[0]) in _FIELD_NAMES:
+            return [_plain(item) for item in value]
+        return value  # a number, a string, a map of numbers, a list of numbers
+    body = {name: _plain(getattr(value, name)) for name in names}
+    for name, default in _SPARSE_DEFAULTS.get(type(value), ()):
+        if body[name] == default:
+            del body[name]
+    return body
 
 
 def encode(message: Message) -> bytes:
@@ -262,16 +267,12 @@ def _fill(cls: type, body: object, where: str) -> object:
         elif kind == "str":
             if not isinstance(value, str):
                 raise _Bad(f"{where}: {name} must be a string")
-        elif not isinstance(value, dict) or not all(
-            _is_int(k) and _is_int(v) for k, v in value.items()
+        elif type(value) is not dict or not all(
+            type(k) is int and type(v) is int for k, v in value.items()
         ):
             raise _Bad(f"{where}: {name} must map backend ids to counts")
         kwargs[name] = value
     return cls(**kwargs)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _build(body: object) -> Message | Invalid:
