@@ -131,6 +131,13 @@ cdef struct Backend:
     uint64_t connect_ms_sum                 # their sums, in ms
     uint64_t duration_ms_sum
     uint64_t id_hash        # hash of the address: ties hashing algorithms to backends, not positions
+    uint8_t queued          # QUEUED_* flags: on the worker's lists of backends to report
+
+
+# Which of the worker's report lists a backend is on (Backend.queued).
+cdef enum:
+    QUEUED_STATS = 1        # some counter moved since the last full report
+    QUEUED_COUNT = 2        # its active count changed, or a connect failed, since the last report
 
 
 cdef struct Table:
@@ -386,6 +393,15 @@ cdef class Worker:
     cdef int max_events
     cdef int held_events    # a batch kept back while Python handles a wake-up in it
     cdef bint counts_changed
+    cdef bint report_counts     # report_interval_ms set: count changes go out on their own
+    cdef int64_t last_report_us     # CLOCK_MONOTONIC µs (now_ms is too coarse for 1 ms)
+    cdef Backend **changed      # backends whose counters moved since the last full report
+    cdef int nchanged
+    cdef Backend **count_changed    # backends whose active count changed, or a connect failed
+    cdef int ncount_changed
+    cdef int changed_capacity   # room in both lists: every backend of every table
+    cdef int64_t counts_since_us    # CLOCK_MONOTONIC µs of the oldest unreported count change
+    cdef int64_t reported_since_us  # the same for the counts in the last report
     cdef uint32_t table_version
     cdef Backend detached   # counts for connections whose backend left the table (reload)
     cdef LogRecord *log_ring    # ended connections for the access log; NULL when off
@@ -404,6 +420,10 @@ cdef class Worker:
     cdef _add_pool(self, dict spec)
     cdef _add_frontend(self, dict spec)
     cdef int _set_pool_table(self, Pool *pool, list rows) except -1
+    cdef int _requeue_changed(self) except -1
+    cdef void _changed(self, Backend *b) noexcept nogil
+    cdef void _count_changed(self, Backend *b) noexcept nogil
+    cdef tuple _backend_row(self, Backend *b)
     cdef int _poll(self, int timeout_ms) noexcept nogil
     cdef void _accept_burst(self, Listener *listener) noexcept nogil
     cdef void _pause_listener(self, Listener *listener, int64_t until_ms) noexcept nogil

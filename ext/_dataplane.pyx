@@ -10,7 +10,7 @@
 from libc.errno cimport (EAGAIN, ECONNABORTED, ECONNREFUSED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS,
                          ENOMEM, errno)
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
 from includes.linux cimport *
@@ -74,6 +74,12 @@ cdef inline int64_t monotonic_ms() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
 
 
+cdef inline int64_t monotonic_us() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000 + ts.tv_nsec // 1000
+
+
 cdef inline uint32_t flags_from_events(uint32_t ev) noexcept nogil:
     cdef uint32_t f = 0
     if ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
@@ -114,7 +120,8 @@ cdef class Worker:
     ``set_table`` must be called before the first ``poll``. ``poll(timeout_ms)`` forwards
     traffic without the GIL and returns True when a watched file descriptor (the control socket,
     the signal wake-up pipe) is readable, else False after ``timeout_ms`` or, when
-    ``report_interval_ms`` is set, as soon as that long has passed with connection counts changed.
+    ``report_interval_ms`` is set and connection counts changed, as soon as that long has passed
+    since the last ``report``.
     """
 
     def __cinit__(self):
@@ -130,6 +137,8 @@ cdef class Worker:
         self.flow_buckets = NULL
         self.udp_in = NULL
         self.udp_out = NULL
+        self.changed = NULL
+        self.count_changed = NULL
 
     def __init__(self, list pools, list frontends, list listeners, *, int buffer_size=65536,
                  str splice="auto", int report_interval_ms=0, int max_events=512,
@@ -144,6 +153,7 @@ cdef class Worker:
         self.buffer_size = buffer_size
         self.splice_mode = SPLICE_MODES[splice]
         self.report_interval_ms = report_interval_ms
+        self.report_counts = report_interval_ms > 0
         self.max_free_bufs = 64
         self.max_free_pipes = 64
         self.max_events = max_events
@@ -310,6 +320,8 @@ cdef class Worker:
         udp_free(self)
         free(self.listeners)
         free(self.log_ring)
+        free(self.changed)
+        free(self.count_changed)
         if self.epfd >= 0:
             close(self.epfd)
 
@@ -339,6 +351,7 @@ cdef class Worker:
         }
         self.table_version = version
         self.counts_changed = True
+        self._requeue_changed()
 
     def set_others(self, dict others):
         """Active connections held by all other workers, by backend id; ids left out keep their
@@ -378,40 +391,49 @@ cdef class Worker:
             woke = self._poll(timeout_ms)
         return bool(woke)
 
-    def report(self):
+    def report(self, bint stats=True):
         """What changed since the last call, or None when nothing did: (table_version,
-        backends, frontends). backends: (id, active, new, up_bytes, down_bytes, failed,
-        succeeded, streak, connect_hist, connect_ms_sum, duration_hist, duration_ms_sum) for
-        each backend whose counters moved; active is absolute, the others are deltas (the
-        histograms are lists of HIST_BUCKETS counts). frontends: (id, active, accepted,
-        ended by END_* reason) likewise."""
-        cdef int i, j, k
+        backends, frontends, counts). With stats, backends are (id, active, new, up_bytes, down_bytes,
+        failed, succeeded, streak, connect_hist, connect_ms_sum, duration_hist,
+        duration_ms_sum) for each backend whose counters moved; active is absolute, the others
+        are deltas (the histograms are lists of HIST_BUCKETS counts); frontends: (id, active,
+        accepted, ended by END_* reason) likewise, and counts is empty. Without stats, only
+        what must not wait: a whole row for each backend where a connect failed, no frontends,
+        and counts {id: active} for the others whose count changed. Either walks only the
+        backends that changed."""
+        cdef int i, k
         cdef Backend *b
         cdef Frontend *fe
-        cdef Conn *c = self.live
+        cdef Conn *c
+        backends = []
+        counts = {}
+        self.last_report_us = monotonic_us()
+        self.counts_changed = False
+        self.reported_since_us = self.counts_since_us
+        self.counts_since_us = 0
+        if not stats:
+            for i in range(self.ncount_changed):
+                b = self.count_changed[i]
+                b.queued &= ~QUEUED_COUNT
+                if b.failed:
+                    backends.append(self._backend_row(b))
+                elif b.local_active != b.reported_active:
+                    counts[b.id] = b.local_active
+                    b.reported_active = b.local_active
+            self.ncount_changed = 0
+            return (self.table_version, backends, [], counts) if backends or counts else None
+        c = self.live
         while c != NULL:
             if c.pool != NULL:
                 self._count_bytes(c)
             c = c.next
-        backends = []
-        for i in range(self.npools):
-            for j in range(self.pools[i].table.n):
-                b = &self.pools[i].table.backends[j]
-                if (b.local_active == b.reported_active and not b.new_conns and not b.up_bytes
-                        and not b.down_bytes and not b.failed and not b.succeeded):
-                    continue
-                backends.append((b.id, b.local_active, b.new_conns, b.up_bytes, b.down_bytes,
-                                 b.failed, b.succeeded, b.streak,
-                                 [b.connect_hist[k] for k in range(HIST_BUCKETS)],
-                                 b.connect_ms_sum,
-                                 [b.duration_hist[k] for k in range(HIST_BUCKETS)],
-                                 b.duration_ms_sum))
-                b.reported_active = b.local_active
-                b.new_conns = b.up_bytes = b.down_bytes = 0
-                b.failed = b.succeeded = 0
-                memset(b.connect_hist, 0, sizeof(b.connect_hist))
-                memset(b.duration_hist, 0, sizeof(b.duration_hist))
-                b.connect_ms_sum = b.duration_ms_sum = 0
+        for i in range(self.nchanged):
+            b = self.changed[i]
+            b.queued = 0
+            if (b.local_active != b.reported_active or b.new_conns or b.up_bytes
+                    or b.down_bytes or b.failed or b.succeeded):
+                backends.append(self._backend_row(b))
+        self.nchanged = self.ncount_changed = 0
         frontends = []
         for i in range(self.nfrontends):
             fe = &self.frontends[i]
@@ -422,10 +444,84 @@ cdef class Worker:
             fe.reported_active = fe.nconns
             fe.accepted = 0
             memset(fe.ended, 0, sizeof(fe.ended))
-        self.counts_changed = False
         if not backends and not frontends:
             return None
-        return (self.table_version, backends, frontends)
+        return (self.table_version, backends, frontends, counts)
+
+    cdef tuple _backend_row(self, Backend *b):
+        """b's report row; its deltas start again from zero. The histograms leave out their
+        trailing empty buckets (most connections fall in the first)."""
+        cdef int k, nconnect = HIST_BUCKETS, nduration = HIST_BUCKETS
+        while nconnect and not b.connect_hist[nconnect - 1]:
+            nconnect -= 1
+        while nduration and not b.duration_hist[nduration - 1]:
+            nduration -= 1
+        row = (b.id, b.local_active, b.new_conns, b.up_bytes, b.down_bytes, b.failed,
+               b.succeeded, b.streak, [b.connect_hist[k] for k in range(nconnect)],
+               b.connect_ms_sum, [b.duration_hist[k] for k in range(nduration)],
+               b.duration_ms_sum)
+        b.reported_active = b.local_active
+        b.new_conns = b.up_bytes = b.down_bytes = 0
+        b.failed = b.succeeded = 0
+        memset(b.connect_hist, 0, sizeof(b.connect_hist))
+        memset(b.duration_hist, 0, sizeof(b.duration_hist))
+        b.connect_ms_sum = b.duration_ms_sum = 0
+        return row
+
+    cdef int _requeue_changed(self) except -1:
+        """After a table swap the lists point into freed tables: sized anew and refilled with
+        the backends that still have something to report."""
+        cdef int i, j, total = 0
+        cdef Backend *b
+        cdef Backend **changed
+        cdef Backend **count_changed
+        for i in range(self.npools):
+            total += self.pools[i].table.n
+        changed = <Backend **>realloc(self.changed, (total + 1) * sizeof(Backend *))
+        if changed == NULL:
+            raise MemoryError()
+        self.changed = changed
+        count_changed = <Backend **>realloc(self.count_changed, (total + 1) * sizeof(Backend *))
+        if count_changed == NULL:
+            raise MemoryError()
+        self.count_changed = count_changed
+        self.changed_capacity = total
+        self.nchanged = self.ncount_changed = 0
+        for i in range(self.npools):
+            for j in range(self.pools[i].table.n):
+                b = &self.pools[i].table.backends[j]
+                b.queued = 0
+                if (b.local_active != b.reported_active or b.new_conns or b.up_bytes
+                        or b.down_bytes or b.failed or b.succeeded):
+                    self._count_changed(b)
+        return 0
+
+    cdef void _changed(self, Backend *b) noexcept nogil:
+        # Puts b on the list of the next full report, once. Called without the GIL; touches no
+        # Python objects.
+        if b.queued & QUEUED_STATS or b == &self.detached:
+            return
+        if self.nchanged >= self.changed_capacity:
+            return
+        b.queued |= QUEUED_STATS
+        self.changed[self.nchanged] = b
+        self.nchanged += 1
+
+    cdef void _count_changed(self, Backend *b) noexcept nogil:
+        # b's active count changed or a connect to it failed: on both lists, and poll returns
+        # soon when counts are reported on their own. Called without the GIL; touches no
+        # Python objects.
+        self._changed(b)
+        if b.queued & QUEUED_COUNT or b == &self.detached:
+            return
+        if self.ncount_changed >= self.changed_capacity:
+            return
+        b.queued |= QUEUED_COUNT
+        if self.counts_since_us == 0:
+            self.counts_since_us = monotonic_us()
+        self.count_changed[self.ncount_changed] = b
+        self.ncount_changed += 1
+        self.counts_changed = True
 
     def take_log(self):
         """The connections that ended since the last call, oldest first, as tuples: (client
@@ -474,6 +570,12 @@ cdef class Worker:
         self.npaused = 0
 
     @property
+    def counts_since_us(self):
+        """When the oldest count change in the last report happened (CLOCK_MONOTONIC µs, as
+        time.monotonic_ns() // 1000 reads it); 0 when it carried none."""
+        return self.reported_since_us
+
+    @property
     def active(self):
         """Connections and UDP flows this worker holds."""
         return self.nconns + self.nflows
@@ -514,7 +616,7 @@ cdef class Worker:
 
     cdef int _poll(self, int timeout_ms) noexcept nogil:
         # Called without the GIL; touches no Python objects.
-        cdef int64_t deadline = self.now_ms + timeout_ms, started = self.now_ms, wait
+        cdef int64_t deadline = self.now_ms + timeout_ms, wait, remaining_us
         cdef int n, i
         cdef uint64_t data, tag
         cdef Conn *c
@@ -530,6 +632,12 @@ cdef class Worker:
                     wait = self.next_scan_ms - self.now_ms
                 if self.npaused and wait > EMFILE_PAUSE_MS:
                     wait = EMFILE_PAUSE_MS
+                if self.counts_changed and self.report_counts:
+                    # Other workers pick by these counts: wake to report them.
+                    remaining_us = (self.last_report_us + self.report_interval_ms * 1000
+                                    - monotonic_us())
+                    if (remaining_us + 999) // 1000 < wait:
+                        wait = (remaining_us + 999) // 1000
                 if wait < 0:
                     wait = 0
                 n = epoll_wait(self.epfd, self.events, self.max_events, <int>wait)
@@ -573,8 +681,8 @@ cdef class Worker:
                 self._resume_listeners()
             if self.now_ms >= deadline:
                 return 0
-            if (self.counts_changed and self.report_interval_ms
-                    and self.now_ms - started >= self.report_interval_ms):
+            if (self.counts_changed and self.report_counts
+                    and monotonic_us() - self.last_report_us >= self.report_interval_ms * 1000):
                 return 0
 
     cdef void _pause_listener(self, Listener *listener, int64_t until_ms) noexcept nogil:
@@ -847,12 +955,12 @@ cdef class Worker:
                 c.state = CONN_CONNECTING
                 c.deadline_ms = self.now_ms + pool.connect_timeout_ms
                 b.local_active += 1
-                self.counts_changed = True
+                self._count_changed(b)
                 return 0
             close(fd)
             b.failed += 1
             b.streak += 1
-            self.counts_changed = True
+            self._count_changed(b)
         return -1
 
     cdef bint _closed_early(self, Conn *c) noexcept nogil:
@@ -869,6 +977,7 @@ cdef class Worker:
         cdef Backend *b = self._backend_of(c)
         b.failed += 1
         b.streak += 1
+        self._count_changed(b)
         close(c.bfd)
         c.bfd = -1
         self._count_bytes(c)
@@ -882,6 +991,7 @@ cdef class Worker:
         c.on_probation = False
         b.succeeded += 1
         b.streak = 0
+        self._changed(b)
 
     cdef void _drop_replay(self, Conn *c) noexcept nogil:
         # The backend answered, or too much was sent to keep: no retry from here on.
@@ -920,8 +1030,8 @@ cdef class Worker:
     cdef void _release_backend(self, Conn *c) noexcept nogil:
         if c.backend >= 0:
             c.pool.table.backends[c.backend].local_active -= 1
+            self._count_changed(&c.pool.table.backends[c.backend])
             c.backend = -1
-            self.counts_changed = True
 
     cdef void _handle(self, Conn *c, bint backend_side, uint32_t ev) noexcept nogil:
         # One epoll event on one socket of a connection. Called without the GIL; touches no
@@ -945,6 +1055,7 @@ cdef class Worker:
                 c.sent_ms = 0
                 b = self._backend_of(c)
                 b.new_conns += 1
+                self._changed(b)
                 # The connect started connect_timeout before its deadline.
                 took = self.now_ms - (c.deadline_ms - c.pool.connect_timeout_ms)
                 b.connect_hist[bucket(CONNECT_BOUNDS_MS, took)] += 1
@@ -1169,8 +1280,11 @@ cdef class Worker:
         # Adds what the connection moved since the last call to its backend's counters.
         # Called without the GIL; touches no Python objects.
         cdef Backend *b = self._backend_of(c)
+        if c.up_bytes == c.up_counted and c.down_bytes == c.down_counted:
+            return
         b.up_bytes += c.up_bytes - c.up_counted
         b.down_bytes += c.down_bytes - c.down_counted
+        self._changed(b)
         c.up_counted = c.up_bytes
         c.down_counted = c.down_bytes
 

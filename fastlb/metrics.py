@@ -7,6 +7,7 @@ whose script polls ``/stats`` every second and computes the rates between two po
 
     {"pid": <supervisor pid>, "version": <fastlb version>, "table_version": <int>,
      "access_log_dropped": <int>, "worker_restarts": <int>,
+     "count_staleness_ms": {"bounds": [<ms>, ...], "counts": [<counts applied that late>, ...]},
      "reloads": {"applied": <int>, "failed": <int>},
      "workers": [{"id": <int>, "pid": <int>, "ready": <bool>, "cpu_seconds": <float>,
                   "rss_bytes": <int>, "open_fds": <int>}, ...],

@@ -7,6 +7,7 @@ module applies the supervisor's messages and sends reports.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import signal
@@ -21,8 +22,14 @@ from fastlb.protocol import messages as msg
 
 log = logging.getLogger("fastlb.worker")
 
-TICK_MS = 50  # longest slice without the GIL; reports go out at least this often
-REPORT_INTERVAL_MS = 10  # with count-driven algorithms, report count changes this soon
+TICK_MS = 50  # longest slice without the GIL
+# With count-driven algorithms and other workers, count changes go out this soon: the others
+# pick by them.
+REPORT_INTERVAL_MS = 1
+# Everything else (bytes, connections, histograms) goes out this often: a report costs the
+# supervisor per backend listed, and with 1,000 backends every connection may touch another.
+STATS_INTERVAL = 1.0
+COUNTS_INTERVAL = 0.05  # count changes and failures, when no pick waits on them
 MAX_PENDING_OUT = 1 << 20  # stop queueing reports for a supervisor that does not read
 
 SEND_PROXY = {None: 0, "v1": 1, "v2": 2}
@@ -85,8 +92,9 @@ def dataplane_specs(
 
 
 def counts_matter(config: Config) -> bool:
-    """Whether some pool picks by every worker's counts: then count changes are reported soon."""
-    return any(
+    """Whether some pool picks by every worker's counts, and there are other workers: then
+    count changes are reported at once."""
+    return config.workers > 1 and any(
         "global-counts" in _dataplane.algorithm_needs(pool.algorithm)
         or pool.hash_balance_factor > 0
         for pool in config.pools
@@ -116,6 +124,9 @@ class WorkerProcess:
         self.stop_signal = False
         self.reopen_signal = False
         self.log_dropped = 0  # access log records lost, not reported yet
+        self.count_staleness = [0] * (len(msg.STALENESS_BOUNDS_MS) + 1)  # not reported yet
+        self.counts_urgent = counts_matter(config)
+        self.next_counts = 0.0
         self.backend_names: dict[int, str] = {}
         self.access_log = (
             AccessLog(
@@ -135,7 +146,7 @@ class WorkerProcess:
             [(sock.fileno(), frontend) for frontend, sock in listeners],
             buffer_size=config.buffer_size,
             splice=config.splice,
-            report_interval_ms=REPORT_INTERVAL_MS if counts_matter(config) else 0,
+            report_interval_ms=REPORT_INTERVAL_MS if self.counts_urgent else 0,
             access_log=self.access_log is not None,
         )
         # The data plane owns the descriptors from here on (it closes them when draining).
@@ -153,34 +164,26 @@ class WorkerProcess:
         """Serves until drained; False when an orphan's drain ran out of time."""
         self.send(msg.Hello(worker=self.worker_id, pid=os.getpid()))
         self.flush()  # the supervisor counts us ready (READY=1, /stats) on this message
+        next_stats = time.monotonic() + STATS_INTERVAL
         while True:
             if self.dataplane.poll(TICK_MS):
                 self.read_wakeups()
                 self.read_control()
             if self.access_log is not None:
                 self.write_access_log()
-            report = self.dataplane.report()
-            udp = self.dataplane.report_udp()
-            if report is not None or self.log_dropped or udp:
-                version, backends, frontends = report or (0, [], [])
-                self.send(
-                    msg.Report(
-                        table=version,
-                        backends=[msg.BackendReport(*row) for row in backends],
-                        frontends=[msg.FrontendReport(*row) for row in frontends],
-                        log_dropped=self.log_dropped,
-                        udp=[msg.UdpReport(*row) for row in udp],
-                    )
-                )
-                self.log_dropped = 0
+            finished = self.draining and self.dataplane.active == 0
+            now = time.monotonic()
+            stats = finished or now >= next_stats
+            if stats:
+                next_stats = now + STATS_INTERVAL
+            self.report(stats, now)
             self.flush()
             if self.stop_signal and not self.draining:
                 self.drain()
-            if self.draining and self.dataplane.active == 0:
+            if finished:
                 return True
             if self.orphaned_at is not None and not self.control_open:
                 # Nobody will kill us at the drain timeout: keep it ourselves.
-                now = time.monotonic()
                 if not self.draining and now - self.orphaned_at >= self.orphan_timeout:
                     log.warning(
                         "worker %d: no new supervisor after %gs: draining",
@@ -190,6 +193,36 @@ class WorkerProcess:
                     self.drain()
                 if self.draining and now - self.drain_started >= self.drain_timeout:
                     return False
+
+    def report(self, stats: bool, now: float) -> None:
+        """Sends what changed: everything when stats, else only counts and failures: at once
+        when picks use every worker's counts, else at most every COUNTS_INTERVAL (the
+        supervisor's totals, which ctl's remove waits on, stay that fresh)."""
+        if not stats and not self.counts_urgent and now < self.next_counts:
+            return
+        self.next_counts = now + COUNTS_INTERVAL
+        report = self.dataplane.report(stats)
+        staleness = stats and any(self.count_staleness)
+        udp = self.dataplane.report_udp() if stats else []  # UDP counters go with the stats
+        if report is None and not (stats and self.log_dropped) and not staleness and not udp:
+            return
+        version, backends, frontends, counts = report or (self.table_version, [], [], {})
+        self.send(
+            msg.Report(
+                table=version,
+                backends=[msg.BackendReport(*row) for row in backends],
+                frontends=[msg.FrontendReport(*row) for row in frontends],
+                counts=counts,
+                log_dropped=self.log_dropped if stats else 0,
+                counts_since_us=self.dataplane.counts_since_us if report else 0,
+                count_staleness=list(self.count_staleness) if staleness else [],
+                udp=[msg.UdpReport(*row) for row in udp],
+            )
+        )
+        if stats:
+            self.log_dropped = 0
+            if staleness:
+                self.count_staleness = [0] * len(self.count_staleness)
 
     def drain(self) -> None:
         self.draining = True
@@ -210,6 +243,7 @@ class WorkerProcess:
 
     def set_table(self, table: msg.Table) -> None:
         self.dataplane.set_table(table.version, table_pools(table))
+        self.table_version = table.version
         self.backend_names = {
             b.id: str(Address(b.host, b.port)) for pool in table.pools for b in pool.backends
         }
@@ -250,6 +284,9 @@ class WorkerProcess:
             self.set_table(message)
         elif isinstance(message, msg.Counts):
             self.dataplane.set_others(message.others)
+            if message.counts_since_us:
+                took_ms = (time.monotonic_ns() // 1000 - message.counts_since_us) / 1000
+                self.count_staleness[bisect.bisect_left(msg.STALENESS_BOUNDS_MS, took_ms)] += 1
         elif isinstance(message, msg.Drain):
             self.drain()
         elif isinstance(message, msg.KillSessions):

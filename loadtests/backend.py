@@ -36,6 +36,7 @@ from harness import (
     HarnessError,
     Processes,
     free_port,
+    free_ports,
     raise_nofile_limit,
     wait_for_port,
 )
@@ -72,7 +73,9 @@ def nginx_body(index: int, kind: str) -> str:
     return small_body(index).decode().strip()
 
 
-def nginx_http_config(ports: list[int], prefix: Path, docroot: Path, kind: str = "plain") -> str:
+def nginx_http_config(
+    ports: list[int], prefix: Path, docroot: Path, kind: str = "plain", workers: int = 1
+) -> str:
     servers = "\n".join(
         f"""\
     server {{
@@ -90,7 +93,7 @@ def nginx_http_config(ports: list[int], prefix: Path, docroot: Path, kind: str =
     ssl_session_tickets off;
 """
     return f"""\
-worker_processes 1;
+worker_processes {workers};
 worker_rlimit_nofile 20000;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -129,7 +132,9 @@ def make_certificate(directory: Path) -> None:
         raise HarnessError(f"openssl req failed ({done.returncode}): {done.stderr.strip()}")
 
 
-def start_nginx_backends(procs: Processes, count: int, tmp: Path, kind: str = "plain") -> Backends:
+def start_nginx_backends(
+    procs: Processes, count: int, tmp: Path, kind: str = "plain", workers: int = 1
+) -> Backends:
     """``kind`` is ``plain`` (HTTP), ``proxy`` (HTTP after a PROXY header) or ``tls`` (HTTPS)."""
     suffix = "" if kind == "plain" else f"-{kind}"
     prefix = tmp / f"nginx-backend{suffix}"
@@ -142,9 +147,9 @@ def start_nginx_backends(procs: Processes, count: int, tmp: Path, kind: str = "p
     (docroot / BULK_PATH.lstrip("/")).chmod(0o644)
     if kind == "tls":
         make_certificate(prefix)
-    ports = [free_port() for _ in range(count)]
+    ports = free_ports(count)
     config = prefix / "nginx.conf"
-    config.write_text(nginx_http_config(ports, prefix, docroot, kind))
+    config.write_text(nginx_http_config(ports, prefix, docroot, kind, workers))
     cmd = ["nginx", "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
     proc = procs.start(f"backend-nginx{suffix}", [*cmd, "-g", "daemon off;"])
     for port in ports:
@@ -153,7 +158,7 @@ def start_nginx_backends(procs: Processes, count: int, tmp: Path, kind: str = "p
 
 
 def start_python_backends(procs: Processes, count: int) -> Backends:
-    ports = [free_port() for _ in range(count)]
+    ports = free_ports(count)
     cmd = [sys.executable, str(HERE / "backend.py"), "python-http"]
     for port in ports:
         cmd += ["--port", str(port)]

@@ -24,6 +24,7 @@ file and a bar chart next to it.
     python loadtests/compare.py                   # full run, about 5 minutes on 2 cores
     python loadtests/compare.py --quick           # about 1 minute sanity run
     python loadtests/compare.py --workloads proxy,sni --quick   # under a minute
+    python loadtests/compare.py --many-backends 1000 --quick    # fastlb, N backends against 2
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import many_backends
 from backend import (
     BULK_PATH,
     BULK_SIZE,
@@ -163,6 +165,17 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="result folder (default loadtests/results/...)")
     parser.add_argument(
+        "--many-backends",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fastlb only: CPU per new connection with N backends (one nginx on N ports) "
+        "against 2, per algorithm, beside a plain client's cost of N ports",
+    )
+    parser.add_argument(
+        "--algorithms", default="", help="with --many-backends: comma-separated (default all)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="sanity run: 1 round of 2 s runs, about 1 minute"
     )
     args = parser.parse_args()
@@ -176,6 +189,9 @@ def parse_args() -> argparse.Namespace:
     if set(names) - set(WORKLOADS):
         parser.error(f"unknown workloads: {', '.join(sorted(set(names) - set(WORKLOADS)))}")
     args.workloads = [WORKLOADS[name] for name in names]
+    args.algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    if args.many_backends and args.many_backends < 3:
+        parser.error("--many-backends must be at least 3")
     if args.out is None:
         args.out = HERE / "results" / time.strftime("compare-%Y%m%d-%H%M%S")
     return args
@@ -770,6 +786,8 @@ def main() -> int:
     if not shutil.which("wrk"):
         console.print(f"[red]compare.py needs wrk ({INSTALL_HINT})[/]")
         return 2
+    if args.many_backends:
+        return many_backends.run(args, console)
     balancers = available_balancers(args.balancers)
     setups = []
     for setup in SETUP_BALANCERS:

@@ -40,7 +40,10 @@ def _drop_source_tree_from_path() -> None:
 
 
 _drop_source_tree_from_path()  # before any script imports fastlb
-NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+# scale.py's bundle unpacks the module elsewhere and names it here.
+NGINX_STREAM_MODULE = Path(
+    os.environ.get("FASTLB_NGINX_STREAM_MODULE", "/usr/lib/nginx/modules/ngx_stream_module.so")
+)
 INSTALL_HINT = "apt-get install haproxy libnginx-mod-stream wrk"
 
 
@@ -52,6 +55,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each stays bound until all are picked, so none repeats."""
+    held = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            held.append(s)
+            s.bind((LOOPBACK, 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def raise_nofile_limit() -> int:

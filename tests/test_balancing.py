@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import recv_line
+
+BURST_GAP = 0.002  # 16 connections within 30 ms
 
 
 def total_active(stats: dict) -> int:
@@ -100,3 +103,30 @@ def test_iphash_sends_a_client_to_the_same_backend_from_every_worker(backends, b
         assert len(answers) == 1, f"{source} reached {answers}"
         chosen[source] = answers.pop()
     assert set(chosen.values()) == set(names), Counter(chosen.values())
+
+
+def test_leastconn_splits_a_burst_evenly_across_two_workers(backends, balancer):
+    """16 connections opened about 2 ms apart (30 ms in all) to 2 equal backends land 8/8: each
+    worker knows the other's connections before the next one arrives. The client's connects
+    are serialized, so the gap is counted from the moment the previous connection reached its
+    backend (its greeting), not from when it was started: a client held up does not send the
+    rest as one back-to-back burst."""
+    hold = [backends("hold", name=n) for n in ("a", "b")]
+    lb = balancer(hold, "--algorithm", "leastconn", workers=2)
+    for attempt in range(4):
+        held = []
+        try:
+            counts = Counter()
+            greeted = 0.0
+            for _ in range(16):
+                # Pacing the client, not waiting for the balancer.
+                time.sleep(max(0.0, greeted + BURST_GAP - time.monotonic()))
+                sock = lb.connect()
+                held.append(sock)
+                counts[recv_line(sock)] += 1
+                greeted = time.monotonic()
+            assert counts == {"a": 8, "b": 8}, f"attempt {attempt}: {counts}"
+        finally:
+            for sock in held:
+                sock.close()
+        lb.wait_for(lambda s: total_active(s) == 0, what="every connection closed")

@@ -34,6 +34,14 @@ EXAMPLES = [
         frontends=[],
         udp=[msg.UdpReport(1, flows=4, created=9, datagrams_in=12, bytes_in=900, dropped=[0, 2])],
     ),
+    msg.Report(
+        table=2,
+        backends=[],
+        frontends=[],
+        counts={4: 1, 9: 0},
+        counts_since_us=123_456_789,
+        count_staleness=[0, 3, 1, 0, 0, 0, 0, 0, 0, 0],
+    ),
     msg.Table(
         version=2,
         pools=[
@@ -49,6 +57,7 @@ EXAMPLES = [
     ),
     msg.Table(version=1, pools=[]),
     msg.Counts(table=7, others={0: 4, 3: 0, 17: 11}),
+    msg.Counts(table=7, others={2: 1}, counts_since_us=99),
     msg.Drain(),
     msg.KillSessions(backends=[3, 0]),
 ]
@@ -150,6 +159,10 @@ def test_counts_round_trip(others, version):
             raw(t="report", table=1, backends=[], frontends=[],
                 udp=[{"id": 0, "flows": 1, "dropped": [1, "x"]}]),
             "dropped must be a list of whole numbers",
+        ),
+        (
+            raw(t="report", table=1, backends=[], frontends=[], counts={1: "x"}),
+            "counts must map backend ids to counts",
         ),
         (msgpack.packb([1, 2, 3]), "not a map"),
         (msgpack.packb("hello"), "not a map"),
@@ -283,6 +296,18 @@ def test_counts_tell_each_worker_what_the_others_hold(supervisor):
     arbiter.publish()
     assert received(peers[0]) == [msg.Counts(table=1, others={0: 0})]
     assert received(peers[1]) == []
+
+
+def test_count_maps_reach_the_other_workers_with_the_time_of_the_change(supervisor):
+    arbiter, workers, peers = supervisor
+    changed = msg.Report(table=1, backends=[], frontends=[], counts={1: 2}, counts_since_us=777)
+    deliver(arbiter, workers[0], peers[0], msg.encode(changed))
+    arbiter.publish()
+    assert received(peers[1]) == [msg.Counts(table=1, others={1: 2}, counts_since_us=777)]
+    assert received(peers[0]) == []  # what the others hold did not change
+    stale = msg.Report(table=1, backends=[], frontends=[], count_staleness=[0, 0, 2])
+    deliver(arbiter, workers[1], peers[1], msg.encode(stale))
+    assert arbiter.snapshot()["count_staleness_ms"]["counts"][:3] == [0, 0, 2]
 
 
 def test_failures_seen_by_different_workers_add_up_to_fall(supervisor):

@@ -211,6 +211,7 @@ cdef void udp_forward(Worker w, Listener *listener, SockAddr *client, SockAddr *
         return
     f.requests += 1
     f.pool.table.backends[f.backend].up_bytes += length
+    w._changed(&f.pool.table.backends[f.backend])
 
 
 cdef inline bint pool_has_up(Pool *pool) noexcept nogil:
@@ -296,7 +297,7 @@ cdef Flow *flow_open(Worker w, Listener *listener, SockAddr *client, SockAddr *l
     fe.udp_counts.created += 1
     b.new_conns += 1
     b.local_active += 1
-    w.counts_changed = True
+    w._count_changed(b)
     return f
 
 
@@ -319,7 +320,7 @@ cdef void flow_close(Worker w, Flow *f) noexcept nogil:
     f.fd = -1
     if f.backend >= 0:
         f.pool.table.backends[f.backend].local_active -= 1
-    w.counts_changed = True
+        w._count_changed(&f.pool.table.backends[f.backend])
     fe.nflows -= 1
     w.nflows -= 1
     f.chain = w.free_flows
@@ -397,6 +398,7 @@ cdef void flow_reply(Worker w, Flow *f) noexcept nogil:
             fe.udp_counts.bytes_out += out.msgs[i].msg_len
             if f.backend >= 0:
                 pool.table.backends[f.backend].down_bytes += out.msgs[i].msg_len
+                w._changed(&pool.table.backends[f.backend])
         out.n += n
         f.responses += n
         if n:

@@ -10,15 +10,21 @@ per-frontend entries are maps with named fields.
 
 worker -> supervisor
   ``hello``   ``{t, v, worker, pid}``: first message; ``v`` is :data:`PROTOCOL_VERSION`.
-  ``report``  ``{t, table, backends, frontends}``: what changed since the previous report, sent at
-              least every 50 ms while anything did. ``table`` is the version the worker holds.
+  ``report``  ``{t, table, backends, frontends}``: what changed since the previous report, sent
+              every second while anything did, and at once (within 1 ms) for a connect that
+              failed or, when other workers pick by the counts, an active count that changed:
+              those carry only such backends and no frontends, and ``counts``: ``{backend id:
+              active}`` for the backends whose only change is their count (a map: a report
+              every millisecond costs little per backend). ``table`` is the version the worker
+              holds.
               ``backends``: ``[{id, active, new, up_bytes, down_bytes, failed, succeeded,
               streak}]`` for each backend whose counters moved: ``active`` is this worker's open
               connections to it (absolute); ``new``, ``up_bytes`` (client -> backend),
               ``down_bytes``, ``failed`` and ``succeeded`` (connect attempts) are deltas;
               ``streak`` is the run of consecutive connect failures this worker has seen on it,
               0 after a success; ``connect_ms`` and ``duration_ms`` are histograms (counts by
-              bucket, the data plane's fixed bounds) of the connects that completed and of the
+              bucket, the data plane's fixed bounds; trailing empty buckets may be left out) of
+              the connects that completed and of the
               connections that ended, with their sums in ms. ``frontends``: ``[{id, active,
               accepted, ended}]`` likewise; ``ended`` counts the connections that ended by why,
               indexed by the data plane's END_* codes (``fastlb.accesslog.END_REASONS``).
@@ -28,13 +34,18 @@ worker -> supervisor
               ``flows`` is this worker's active flows (absolute), the others are deltas;
               ``in`` is client -> backend; ``dropped`` counts datagrams not forwarded, indexed
               by :data:`UDP_DROP_REASONS`.
+              fell behind). ``counts_since_us``: when the oldest count change this report
+              carries happened (CLOCK_MONOTONIC µs; 0: none). ``count_staleness``: counts
+              received since the previous such report, by how long after that change they were
+              applied (a histogram over :data:`STALENESS_BOUNDS_MS`).
 
 supervisor -> worker
   ``table``   ``{t, version, pools}``: whole backend tables, each swapped in at once.
               ``pools`` is ``[{id, backends: [{id, host, port, weight, up, backup}]}]``.
   ``counts``  ``{t, table, others}``: ``{backend id: active connections}`` held by all *other*
               workers, for the backends whose count changed since the last counts sent to this
-              worker; a backend left out keeps its count.
+              worker; a backend left out keeps its count. ``counts_since_us``: the oldest
+              ``counts_since_us`` of the reports behind them (0: unknown).
   ``drain``   ``{t}``: stop accepting, finish open connections, then exit.
   ``kill-sessions`` ``{t, backends}``: reset every open connection to these backend ids now
               (``fastlb ctl kill-sessions``), as on-down close does for a backend marked down.
@@ -51,6 +62,8 @@ PROTOCOL_VERSION = 2
 # The upper bounds (ms) of the data plane's histogram buckets, the last bucket being +Inf: how
 # long a connect took, and how long a connection lasted. ext/_dataplane.pyx holds the same.
 CONNECT_BOUNDS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+# How long after a count changed in one worker the others applied it (ms; then +Inf).
+STALENESS_BOUNDS_MS = (0.25, 0.5, 1, 2, 5, 10, 25, 50, 100)
 DURATION_BOUNDS_MS = (10, 50, 100, 500, 1000, 5000, 10000, 30000, 60000, 300000, 1800000, 3600000)
 
 
@@ -109,6 +122,9 @@ class Report:
     frontends: list[FrontendReport]
     log_dropped: int = 0
     udp: list[UdpReport] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)
+    counts_since_us: int = 0
+    count_staleness: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +153,7 @@ class Table:
 class Counts:
     table: int
     others: dict[int, int]
+    counts_since_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,15 +196,40 @@ _NESTED: dict[tuple[type, str], type] = {
 _BOOL_FIELDS = {"up", "backup"}
 _STR_FIELDS = {"host"}
 # (Report.backends, PoolTable.backends are nested entries: _NESTED is looked up first.)
-_INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended", "dropped", "backends"}
+_INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended", "dropped", "backends", "count_staleness"}
+_COUNT_MAP_FIELDS = {"others", "counts"}
+
+
+# Entries that leave out the fields at their defaults: a report lists many of them, and a
+# reader fills in the defaults. (Fields without a default, like id and active, always go.)
+_SPARSE_DEFAULTS = {
+    cls: tuple(
+        (spec.name, spec.default if spec.default is not MISSING else spec.default_factory())
+        for spec in fields(cls)
+        if spec.default is not MISSING or spec.default_factory is not MISSING
+    )
+    for cls in (BackendReport, FrontendReport)
+}
+
+
+# Field names by message and entry type, read once: dataclasses.fields() is slow per call.
+_FIELD_NAMES = {
+    cls: tuple(spec.name for spec in fields(cls))
+    for cls in (*_TYPES.values(), *set(_NESTED.values()))
+}
 
 
 def _plain(value: object) -> object:
-    if hasattr(value, "__dataclass_fields__"):
-        return {spec.name: _plain(getattr(value, spec.name)) for spec in fields(value)}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
+    names = _FIELD_NAMES.get(type(value))
+    if names is None:
+        if type(value) is list and value and type(value[0]) in _FIELD_NAMES:
+            return [_plain(item) for item in value]
+        return value  # a number, a string, a map of numbers, a list of numbers
+    body = {name: _plain(getattr(value, name)) for name in names}
+    for name, default in _SPARSE_DEFAULTS.get(type(value), ()):
+        if body[name] == default:
+            del body[name]
+    return body
 
 
 def encode(message: Message) -> bytes:
@@ -201,44 +243,69 @@ class _Bad(Exception):
     pass
 
 
+def _plan(cls: type) -> tuple[tuple[str, bool, str, type | None], ...]:
+    """How each field of cls is read: (name, optional, kind, nested entry type)."""
+    plan = []
+    for spec in fields(cls):
+        optional = spec.default is not MISSING or spec.default_factory is not MISSING
+        nested = _NESTED.get((cls, spec.name))
+        if nested is not None:
+            kind = "nested"
+        elif spec.name in _BOOL_FIELDS:
+            kind = "bool"
+        elif spec.name in _STR_FIELDS:
+            kind = "str"
+        elif spec.name in _INT_LIST_FIELDS:
+            kind = "int list"
+        elif spec.name in _COUNT_MAP_FIELDS:
+            kind = "count map"
+        else:
+            kind = "int"
+        plan.append((spec.name, optional, kind, nested))
+    return tuple(plan)
+
+
+_PLANS: dict[type, tuple] = {}
+
+
 def _fill(cls: type, body: object, where: str) -> object:
     """An instance of cls from a decoded map, checking every field's shape."""
     if not isinstance(body, dict):
         raise _Bad(f"{where}: not a map")
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _plan(cls)
     kwargs = {}
-    for spec in fields(cls):
-        if spec.name not in body:
-            if spec.default is not MISSING or spec.default_factory is not MISSING:
-                continue  # optional: it has a default
-            raise _Bad(f"{where}: missing field {spec.name!r}")
-        value = body[spec.name]
-        nested = _NESTED.get((cls, spec.name))
-        if nested is not None:
+    for name, optional, kind, nested in plan:
+        if name not in body:
+            if optional:
+                continue
+            raise _Bad(f"{where}: missing field {name!r}")
+        value = body[name]
+        # msgpack decodes whole numbers as exactly int, true and false as bool.
+        if kind == "int":
+            if type(value) is not int:
+                raise _Bad(f"{where}: {name} must be a whole number")
+        elif kind == "int list":
+            if type(value) is not list or not all(type(x) is int for x in value):
+                raise _Bad(f"{where}: {name} must be a list of whole numbers")
+        elif kind == "nested":
             if not isinstance(value, list):
-                raise _Bad(f"{where}: {spec.name} must be a list")
-            value = [_fill(nested, item, f"{where}.{spec.name}") for item in value]
-        elif spec.name in _BOOL_FIELDS:
+                raise _Bad(f"{where}: {name} must be a list")
+            inner = f"{where}.{name}"
+            value = [_fill(nested, item, inner) for item in value]
+        elif kind == "bool":
             if not isinstance(value, bool):
-                raise _Bad(f"{where}: {spec.name} must be true or false")
-        elif spec.name in _STR_FIELDS:
+                raise _Bad(f"{where}: {name} must be true or false")
+        elif kind == "str":
             if not isinstance(value, str):
-                raise _Bad(f"{where}: {spec.name} must be a string")
-        elif spec.name in _INT_LIST_FIELDS:
-            if not isinstance(value, list) or not all(_is_int(x) for x in value):
-                raise _Bad(f"{where}: {spec.name} must be a list of whole numbers")
-        elif spec.name == "others":
-            if not isinstance(value, dict) or not all(
-                _is_int(k) and _is_int(v) for k, v in value.items()
-            ):
-                raise _Bad(f"{where}: others must map backend ids to counts")
-        elif not _is_int(value):
-            raise _Bad(f"{where}: {spec.name} must be a whole number")
-        kwargs[spec.name] = value
+                raise _Bad(f"{where}: {name} must be a string")
+        elif type(value) is not dict or not all(
+            type(k) is int and type(v) is int for k, v in value.items()
+        ):
+            raise _Bad(f"{where}: {name} must map backend ids to counts")
+        kwargs[name] = value
     return cls(**kwargs)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _build(body: object) -> Message | Invalid:

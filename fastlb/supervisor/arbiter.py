@@ -21,6 +21,7 @@ not boot (respawning it would only loop).
 from __future__ import annotations
 
 import fcntl
+import heapq
 import logging
 import os
 import random
@@ -59,6 +60,7 @@ from fastlb.supervisor.sockets import LISTEN_FDS_START, Sockets
 log = logging.getLogger("fastlb.supervisor")
 
 MAX_SLEEP = 1.0  # the loop runs its housekeeping at least this often
+BUSY_RETRY = 0.01  # a check due while the previous one is still running waits this long
 QUICK_DEATH = 1.0  # a worker that dies sooner than this after starting is crash-looping
 RESPAWN_DELAY = 0.1  # delay before the second quick respawn; it doubles each time after
 MAX_RESPAWN_DELAY = 5.0
@@ -240,7 +242,15 @@ class Arbiter:
         self.access_log_dropped = 0  # records the workers' access logs lost
         self.worker_restarts = 0  # workers that died and were replaced (not drained)
         self.reloads = {"applied": 0, "failed": 0}
-        self.counts_changed = False
+        self.counts_changed = False  # every backend's counts may have changed
+        self.changed_counts: set[int] = set()  # backend ids whose counts reports changed
+        self.counts_since_us = 0  # the oldest change behind them (Report.counts_since_us)
+        # Counts applied by the workers, by how long after the change (STALENESS_BOUNDS_MS).
+        self.count_staleness = [0] * (len(msg.STALENESS_BOUNDS_MS) + 1)
+        # When each backend that wants checks is due: (next_check, id), rebuilt after a table
+        # change (None until then); entries whose time is no longer the backend's are stale.
+        self.check_queue: list[tuple[float, int]] | None = None
+        self.any_ramping: bool | None = None  # ramping(), until the next table change
         self.signal_queue: list[int] = []
         self.saved_handlers: dict[int, object] = {}  # restored on the way out
         self.saved_wakeup_fd = -1
@@ -315,11 +325,9 @@ class Arbiter:
         if self.draining:
             deadlines.append(self.drain_deadline)
         else:
-            deadlines += [
-                backend.next_check
-                for backend in self.backends.values()
-                if self.wants_check(backend)
-            ]
+            queue = self.checks_queued()
+            if queue:
+                deadlines.append(queue[0][0])
             missing = self.missing_worker_ids()
             deadlines += [self.respawn_at.get(worker_id, 0.0) for worker_id in missing]
             if self.ramping():
@@ -919,6 +927,7 @@ class Arbiter:
                 msg.PROTOCOL_VERSION,
             )
         worker.ready = True
+        self.counts_changed = True  # its first counts: every backend's
         log.info("worker %d (pid %d) is accepting", worker.worker_id, worker.pid)
 
     def handle_report(self, worker: WorkerHandle, report: msg.Report) -> None:
@@ -936,7 +945,11 @@ class Arbiter:
             backend.duration_ms_sum += entry.duration_ms_sum
             if worker.active.get(entry.id, 0) != entry.active:
                 worker.active[entry.id] = entry.active
-                self.counts_changed = True
+                self.changed_counts.add(entry.id)
+        for backend_id, active in report.counts.items():
+            if backend_id in self.backends and worker.active.get(backend_id, 0) != active:
+                worker.active[backend_id] = active
+                self.changed_counts.add(backend_id)
         specs = worker.generation.config.frontends
         by_name = {frontend.spec.name: frontend for frontend in self.frontends}
         for entry in report.frontends:
@@ -955,6 +968,11 @@ class Arbiter:
                 if frontend is not None:
                     frontend.add_udp(entry)
         self.access_log_dropped += report.log_dropped
+        _add(self.count_staleness, report.count_staleness)
+        if report.counts_since_us and (
+            not self.counts_since_us or report.counts_since_us < self.counts_since_us
+        ):
+            self.counts_since_us = report.counts_since_us
         if report.table != self.table_version:
             return  # counted against an older table: its failures may predate the last change
         for entry in report.backends:
@@ -997,8 +1015,7 @@ class Arbiter:
         self.selector.unregister(worker.control)
         worker.control.close()
         worker.outgoing.clear()
-        if any(worker.active.values()):
-            self.counts_changed = True
+        self.changed_counts.update(b for b, count in worker.active.items() if count)
         worker.active = {}
         worker.frontend_active = {}
 
@@ -1009,6 +1026,9 @@ class Arbiter:
             self.table_version += 1
             self.counts_changed = True
             tables = {}  # a generation's workers know only its pools
+            # Health, weights or the backends changed: what checks and ramps is found anew.
+            self.check_queue = None
+            self.any_ramping = None
             for worker in self.workers.values():
                 generation = worker.generation
                 if generation.state != DRAINING:
@@ -1016,17 +1036,31 @@ class Arbiter:
                         tables[generation.number] = self.table(generation)
                     self.send(worker, tables[generation.number])
         if self.counts_changed:
-            self.counts_changed = False
             totals = self.active_totals()
-            for worker in self.workers.values():
-                changed = {}
-                for backend_id, total in totals.items():
-                    others = total - worker.active.get(backend_id, 0)
-                    if worker.others_sent.get(backend_id, 0) != others:
-                        changed[backend_id] = others
-                if changed:
-                    worker.others_sent.update(changed)
-                    self.send(worker, msg.Counts(table=self.table_version, others=changed))
+        elif self.changed_counts:
+            # Only the backends the reports changed: proportional to them, not to all backends.
+            totals = {
+                backend_id: sum(w.active.get(backend_id, 0) for w in self.workers.values())
+                for backend_id in self.changed_counts
+                if backend_id in self.backends
+            }
+        else:
+            return
+        self.counts_changed = False
+        self.changed_counts.clear()
+        since, self.counts_since_us = self.counts_since_us, 0
+        for worker in self.workers.values():
+            changed = {}
+            for backend_id, total in totals.items():
+                others = total - worker.active.get(backend_id, 0)
+                if worker.others_sent.get(backend_id, 0) != others:
+                    changed[backend_id] = others
+            if changed:
+                worker.others_sent.update(changed)
+                self.send(
+                    worker,
+                    msg.Counts(table=self.table_version, others=changed, counts_since_us=since),
+                )
 
     def table(self, generation: Generation) -> msg.Table:
         """The backends of the pools ``generation`` knows."""
@@ -1161,7 +1195,9 @@ class Arbiter:
         return up > 0 and in_panic(up, len(primaries), pool.spec.panic_threshold)
 
     def ramping(self) -> bool:
-        return any(backend.ramp_from is not None for backend in self.backends.values())
+        if self.any_ramping is None:
+            self.any_ramping = any(b.ramp_from is not None for b in self.backends.values())
+        return self.any_ramping
 
     def wants_check(self, backend: BackendState) -> bool:
         if backend.operator == "disable":
@@ -1183,22 +1219,42 @@ class Arbiter:
             interval = check.interval
         return interval + (random.uniform(0, check.jitter) if check.jitter else 0.0)
 
+    def checks_queued(self) -> list[tuple[float, int]]:
+        """The backends that want checks, earliest due first (a heap)."""
+        if self.check_queue is None:
+            self.check_queue = [
+                (backend.next_check, backend.id)
+                for backend in self.backends.values()
+                if self.wants_check(backend)
+            ]
+            heapq.heapify(self.check_queue)
+        return self.check_queue
+
     def run_checks(self, now: float) -> None:
-        for backend in self.backends.values():
-            if (
-                self.wants_check(backend)
-                and now >= backend.next_check
-                and not self.checker.busy(backend.id)
-            ):
-                pool = self.pool_spec(backend)
-                backend.next_check = now + self.check_interval(backend)
-                self.checker.check(
-                    backend.id,
-                    backend.spec.address,
-                    pool.check,
-                    pool.send_proxy,
-                    udp=pool.protocol == "udp",
-                )
+        """Starts the checks that are due; touches only those."""
+        queue = self.checks_queued()
+        busy = []
+        while queue and queue[0][0] <= now:
+            due, backend_id = heapq.heappop(queue)
+            backend = self.backends.get(backend_id)
+            if backend is None or backend.next_check != due or not self.wants_check(backend):
+                continue  # removed, rescheduled, or no longer checked
+            if self.checker.busy(backend_id):
+                backend.next_check = now + BUSY_RETRY
+                busy.append((backend.next_check, backend_id))
+                continue
+            pool = self.pool_spec(backend)
+            backend.next_check = now + self.check_interval(backend)
+            heapq.heappush(queue, (backend.next_check, backend_id))
+            self.checker.check(
+                backend.id,
+                backend.spec.address,
+                pool.check,
+                pool.send_proxy,
+                udp=pool.protocol == "udp",
+            )
+        for entry in busy:
+            heapq.heappush(queue, entry)
 
     def on_check(self, backend_id: int, result: CheckResult) -> None:
         backend = self.backends.get(backend_id)
@@ -1249,6 +1305,8 @@ class Arbiter:
         backend.ramp_from = None
         hold = backend.damping.on_fall(now)
         backend.next_check = now + self.check_interval(backend)
+        if self.check_queue is not None:
+            heapq.heappush(self.check_queue, (backend.next_check, backend.id))
         self.table_changed = True
         if hold:
             why += f"; held down {hold:g}s for flapping"
@@ -1508,6 +1566,11 @@ class Arbiter:
             "reloads": dict(self.reloads),
             "table_version": self.table_version,
             "access_log_dropped": self.access_log_dropped,
+            # How soon count changes reached the other workers (count-driven pools only).
+            "count_staleness_ms": {
+                "bounds": list(msg.STALENESS_BOUNDS_MS),
+                "counts": list(self.count_staleness),
+            },
             "frontends": [
                 {
                     "name": frontend.spec.name,

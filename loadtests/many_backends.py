@@ -1,0 +1,211 @@
+"""compare.py's many-backend mode: CPU per new connection with N backends against 2, per algorithm.
+
+One nginx process serves N loopback ports. For each algorithm and round, fastlb runs twice, in
+front of the first 2 ports and in front of all N, and wrk opens a new connection per request
+through it; the figure is the CPU time of all fastlb's processes (supervisor and workers) per
+connection, and the headline the ratio N / 2 (target: at most 1.05).
+
+On loopback the connecting side itself pays more with N listening ports (the kernel's port
+lookups), and fastlb connects to a backend for every client. A plain client measures that: it
+opens connections round-robin to the 2 ports and to the N ports straight, and reports its own CPU
+time per connection, so the part of the ratio the kernel takes is known.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from backend import start_http_backends
+from harness import (
+    LOOPBACK,
+    HarnessError,
+    Processes,
+    cpu_seconds,
+    fastlb_command,
+    free_port,
+    run_wrk,
+    start_fastlb,
+    write_wrk_script,
+    wrk_command,
+)
+
+PLAIN_CONNECTIONS = 3000  # per measurement of the plain client
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+TARGET_RATIO = 1.05
+
+
+def algorithm_names() -> list[str]:
+    """The installed fastlb's algorithms (never the checkout's, which has no data plane)."""
+    code = "from fastlb import _dataplane; print(' '.join(_dataplane.algorithm_names()))"
+    done = subprocess.run(
+        [*fastlb_command()[:2], "-c", code], capture_output=True, text=True, timeout=30
+    )
+    if done.returncode != 0:
+        raise HarnessError(f"cannot list fastlb's algorithms: {done.stderr.strip()}")
+    return done.stdout.split()
+
+
+def plain_client_cpu(ports: list[int], connections: int) -> float:
+    """This process's CPU µs per connection: connect, send a request, read until EOF, close,
+    round-robin over ``ports``."""
+    start = resource.getrusage(resource.RUSAGE_SELF)
+    for i in range(connections):
+        with socket.create_connection((LOOPBACK, ports[i % len(ports)]), timeout=5) as sock:
+            sock.sendall(REQUEST)
+            while sock.recv(65536):
+                pass
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    used = (end.ru_utime - start.ru_utime) + (end.ru_stime - start.ru_stime)
+    return used / connections * 1e6
+
+
+def measure_fastlb(
+    procs: Processes, tmp: Path, ports: list[int], algorithm: str, args, script: Path
+) -> dict:
+    port = free_port()
+    extra = ["--algorithm", algorithm, *shlex.split(args.fastlb_args)]
+    running = start_fastlb(procs, port, ports, args.workers, extra_args=extra)
+    try:
+        url = f"http://{LOOPBACK}:{port}/"
+        if args.warmup > 0:
+            warm = wrk_command(url, args.warmup, args.connections, args.threads, script, True)
+            run_wrk(warm, timeout=args.warmup + 30)
+        cmd = wrk_command(url, args.duration, args.connections, args.threads, script, True)
+        pids = running.refresh_pids()
+        before = cpu_seconds(pids)
+        result = run_wrk(cmd, timeout=args.duration + 60)
+        after = cpu_seconds(running.refresh_pids())
+        if running.proc.poll() is not None or not result.requests or result.errors:
+            raise HarnessError(
+                f"fastlb {algorithm} with {len(ports)} backends: exit {running.proc.poll()}, "
+                f"{result.requests} requests, errors {result.errors}"
+            )
+        cpu = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+        main = running.proc.pid
+        return {
+            "connections_per_s": result.requests_per_s,
+            "cpu_us_per_connection": cpu / result.requests * 1e6,
+            "supervisor_us_per_connection": (after.get(main, 0.0) - before.get(main, 0.0))
+            / result.requests
+            * 1e6,
+        }
+    finally:
+        procs.stop(running.proc)
+
+
+def run(args, console) -> int:
+    """Runs the mode; returns the exit status."""
+    count = args.many_backends
+    algorithms = args.algorithms or algorithm_names()
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs: list[dict] = []
+    plain: list[dict] = []
+    tmp = args.out / "tmp"
+    tmp.mkdir(exist_ok=True)
+    with Processes(args.out) as procs:
+        backends = start_http_backends(procs, count, tmp, args.backend_kind)
+        script = write_wrk_script(tmp, delay=False)
+        console.print(
+            f"{backends.kind} backends on {count} ports; fastlb with {args.workers} worker(s); "
+            f"{args.rounds} round(s) of {', '.join(algorithms)}"
+        )
+        for number in range(1, args.rounds + 1):
+            for size in (2, count):
+                cpu = plain_client_cpu(backends.ports[:size], PLAIN_CONNECTIONS)
+                plain.append({"round": number, "ports": size, "cpu_us_per_connection": cpu})
+                console.print(f"  round {number} plain client, {size:>5} ports: {cpu:6.1f} µs")
+            for algorithm in algorithms:
+                for size in (2, count):
+                    run = measure_fastlb(procs, tmp, backends.ports[:size], algorithm, args, script)
+                    run.update(round=number, algorithm=algorithm, backends=size)
+                    runs.append(run)
+                    console.print(
+                        f"  round {number} {algorithm:<11} {size:>5} backends "
+                        f"{run['connections_per_s']:>9,.0f} conn/s "
+                        f"{run['cpu_us_per_connection']:6.1f} µs CPU/conn "
+                        f"(supervisor {run['supervisor_us_per_connection']:.2f})"
+                    )
+    client = {
+        size: statistics.median(p["cpu_us_per_connection"] for p in plain if p["ports"] == size)
+        for size in (2, count)
+    }
+    client_extra = client[count] - client[2]
+    rows = []
+    for algorithm in algorithms:
+        mine = {
+            size: [r for r in runs if r["algorithm"] == algorithm and r["backends"] == size]
+            for size in (2, count)
+        }
+        few, many = (
+            statistics.median(r["cpu_us_per_connection"] for r in mine[size]) for size in (2, count)
+        )
+        sup_few, sup_many = (
+            statistics.median(r["supervisor_us_per_connection"] for r in mine[size])
+            for size in (2, count)
+        )
+        rows.append(
+            {
+                "algorithm": algorithm,
+                "cpu_us_2": few,
+                f"cpu_us_{count}": many,
+                "ratio": many / few,
+                "ratio_less_client_extra": (many - client_extra) / few,
+                "supervisor_us_2": sup_few,
+                f"supervisor_us_{count}": sup_many,
+            }
+        )
+    print_table(console, rows, count, client, client_extra)
+    record = {
+        "command": shlex.join(["python", *sys.argv]),
+        "backends": count,
+        "workers": args.workers,
+        "plain_client_us_per_connection": client,
+        "plain_client_extra_us": client_extra,
+        "rows": rows,
+        "runs": runs,
+        "plain_runs": plain,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path = args.out / "many-backends.json"
+    path.write_text(json.dumps(record, indent=2))
+    console.print(f"results: {path}")
+    return 0
+
+
+def print_table(console, rows: list[dict], count: int, client: dict, extra: float) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"CPU per new connection, {count} backends against 2 (medians)")
+    for column in (
+        "algorithm",
+        "µs at 2",
+        f"µs at {count}",
+        f"{count} / 2",
+        "less client's extra",
+        "supervisor µs 2 → N",
+    ):
+        table.add_column(column, justify="left" if column == "algorithm" else "right")
+    for row in rows:
+        style = "green" if row["ratio"] <= TARGET_RATIO else "yellow"
+        table.add_row(
+            row["algorithm"],
+            f"{row['cpu_us_2']:.1f}",
+            f"{row[f'cpu_us_{count}']:.1f}",
+            f"[{style}]{row['ratio']:.3f}[/]",
+            f"{row['ratio_less_client_extra']:.3f}",
+            f"{row['supervisor_us_2']:.2f} → {row[f'supervisor_us_{count}']:.2f}",
+        )
+    console.print(table)
+    console.print(
+        f"plain client straight to the backends: {client[2]:.1f} µs per connection to 2 ports, "
+        f"{client[count]:.1f} to {count}: {extra:+.1f} µs that the connecting side pays "
+        f"(fastlb connects once per client); target ratio ≤ {TARGET_RATIO}"
+    )
