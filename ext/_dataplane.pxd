@@ -107,6 +107,9 @@ ctypedef struct Algorithm:
     # Returns the index of the chosen backend in table.backends, or -1 when none is left.
     # tried[0:ntried] are backends this connection already failed on: never return one of them.
     int (*pick)(Table *table, uint64_t key, const int *tried, int ntried) noexcept nogil
+    # The active count of backend index changed (this worker's or the others'); index -1: any
+    # number of them did. Algorithms whose state orders backends by their counts update it here.
+    void (*counts_changed)(Table *table, int index) noexcept nogil
 
 
 cdef struct Backend:
@@ -117,9 +120,9 @@ cdef struct Backend:
     int32_t weight
     bint up
     bint backup
+    bint in_use             # in the table's eligible set
     int32_t local_active    # connections this worker holds to it (assigned, connecting or open)
     int32_t others_active   # connections all other workers hold, as of the supervisor's last counts
-    int64_t rr_current      # smooth weighted round robin state
     uint64_t new_conns      # counters since the last report
     uint64_t up_bytes
     uint64_t down_bytes
@@ -139,6 +142,7 @@ cdef struct Table:
     int *eligible           # the backends in use: up primaries, else up backups, else all primaries
     int n_eligible
     int64_t eligible_weight # sum of the eligible backends' weights
+    int64_t eligible_active # sum of the eligible backends' active counts (every worker's)
     double panic_threshold  # fewer primaries up than this share of them: use every primary
     double balance_factor   # bounded-load hashing: cap = factor * average active; 0 disables
     uint64_t rng            # per-table xorshift state for the randomised algorithms

@@ -331,7 +331,7 @@ cdef class Worker:
             if where is None:
                 unknown += 1
                 continue
-            self.pools[<int>where[0]].table.backends[<int>where[1]].others_active = count
+            backend_set_others(&self.pools[<int>where[0]].table, <int>where[1], count)
         return unknown
 
     def poll(self, int timeout_ms):
@@ -776,7 +776,7 @@ cdef class Worker:
                 c.opened_ms = 0
                 c.state = CONN_CONNECTING
                 c.deadline_ms = self.now_ms + pool.connect_timeout_ms
-                b.local_active += 1
+                backend_add_local(&pool.table, index, 1)
                 self.counts_changed = True
                 return 0
             close(fd)
@@ -849,7 +849,7 @@ cdef class Worker:
 
     cdef void _release_backend(self, Conn *c) noexcept nogil:
         if c.backend >= 0:
-            c.pool.table.backends[c.backend].local_active -= 1
+            backend_add_local(&c.pool.table, c.backend, -1)
             c.backend = -1
             self.counts_changed = True
 
@@ -1293,27 +1293,32 @@ cdef class Balancer:
     def pick_address(self, str host, int port=0, bint with_port=False):
         return self.pick(hash_client(host, port, with_port))
 
-    def bench(self, uint64_t n, uint64_t key_seed=0):
-        """Runs n picks without the GIL, key k being mix64(key_seed + k); returns nanoseconds."""
+    def bench(self, uint64_t n, uint64_t key_seed=0, bint churn=False):
+        """Runs n picks without the GIL, key k being mix64(key_seed + k); returns nanoseconds.
+        With churn, each pick is followed by a connect and a close of the backend picked."""
         cdef timespec start, end
         cdef uint64_t k
+        cdef int i
         with nogil:
             clock_gettime(CLOCK_MONOTONIC, &start)
             for k in range(n):
-                self.table.algo.pick(&self.table, mix64(key_seed + k), NULL, 0)
+                i = self.table.algo.pick(&self.table, mix64(key_seed + k), NULL, 0)
+                if churn and i >= 0:
+                    backend_add_local(&self.table, i, 1)
+                    backend_add_local(&self.table, i, -1)
             clock_gettime(CLOCK_MONOTONIC, &end)
         return (end.tv_sec - start.tv_sec) * 1000000000 + (end.tv_nsec - start.tv_nsec)
 
     def connect(self, int index):
         """Count one more active connection on a backend (this balancer's own)."""
-        self.table.backends[index].local_active += 1
+        backend_add_local(&self.table, index, 1)
 
     def disconnect(self, int index):
-        self.table.backends[index].local_active -= 1
+        backend_add_local(&self.table, index, -1)
 
     def set_others(self, list others):
         for i in range(self.table.n):
-            self.table.backends[i].others_active = others[i]
+            backend_set_others(&self.table, i, others[i])
 
     def active(self):
         return [self.table.backends[i].local_active for i in range(self.table.n)]

@@ -151,11 +151,40 @@ cdef int table_refresh(Table *table) noexcept nogil:
             break
     table.n_eligible = n
     table.eligible_weight = 0
+    table.eligible_active = 0
+    for i in range(table.n):
+        table.backends[i].in_use = False
     for i in range(n):
-        table.eligible_weight += table.backends[table.eligible[i]].weight
+        b = &table.backends[table.eligible[i]]
+        b.in_use = True
+        table.eligible_weight += b.weight
+        table.eligible_active += <int64_t>b.local_active + b.others_active
     table.algo.release(table)
     table.state = NULL
     return table.algo.build(table)
+
+
+cdef inline void backend_add_local(Table *table, int index, int delta) noexcept nogil:
+    # This worker's connections to a backend went up or down by delta. Called without the GIL;
+    # touches no Python objects.
+    cdef Backend *b = &table.backends[index]
+    b.local_active += delta
+    if b.in_use:
+        table.eligible_active += delta
+        table.algo.counts_changed(table, index)
+
+
+cdef inline void backend_set_others(Table *table, int index, int32_t count) noexcept nogil:
+    # The other workers' connections to a backend, as the supervisor last counted them. Called
+    # without the GIL; touches no Python objects.
+    cdef Backend *b = &table.backends[index]
+    if count == b.others_active:
+        return
+    if b.in_use:
+        table.eligible_active += <int64_t>count - b.others_active
+    b.others_active = count
+    if b.in_use:
+        table.algo.counts_changed(table, index)
 
 
 cdef int table_fallback(Table *table, const int *tried, int ntried) noexcept nogil:

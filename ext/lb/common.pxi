@@ -55,3 +55,7 @@ cdef int no_build(Table *table) noexcept nogil:
 
 cdef void no_release(Table *table) noexcept nogil:
     pass
+
+
+cdef void no_counts(Table *table, int index) noexcept nogil:
+    pass

@@ -125,4 +125,5 @@ MAGLEV.needs = NEEDS_CLIENT_KEY
 MAGLEV.build = maglev_build
 MAGLEV.release = maglev_release
 MAGLEV.pick = maglev_pick
+MAGLEV.counts_changed = no_counts
 register_algorithm(&MAGLEV)

@@ -13,4 +13,5 @@ RANDOM.needs = 0
 RANDOM.build = sampler_build
 RANDOM.release = sampler_release
 RANDOM.pick = random_pick
+RANDOM.counts_changed = no_counts
 register_algorithm(&RANDOM)
