@@ -281,6 +281,14 @@ cdef struct Conn:
     Conn *next
 
 
+# A backend table parsed and with its algorithm's state built, not yet in use: built off the
+# forwarding loop (Worker.prepare_table, on another thread) and swapped in by Worker.set_table.
+cdef class PreparedTable:
+    cdef Table table
+    cdef uint32_t pool_id
+    cdef dict index         # backend id -> its place in table.backends
+
+
 cdef class Balancer:
     cdef Table table
     cdef object names
@@ -333,7 +341,8 @@ cdef class Worker:
 
     cdef _add_pool(self, dict spec)
     cdef _add_frontend(self, dict spec)
-    cdef int _set_pool_table(self, Pool *pool, list rows) except -1
+    cdef int _set_pool_table(self, Pool *pool, PreparedTable prepared) except -1
+    cdef Pool *_pool_by_id(self, uint32_t pool_id) except NULL
     cdef int _poll(self, int timeout_ms) noexcept nogil
     cdef void _accept_burst(self, Listener *listener) noexcept nogil
     cdef void _pause_listener(self, Listener *listener, int64_t until_ms) noexcept nogil

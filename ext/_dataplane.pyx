@@ -305,16 +305,42 @@ cdef class Worker:
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
             raise OSError(errno, "cannot watch file descriptor")
 
+    def prepare_table(self, uint32_t pool_id, list rows):
+        """A pool's next table, parsed and with its algorithm's state built (the costly part:
+        a hash ring or a Maglev table), for set_table to swap in. rows as in set_table. Reads
+        only the pool's fixed settings, so another thread may call it while poll runs; the
+        build itself runs without the GIL."""
+        cdef Pool *pool = self._pool_by_id(pool_id)
+        cdef PreparedTable prepared = PreparedTable()
+        cdef Table parsed
+        cdef int j, r
+        table_init(&prepared.table, pool.table.algo, pool.table.balance_factor)
+        prepared.table.panic_threshold = pool.table.panic_threshold
+        prepared.pool_id = pool_id
+        parsed = table_parse(rows, True)
+        prepared.table.backends = parsed.backends
+        prepared.table.n = parsed.n
+        with nogil:
+            r = table_refresh(&prepared.table)
+        if r < 0:
+            raise MemoryError()
+        prepared.index = {prepared.table.backends[j].id: j for j in range(prepared.table.n)}
+        return prepared
+
     def set_table(self, uint32_t version, list pools):
         """Swap in whole backend tables: pools is a list of (pool id, rows), rows of (backend id,
-        host, port, weight, up, backup). A pool left out keeps its table."""
+        host, port, weight, up, backup), or of (pool id, a table from prepare_table). A pool
+        left out keeps its table."""
         cdef int i
-        by_id = {self.pools[i].id: i for i in range(self.npools)}
+        cdef PreparedTable prepared
         for pool_id, rows in pools:
-            i = by_id.get(pool_id, -1)
-            if i < 0:
-                raise ValueError(f"table for an unknown pool: {pool_id}")
-            self._set_pool_table(&self.pools[i], rows)
+            if isinstance(rows, PreparedTable):
+                prepared = rows
+                if prepared.pool_id != pool_id or prepared.table.backends == NULL:
+                    raise ValueError(f"a prepared table for pool {pool_id} used twice or elsewhere")
+            else:
+                prepared = self.prepare_table(pool_id, rows)
+            self._set_pool_table(self._pool_by_id(pool_id), prepared)
         self.backend_index = {
             self.pools[i].table.backends[j].id: (i, j)
             for i in range(self.npools) for j in range(self.pools[i].table.n)
@@ -1206,21 +1232,28 @@ cdef class Worker:
             self.nfree_pipes += 1
         ch.pipe_r = ch.pipe_w = -1
 
-    cdef int _set_pool_table(self, Pool *pool, list rows) except -1:
+    cdef Pool *_pool_by_id(self, uint32_t pool_id) except NULL:
+        cdef int i
+        for i in range(self.npools):
+            if self.pools[i].id == pool_id:
+                return &self.pools[i]
+        raise ValueError(f"table for an unknown pool: {pool_id}")
+
+    cdef int _set_pool_table(self, Pool *pool, PreparedTable prepared) except -1:
+        # The swap itself: O(backends + live connections), no algorithm build.
         cdef Table *table = &pool.table
+        cdef Table *new = &prepared.table
         cdef Backend *old = table.backends
         cdef int old_n = table.n
         cdef int *remap = NULL
         cdef Conn *c
         cdef Conn *nxt
         cdef int i, j
-        new = table_parse(rows, True)
         remap = <int *>malloc((old_n + 1) * sizeof(int))
         if remap == NULL:
-            free(new.backends)
             raise MemoryError()
         # Live connections keep their backend across the swap when its id is still there.
-        new_index = {new.backends[j].id: j for j in range(new.n)}
+        new_index = prepared.index
         for i in range(old_n):
             remap[i] = new_index.get(old[i].id, -1)
         # While the old table still counts them: on-down = "close" resets the connections of a
@@ -1239,7 +1272,7 @@ cdef class Worker:
         for i in range(old_n):
             if remap[i] >= 0:
                 backend_carry(&new.backends[remap[i]], &old[i])
-        table_swap(table, &new)
+        table_adopt(table, new)
         c = self.live
         while c != NULL:
             if c.pool == pool:
@@ -1251,9 +1284,16 @@ cdef class Worker:
                     c.tried[i] = remap[c.tried[i]]
             c = c.next
         free(remap)
-        if table_refresh(table) < 0:
-            raise MemoryError()
+        # The counts carried and recounted above: the eligible total and count-ordered state.
+        table_adopt_counts(table)
         return 0
+
+
+cdef class PreparedTable:
+    """A table from Worker.prepare_table, waiting for Worker.set_table."""
+
+    def __dealloc__(self):
+        table_free(&self.table)
 
 
 cdef class Balancer:
