@@ -110,6 +110,10 @@ ctypedef struct Algorithm:
     # The active count of backend index changed (this worker's or the others'); index -1: any
     # number of them did. Algorithms whose state orders backends by their counts update it here.
     void (*counts_changed)(Table *table, int index) noexcept nogil
+    # A table built apart (its counts zero, its state fresh) was swapped in for the one in use
+    # and given its counts: re-read every count, and resume where the old table was (Table
+    # keeps what must survive swaps, such as roundrobin's turn).
+    void (*adopted)(Table *table) noexcept nogil
 
 
 cdef struct Backend:
@@ -146,6 +150,7 @@ cdef struct Table:
     double panic_threshold  # fewer primaries up than this share of them: use every primary
     double balance_factor   # bounded-load hashing: cap = factor * average active; 0 disables
     uint64_t rng            # per-table xorshift state for the randomised algorithms
+    uint64_t turn           # roundrobin's first picks so far: an adopted table resumes there
     void *state             # the algorithm's own data (hash ring, lookup table), built by build()
     const Algorithm *algo
 

@@ -1319,8 +1319,27 @@ cdef class Balancer:
         return 0
 
     def update(self, list rows):
-        """Replace the table (weights, health, the set itself), as a worker does."""
+        """Replace the table (weights, health, the set itself), the algorithm starting anew."""
         self._apply(rows)
+
+    def adopt(self, list rows):
+        """Replace the table as a worker's set_table does: built apart, then swapped in, the
+        algorithm resuming where it was. Counts start from zero."""
+        cdef Table prepared
+        cdef Table parsed
+        cdef int r
+        table_init(&prepared, self.table.algo, self.table.balance_factor)
+        prepared.panic_threshold = self.table.panic_threshold
+        parsed = table_parse(rows, False)
+        prepared.backends = parsed.backends
+        prepared.n = parsed.n
+        r = table_refresh(&prepared)
+        if r < 0:
+            table_free(&prepared)
+            raise MemoryError()
+        table_adopt(&self.table, &prepared)
+        table_adopt_counts(&self.table)
+        self.names = [f"{row[0]}:{row[1]}" for row in rows]
 
     def pick(self, uint64_t key=0, tried=()):
         cdef int ctried[MAX_TRIES]

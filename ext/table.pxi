@@ -142,14 +142,14 @@ cdef void table_adopt(Table *table, Table *prepared) noexcept nogil:
 
 cdef void table_adopt_counts(Table *table) noexcept nogil:
     """After the counts of an adopted table are set: recounts the eligible total and tells the
-    algorithm that every count may have changed (its state was built without them)."""
+    algorithm (its state was built without them)."""
     cdef int j
     cdef Backend *b
     table.eligible_active = 0
     for j in range(table.n_eligible):
         b = &table.backends[table.eligible[j]]
         table.eligible_active += <int64_t>b.local_active + b.others_active
-    table.algo.counts_changed(table, -1)
+    table.algo.adopted(table)
 
 
 cdef int table_refresh(Table *table) noexcept nogil:

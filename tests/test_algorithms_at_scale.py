@@ -81,3 +81,23 @@ def test_leastconn_ties_rotate_for_short_connections():
         balancer.disconnect(i)
         seen.add(i)
     assert len(seen) == N
+
+
+def test_roundrobin_resumes_its_turn_when_a_new_table_is_swapped_in():
+    """A health flap every 100 ms at 1,000 backends leaves fewer picks than backends between
+    two tables: starting over each time would send them all to the first backends."""
+    rows = rows_for([1] * N)
+    balancer = Balancer("roundrobin", rows)
+    seen = []
+    for flap in range(10):
+        rows[-1] = rows[-1][:3] + (flap % 2 == 1, False)  # up in the last one
+        balancer.adopt(rows)
+        seen += [balancer.pick() for _ in range(100)]
+    assert seen == list(range(len(seen)))
+
+
+def test_leastconn_reads_every_count_when_a_new_table_is_swapped_in():
+    balancer = Balancer("leastconn", rows_for([1] * 4))
+    balancer.adopt(rows_for([1] * 4))
+    balancer.set_others([3, 1, 0, 2])
+    assert balancer.pick() == 2

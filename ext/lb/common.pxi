@@ -59,3 +59,7 @@ cdef void no_release(Table *table) noexcept nogil:
 
 cdef void no_counts(Table *table, int index) noexcept nogil:
     pass
+
+
+cdef void no_adopted(Table *table) noexcept nogil:
+    pass

@@ -154,4 +154,5 @@ CONSISTENT.build = consistent_build
 CONSISTENT.release = consistent_release
 CONSISTENT.pick = consistent_pick
 CONSISTENT.counts_changed = no_counts
+CONSISTENT.adopted = no_adopted
 register_algorithm(&CONSISTENT)

@@ -12,4 +12,5 @@ IPHASH.build = consistent_build
 IPHASH.release = consistent_release
 IPHASH.pick = consistent_pick
 IPHASH.counts_changed = no_counts
+IPHASH.adopted = no_adopted
 register_algorithm(&IPHASH)

@@ -131,6 +131,11 @@ cdef void leastconn_counts_changed(Table *table, int index) noexcept nogil:
         lc_sift(lc, k)
 
 
+cdef void leastconn_adopted(Table *table) noexcept nogil:
+    # Called without the GIL; touches no Python objects.
+    leastconn_counts_changed(table, -1)
+
+
 cdef int leastconn_scan(const LcState *lc, const int *tried, int ntried) noexcept nogil:
     # Called without the GIL; touches no Python objects. The least loaded untried backend's
     # place in the heap, or -1.
@@ -160,4 +165,5 @@ LEASTCONN.build = leastconn_build
 LEASTCONN.release = leastconn_release
 LEASTCONN.pick = leastconn_pick
 LEASTCONN.counts_changed = leastconn_counts_changed
+LEASTCONN.adopted = leastconn_adopted
 register_algorithm(&LEASTCONN)

@@ -6,7 +6,10 @@
 # turn, in table order (they gain the same score each pick, so the one picked longest ago leads
 # them), so build() groups them by weight and a pick keeps one score per group, that of the
 # group's next member. A pick costs O(distinct weights), O(1) when all weights are equal; the
-# order is exactly nginx's. A retry (some backends tried) takes the untried backend with the
+# order is exactly nginx's. A table swapped in for the one in use (a health flap, a weight)
+# resumes the turn, each group at its share of the first picks made so far, instead of starting
+# over at the first backend of each group: frequent changes would otherwise favour the first
+# backends. A retry (some backends tried) takes the untried backend with the
 # highest score without charging anyone, so retries leave the order of first picks alone.
 # Called without the GIL; touches no Python objects.
 from libc.stdlib cimport qsort
@@ -79,6 +82,18 @@ cdef void roundrobin_release(Table *table) noexcept nogil:
     free(table.state)
 
 
+cdef void roundrobin_adopted(Table *table) noexcept nogil:
+    # Called without the GIL; touches no Python objects. With equal weights (one group) this is
+    # exactly where the turn was; groups of other weights resume at the same place in their
+    # own rotation.
+    cdef RrState *rr = <RrState *>table.state
+    cdef int g
+    if rr == NULL:
+        return
+    for g in range(rr.ngroups):
+        rr.groups[g].next = <int32_t>(table.turn % <uint64_t>rr.groups[g].size)
+
+
 cdef int roundrobin_retry(const RrState *rr, const int *tried, int ntried) noexcept nogil:
     # Called without the GIL; touches no Python objects. The untried backend that a pick would
     # score highest: in each group its members from next on score current + weight, those
@@ -121,6 +136,7 @@ cdef int roundrobin_pick(Table *table, uint64_t key, const int *tried, int ntrie
                 or (group.current == best.current
                     and group.members[group.next] < best.members[best.next])):
             best = group
+    table.turn += 1
     g = best.members[best.next]
     best.next += 1
     if best.next == best.size:  # every member charged once more: the group's score drops
@@ -136,4 +152,5 @@ ROUNDROBIN.build = roundrobin_build
 ROUNDROBIN.release = roundrobin_release
 ROUNDROBIN.pick = roundrobin_pick
 ROUNDROBIN.counts_changed = no_counts
+ROUNDROBIN.adopted = roundrobin_adopted
 register_algorithm(&ROUNDROBIN)
