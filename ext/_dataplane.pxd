@@ -107,6 +107,13 @@ ctypedef struct Algorithm:
     # Returns the index of the chosen backend in table.backends, or -1 when none is left.
     # tried[0:ntried] are backends this connection already failed on: never return one of them.
     int (*pick)(Table *table, uint64_t key, const int *tried, int ntried) noexcept nogil
+    # The active count of backend index changed (this worker's or the others'); index -1: any
+    # number of them did. Algorithms whose state orders backends by their counts update it here.
+    void (*counts_changed)(Table *table, int index) noexcept nogil
+    # A table built apart (its counts zero, its state fresh) was swapped in for the one in use
+    # and given its counts: re-read every count, and resume where the old table was (Table
+    # keeps what must survive swaps, such as roundrobin's turn).
+    void (*adopted)(Table *table) noexcept nogil
 
 
 cdef struct Backend:
@@ -117,9 +124,9 @@ cdef struct Backend:
     int32_t weight
     bint up
     bint backup
+    bint in_use             # in the table's eligible set
     int32_t local_active    # connections this worker holds to it (assigned, connecting or open)
     int32_t others_active   # connections all other workers hold, as of the supervisor's last counts
-    int64_t rr_current      # smooth weighted round robin state
     uint64_t new_conns      # counters since the last report
     uint64_t up_bytes
     uint64_t down_bytes
@@ -146,9 +153,11 @@ cdef struct Table:
     int *eligible           # the backends in use: up primaries, else up backups, else all primaries
     int n_eligible
     int64_t eligible_weight # sum of the eligible backends' weights
+    int64_t eligible_active # sum of the eligible backends' active counts (every worker's)
     double panic_threshold  # fewer primaries up than this share of them: use every primary
     double balance_factor   # bounded-load hashing: cap = factor * average active; 0 disables
     uint64_t rng            # per-table xorshift state for the randomised algorithms
+    uint64_t turn           # roundrobin's first picks so far: an adopted table resumes there
     void *state             # the algorithm's own data (hash ring, lookup table), built by build()
     const Algorithm *algo
 
@@ -351,6 +360,14 @@ cdef struct Conn:
     Conn *next
 
 
+# A backend table parsed and with its algorithm's state built, not yet in use: built off the
+# forwarding loop (Worker.prepare_table, on another thread) and swapped in by Worker.set_table.
+cdef class PreparedTable:
+    cdef Table table
+    cdef uint32_t pool_id
+    cdef dict index         # backend id -> its place in table.backends
+
+
 cdef class Balancer:
     cdef Table table
     cdef object names
@@ -419,7 +436,8 @@ cdef class Worker:
 
     cdef _add_pool(self, dict spec)
     cdef _add_frontend(self, dict spec)
-    cdef int _set_pool_table(self, Pool *pool, list rows) except -1
+    cdef int _set_pool_table(self, Pool *pool, PreparedTable prepared) except -1
+    cdef Pool *_pool_by_id(self, uint32_t pool_id) except NULL
     cdef int _requeue_changed(self) except -1
     cdef void _changed(self, Backend *b) noexcept nogil
     cdef void _count_changed(self, Backend *b) noexcept nogil

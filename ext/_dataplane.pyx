@@ -335,16 +335,42 @@ cdef class Worker:
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
             raise OSError(errno, "cannot watch file descriptor")
 
+    def prepare_table(self, uint32_t pool_id, list rows):
+        """A pool's next table, parsed and with its algorithm's state built (the costly part:
+        a hash ring or a Maglev table), for set_table to swap in. rows as in set_table. Reads
+        only the pool's fixed settings, so another thread may call it while poll runs; the
+        build itself runs without the GIL."""
+        cdef Pool *pool = self._pool_by_id(pool_id)
+        cdef PreparedTable prepared = PreparedTable()
+        cdef Table parsed
+        cdef int j, r
+        table_init(&prepared.table, pool.table.algo, pool.table.balance_factor)
+        prepared.table.panic_threshold = pool.table.panic_threshold
+        prepared.pool_id = pool_id
+        parsed = table_parse(rows, True)
+        prepared.table.backends = parsed.backends
+        prepared.table.n = parsed.n
+        with nogil:
+            r = table_refresh(&prepared.table)
+        if r < 0:
+            raise MemoryError()
+        prepared.index = {prepared.table.backends[j].id: j for j in range(prepared.table.n)}
+        return prepared
+
     def set_table(self, uint32_t version, list pools):
         """Swap in whole backend tables: pools is a list of (pool id, rows), rows of (backend id,
-        host, port, weight, up, backup). A pool left out keeps its table."""
+        host, port, weight, up, backup), or of (pool id, a table from prepare_table). A pool
+        left out keeps its table."""
         cdef int i
-        by_id = {self.pools[i].id: i for i in range(self.npools)}
+        cdef PreparedTable prepared
         for pool_id, rows in pools:
-            i = by_id.get(pool_id, -1)
-            if i < 0:
-                raise ValueError(f"table for an unknown pool: {pool_id}")
-            self._set_pool_table(&self.pools[i], rows)
+            if isinstance(rows, PreparedTable):
+                prepared = rows
+                if prepared.pool_id != pool_id or prepared.table.backends == NULL:
+                    raise ValueError(f"a prepared table for pool {pool_id} used twice or elsewhere")
+            else:
+                prepared = self.prepare_table(pool_id, rows)
+            self._set_pool_table(self._pool_by_id(pool_id), prepared)
         self.backend_index = {
             self.pools[i].table.backends[j].id: (i, j)
             for i in range(self.npools) for j in range(self.pools[i].table.n)
@@ -362,7 +388,7 @@ cdef class Worker:
             if where is None:
                 unknown += 1
                 continue
-            self.pools[<int>where[0]].table.backends[<int>where[1]].others_active = count
+            backend_set_others(&self.pools[<int>where[0]].table, <int>where[1], count)
         return unknown
 
     def close_backend(self, backend_id):
@@ -954,7 +980,7 @@ cdef class Worker:
                 c.opened_ms = 0
                 c.state = CONN_CONNECTING
                 c.deadline_ms = self.now_ms + pool.connect_timeout_ms
-                b.local_active += 1
+                backend_add_local(&pool.table, index, 1)
                 self._count_changed(b)
                 return 0
             close(fd)
@@ -1029,7 +1055,7 @@ cdef class Worker:
 
     cdef void _release_backend(self, Conn *c) noexcept nogil:
         if c.backend >= 0:
-            c.pool.table.backends[c.backend].local_active -= 1
+            backend_add_local(&c.pool.table, c.backend, -1)
             self._count_changed(&c.pool.table.backends[c.backend])
             c.backend = -1
 
@@ -1390,21 +1416,28 @@ cdef class Worker:
             self.nfree_pipes += 1
         ch.pipe_r = ch.pipe_w = -1
 
-    cdef int _set_pool_table(self, Pool *pool, list rows) except -1:
+    cdef Pool *_pool_by_id(self, uint32_t pool_id) except NULL:
+        cdef int i
+        for i in range(self.npools):
+            if self.pools[i].id == pool_id:
+                return &self.pools[i]
+        raise ValueError(f"table for an unknown pool: {pool_id}")
+
+    cdef int _set_pool_table(self, Pool *pool, PreparedTable prepared) except -1:
+        # The swap itself: O(backends + live connections), no algorithm build.
         cdef Table *table = &pool.table
+        cdef Table *new = &prepared.table
         cdef Backend *old = table.backends
         cdef int old_n = table.n
         cdef int *remap = NULL
         cdef Conn *c
         cdef Conn *nxt
         cdef int i, j
-        new = table_parse(rows, True)
         remap = <int *>malloc((old_n + 1) * sizeof(int))
         if remap == NULL:
-            free(new.backends)
             raise MemoryError()
         # Live connections keep their backend across the swap when its id is still there.
-        new_index = {new.backends[j].id: j for j in range(new.n)}
+        new_index = prepared.index
         for i in range(old_n):
             remap[i] = new_index.get(old[i].id, -1)
         # While the old table still counts them: on-down = "close" resets the connections of a
@@ -1424,7 +1457,7 @@ cdef class Worker:
         for i in range(old_n):
             if remap[i] >= 0:
                 backend_carry(&new.backends[remap[i]], &old[i])
-        table_swap(table, &new)
+        table_adopt(table, new)
         c = self.live
         while c != NULL:
             if c.pool == pool:
@@ -1438,9 +1471,16 @@ cdef class Worker:
         if self.nflows:
             remap_flows(self, pool, remap)
         free(remap)
-        if table_refresh(table) < 0:
-            raise MemoryError()
+        # The counts carried and recounted above: the eligible total and count-ordered state.
+        table_adopt_counts(table)
         return 0
+
+
+cdef class PreparedTable:
+    """A table from Worker.prepare_table, waiting for Worker.set_table."""
+
+    def __dealloc__(self):
+        table_free(&self.table)
 
 
 cdef class Balancer:
@@ -1466,8 +1506,27 @@ cdef class Balancer:
         return 0
 
     def update(self, list rows):
-        """Replace the table (weights, health, the set itself), as a worker does."""
+        """Replace the table (weights, health, the set itself), the algorithm starting anew."""
         self._apply(rows)
+
+    def adopt(self, list rows):
+        """Replace the table as a worker's set_table does: built apart, then swapped in, the
+        algorithm resuming where it was. Counts start from zero."""
+        cdef Table prepared
+        cdef Table parsed
+        cdef int r
+        table_init(&prepared, self.table.algo, self.table.balance_factor)
+        prepared.panic_threshold = self.table.panic_threshold
+        parsed = table_parse(rows, False)
+        prepared.backends = parsed.backends
+        prepared.n = parsed.n
+        r = table_refresh(&prepared)
+        if r < 0:
+            table_free(&prepared)
+            raise MemoryError()
+        table_adopt(&self.table, &prepared)
+        table_adopt_counts(&self.table)
+        self.names = [f"{row[0]}:{row[1]}" for row in rows]
 
     def pick(self, uint64_t key=0, tried=()):
         cdef int ctried[MAX_TRIES]
@@ -1480,27 +1539,32 @@ cdef class Balancer:
     def pick_address(self, str host, int port=0, bint with_port=False):
         return self.pick(hash_client(host, port, with_port))
 
-    def bench(self, uint64_t n, uint64_t key_seed=0):
-        """Runs n picks without the GIL, key k being mix64(key_seed + k); returns nanoseconds."""
+    def bench(self, uint64_t n, uint64_t key_seed=0, bint churn=False):
+        """Runs n picks without the GIL, key k being mix64(key_seed + k); returns nanoseconds.
+        With churn, each pick is followed by a connect and a close of the backend picked."""
         cdef timespec start, end
         cdef uint64_t k
+        cdef int i
         with nogil:
             clock_gettime(CLOCK_MONOTONIC, &start)
             for k in range(n):
-                self.table.algo.pick(&self.table, mix64(key_seed + k), NULL, 0)
+                i = self.table.algo.pick(&self.table, mix64(key_seed + k), NULL, 0)
+                if churn and i >= 0:
+                    backend_add_local(&self.table, i, 1)
+                    backend_add_local(&self.table, i, -1)
             clock_gettime(CLOCK_MONOTONIC, &end)
         return (end.tv_sec - start.tv_sec) * 1000000000 + (end.tv_nsec - start.tv_nsec)
 
     def connect(self, int index):
         """Count one more active connection on a backend (this balancer's own)."""
-        self.table.backends[index].local_active += 1
+        backend_add_local(&self.table, index, 1)
 
     def disconnect(self, int index):
-        self.table.backends[index].local_active -= 1
+        backend_add_local(&self.table, index, -1)
 
     def set_others(self, list others):
         for i in range(self.table.n):
-            self.table.backends[i].others_active = others[i]
+            backend_set_others(&self.table, i, others[i])
 
     def active(self):
         return [self.table.backends[i].local_active for i in range(self.table.n)]

@@ -105,6 +105,7 @@ cdef void backend_carry(Backend *new, const Backend *old) noexcept nogil:
     new.weight = configured.weight
     new.up = configured.up
     new.backup = configured.backup
+    new.in_use = configured.in_use
     new.local_active = 0
 
 
@@ -118,6 +119,37 @@ cdef void table_swap(Table *table, Table *new) noexcept nogil:
     table.n = new.n
     table.eligible = NULL
     table.n_eligible = 0
+
+
+cdef void table_adopt(Table *table, Table *prepared) noexcept nogil:
+    """Moves a prepared table's backends, eligible set and algorithm state into table, keeping
+    table's algorithm and settings; prepared is left empty. Its counts are then set, and
+    table_adopt_counts told."""
+    table.algo.release(table)
+    free(table.backends)
+    free(table.eligible)
+    table.backends = prepared.backends
+    table.n = prepared.n
+    table.eligible = prepared.eligible
+    table.n_eligible = prepared.n_eligible
+    table.eligible_weight = prepared.eligible_weight
+    table.state = prepared.state
+    prepared.backends = NULL
+    prepared.eligible = NULL
+    prepared.state = NULL
+    prepared.n = prepared.n_eligible = 0
+
+
+cdef void table_adopt_counts(Table *table) noexcept nogil:
+    """After the counts of an adopted table are set: recounts the eligible total and tells the
+    algorithm (its state was built without them)."""
+    cdef int j
+    cdef Backend *b
+    table.eligible_active = 0
+    for j in range(table.n_eligible):
+        b = &table.backends[table.eligible[j]]
+        table.eligible_active += <int64_t>b.local_active + b.others_active
+    table.algo.adopted(table)
 
 
 cdef int table_refresh(Table *table) noexcept nogil:
@@ -151,11 +183,40 @@ cdef int table_refresh(Table *table) noexcept nogil:
             break
     table.n_eligible = n
     table.eligible_weight = 0
+    table.eligible_active = 0
+    for i in range(table.n):
+        table.backends[i].in_use = False
     for i in range(n):
-        table.eligible_weight += table.backends[table.eligible[i]].weight
+        b = &table.backends[table.eligible[i]]
+        b.in_use = True
+        table.eligible_weight += b.weight
+        table.eligible_active += <int64_t>b.local_active + b.others_active
     table.algo.release(table)
     table.state = NULL
     return table.algo.build(table)
+
+
+cdef inline void backend_add_local(Table *table, int index, int delta) noexcept nogil:
+    # This worker's connections to a backend went up or down by delta. Called without the GIL;
+    # touches no Python objects.
+    cdef Backend *b = &table.backends[index]
+    b.local_active += delta
+    if b.in_use:
+        table.eligible_active += delta
+        table.algo.counts_changed(table, index)
+
+
+cdef inline void backend_set_others(Table *table, int index, int32_t count) noexcept nogil:
+    # The other workers' connections to a backend, as the supervisor last counted them. Called
+    # without the GIL; touches no Python objects.
+    cdef Backend *b = &table.backends[index]
+    if count == b.others_active:
+        return
+    if b.in_use:
+        table.eligible_active += <int64_t>count - b.others_active
+    b.others_active = count
+    if b.in_use:
+        table.algo.counts_changed(table, index)
 
 
 cdef int table_fallback(Table *table, const int *tried, int ntried) noexcept nogil:

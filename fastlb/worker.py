@@ -3,15 +3,23 @@
 The supervisor forks, then calls :func:`run` in the child, which never returns. The data plane
 forwards traffic without the GIL in slices of at most 50 ms (``Worker.poll``); between slices this
 module applies the supervisor's messages and sends reports.
+
+Messages are read and decoded on a second thread (:class:`ControlReader`), which also builds the
+next backend table (a hash ring or a Maglev table takes tens of ms at 1,000 backends) while the
+loop keeps forwarding; the loop then only swaps the built table in.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
 import os
+import select
 import signal
 import socket
+import sys
+import threading
 import time
 
 from fastlb import _dataplane
@@ -40,6 +48,80 @@ def table_pools(table: msg.Table) -> list[tuple]:
         (pool.id, [(b.id, b.host, b.port, b.weight, b.up, b.backup) for b in pool.backends])
         for pool in table.pools
     ]
+
+
+CONTROL_CLOSED = object()  # queued by the reader when the supervisor's end closes
+SWITCH_INTERVAL_S = 0.0005  # how long the loop waits at most for the GIL the reader holds
+
+
+class ControlReader:
+    """Reads and decodes the supervisor's messages on its own thread and builds each table's
+    next state there (prepare_table), so that neither a large table's decoding nor its build
+    holds up forwarding. The loop watches ``ready_fd``, then takes the messages in order with
+    :meth:`take`: (message, prepared tables or None), or CONTROL_CLOSED last."""
+
+    def __init__(self, control: socket.socket, dataplane):
+        self.control = control
+        self.dataplane = dataplane
+        self.decoder = msg.Decoder()
+        self.queue: collections.deque = collections.deque()
+        self.ready_fd, self.ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self.run, name="control", daemon=True)
+
+    def start(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            select.select([self.control], [], [])
+            try:
+                data = self.control.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.put(CONTROL_CLOSED)
+                return
+            for message in self.decoder.feed(data):
+                self.put((message, self.prepare(message)))
+
+    def prepare(self, message):
+        """A table's pools built for set_table, and its backends' names; None for other
+        messages, and for a table that cannot be built (the loop then fails on it as before)."""
+        if not isinstance(message, msg.Table):
+            return None
+        try:
+            pools = [
+                (pool_id, self.dataplane.prepare_table(pool_id, rows))
+                for pool_id, rows in table_pools(message)
+            ]
+        except (ValueError, MemoryError):
+            return None
+        return pools, backend_names(message)
+
+    def put(self, item) -> None:
+        self.queue.append(item)
+        try:
+            os.write(self.ready_w, b"\0")
+        except BlockingIOError:
+            pass  # the loop has wake-ups pending already
+
+    def take(self) -> list:
+        try:
+            while os.read(self.ready_fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+        items = []
+        while self.queue:
+            items.append(self.queue.popleft())
+        return items
+
+
+def backend_names(table: msg.Table) -> dict[int, str]:
+    return {b.id: str(Address(b.host, b.port)) for pool in table.pools for b in pool.backends}
 
 
 def dataplane_specs(
@@ -117,7 +199,6 @@ class WorkerProcess:
         self.orphaned_at: float | None = None  # when the supervisor went away
         self.drain_started = 0.0
         self.control = control
-        self.decoder = msg.Decoder()
         self.outgoing = bytearray()
         self.draining = False
         self.control_open = True
@@ -154,7 +235,8 @@ class WorkerProcess:
             sock.detach()
         self.set_table(table)
         control.setblocking(False)
-        self.dataplane.watch(control.fileno())
+        self.reader = ControlReader(control, self.dataplane)
+        self.dataplane.watch(self.reader.ready_fd)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -162,6 +244,7 @@ class WorkerProcess:
 
     def serve(self) -> bool:
         """Serves until drained; False when an orphan's drain ran out of time."""
+        self.reader.start()
         self.send(msg.Hello(worker=self.worker_id, pid=os.getpid()))
         self.flush()  # the supervisor counts us ready (READY=1, /stats) on this message
         next_stats = time.monotonic() + STATS_INTERVAL
@@ -241,12 +324,12 @@ class WorkerProcess:
         if records:
             self.log_dropped += self.access_log.write(records, self.backend_names)
 
-    def set_table(self, table: msg.Table) -> None:
-        self.dataplane.set_table(table.version, table_pools(table))
+    def set_table(self, table: msg.Table, prepared: tuple | None = None) -> None:
+        """Swap in a table: prepared is what ControlReader.prepare built for it, if anything."""
+        pools, names = prepared or (table_pools(table), backend_names(table))
+        self.dataplane.set_table(table.version, pools)
+        self.backend_names = names
         self.table_version = table.version
-        self.backend_names = {
-            b.id: str(Address(b.host, b.port)) for pool in table.pools for b in pool.backends
-        }
 
     def read_wakeups(self) -> None:
         try:
@@ -256,14 +339,8 @@ class WorkerProcess:
             pass
 
     def read_control(self) -> None:
-        while self.control_open:
-            try:
-                data = self.control.recv(65536)
-            except BlockingIOError:
-                return
-            except ConnectionError:
-                data = b""
-            if not data:
+        for item in self.reader.take():
+            if item is CONTROL_CLOSED:
                 # The supervisor is gone (killed, or it executed a new fastlb). Serve on until
                 # a successor's workers accept and tell us to drain (SIGTERM), or the orphan
                 # timeout passes.
@@ -276,7 +353,10 @@ class WorkerProcess:
                         self.orphan_timeout,
                     )
                 return
-            for message in self.decoder.feed(data):
+            message, prepared = item
+            if prepared is not None:
+                self.set_table(message, prepared)
+            else:
                 self.apply(message)
 
     def apply(self, message) -> None:

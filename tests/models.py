@@ -203,28 +203,9 @@ class Maglev(Walker):
         return self.walk(key % len(self.owners), tried, active)
 
 
-class Rendezvous:
-    """iphash: highest random weight, score = weight / -ln(u), u uniform from (client, backend)."""
-
-    def __init__(self, rows):
-        self.table = backends(rows)
-        self.eligible = eligible(self.table)
-
-    def pick(self, key: int, tried=()) -> int:
-        best, best_score = -1, -1.0
-        for i in self.eligible:
-            b = self.table[i]
-            if b.weight <= 0 or i in tried:
-                continue
-            u = ((mix64(key ^ b.id) >> 11) + 0.5) * (1.0 / 9007199254740992.0)
-            score = b.weight / -math.log(u)
-            if score > best_score:
-                best, best_score = i, score
-        return best
-
-
 class SmoothRoundRobin:
-    """roundrobin: nginx's smooth weighted round robin."""
+    """roundrobin: nginx's smooth weighted round robin. A retry (some backends tried) takes the
+    untried backend that would score highest, charging no one."""
 
     def __init__(self, rows):
         self.table = backends(rows)
@@ -232,16 +213,18 @@ class SmoothRoundRobin:
         self.current = [0] * len(self.table)
 
     def pick(self, key: int = 0, tried=()) -> int:
-        best, total = -1, 0
-        for i in self.eligible:
-            if self.table[i].weight <= 0 or i in tried:
-                continue
+        candidates = [i for i in self.eligible if self.table[i].weight > 0]
+        if tried:
+            untried = [i for i in candidates if i not in tried]
+            if not untried:
+                return -1
+            return max(untried, key=lambda i: (self.current[i] + self.table[i].weight, -i))
+        if not candidates:
+            return -1
+        for i in candidates:
             self.current[i] += self.table[i].weight
-            total += self.table[i].weight
-            if best < 0 or self.current[i] > self.current[best]:
-                best = i
-        if best >= 0:
-            self.current[best] -= total
+        best = max(candidates, key=lambda i: (self.current[i], -i))
+        self.current[best] -= sum(self.table[i].weight for i in candidates)
         return best
 
 
@@ -249,5 +232,5 @@ MODELS = {
     "roundrobin": SmoothRoundRobin,
     "consistent": Ring,
     "maglev": Maglev,
-    "iphash": Rendezvous,
+    "iphash": Ring,  # iphash is consistent under another name
 }

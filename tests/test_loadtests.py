@@ -32,6 +32,10 @@ def test_compare_help(cwd):
     assert "--workloads" in run_script("compare.py", "--help", cwd=cwd)
 
 
+def test_table_stall_help(cwd):
+    assert "--interval" in run_script("table_stall.py", "--help", cwd=cwd)
+
+
 def test_bench_pick_imports_the_compiled_data_plane(cwd):
     output = run_script(
         "bench_pick.py", "--picks", "1000", "--repeat", "1", "--sizes", "3", cwd=cwd

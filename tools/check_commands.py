@@ -68,6 +68,8 @@ class Check:
     inside: str | None = None
 
 
+MANY_BACKENDS_LINE = r"round 1 +\w+ +\d+ backends +[\d,.]+ conn/s"
+SCALE_LINE = r"fastlb +x1 +keepalive +[\d,.]+ req/s"
 RESULT_LINE = r"round 1 \w[\w-]* +\w+ +[\d,.]+ "  # compare.py's first measurement
 
 # Given, but not run here: what else runs them.
@@ -171,6 +173,27 @@ CHECKS: dict[str, Check] = {
     ),
     "python loadtests/backend.py hold --port 9000    # accept, send one byte, hold open": Check(
         60, serves="tcp://127.0.0.1:9000"
+    ),
+    "python loadtests/compare.py --many-backends 1000 --algorithms leastconn --workers 2": Check(
+        180, shows=MANY_BACKENDS_LINE
+    ),
+    "python loadtests/compare.py --many-backends 1000 --quick                  # every algorithm": (
+        Check(180, shows=MANY_BACKENDS_LINE)
+    ),
+    "python loadtests/scale.py                         "
+    "# N = 1, 2, 4, 8 as the cores allow (2 cores: 1, 2)": Check(120, shows=SCALE_LINE),
+    "python loadtests/scale.py --bundle /tmp/scale     "
+    "# then, on a machine without network: /tmp/scale/run.sh": Check(600, exits=True),
+    "python loadtests/scale.py --workers 1,2 --duration 2": Check(300, exits=True),
+    "python loadtests/staleness.py                     "
+    "# 20 rounds, 2 workers, 16 connections 2 ms apart": Check(120, exits=True),
+    "python loadtests/staleness.py --gap-ms 0          # back-to-back bursts": Check(
+        120, exits=True
+    ),
+    "python loadtests/table_stall.py                                "
+    "# roundrobin, consistent, maglev": Check(240, exits=True),
+    "python loadtests/table_stall.py --algorithms maglev --duration 10 --interval 0.05": Check(
+        180, exits=True
     ),
 }
 

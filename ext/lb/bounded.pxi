@@ -30,13 +30,9 @@ cdef bint any_untried(const Table *table, const int *tried, int ntried) noexcept
 
 cdef double bounded_load(const Table *table) noexcept nogil:
     # Called without the GIL; touches no Python objects. F * (total active + 1): the load that
-    # the eligible backends share in proportion to their weights.
-    cdef int j
-    cdef int64_t total = 0
+    # the eligible backends share in proportion to their weights, from the running total.
     cdef double factor = table.balance_factor if table.balance_factor > 1.0 else 1.0
-    for j in range(table.n_eligible):
-        total += backend_active(&table.backends[table.eligible[j]])
-    return factor * <double>(total + 1)
+    return factor * <double>(table.eligible_active + 1)
 
 
 cdef inline bint below_cap(const Table *table, const Backend *b, double load) noexcept nogil:

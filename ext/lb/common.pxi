@@ -55,3 +55,11 @@ cdef int no_build(Table *table) noexcept nogil:
 
 cdef void no_release(Table *table) noexcept nogil:
     pass
+
+
+cdef void no_counts(Table *table, int index) noexcept nogil:
+    pass
+
+
+cdef void no_adopted(Table *table) noexcept nogil:
+    pass

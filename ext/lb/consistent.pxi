@@ -21,6 +21,8 @@ cdef struct Ring:
     int64_t n
     uint64_t *pos       # sorted point positions
     int32_t *owner      # owner[k]: the backend index of point k
+    int shift           # a key's bucket: key >> shift
+    int32_t *first      # first[b]: the first point in bucket b or after it; first[buckets] = n
 
 
 cdef inline uint64_t ring_point(uint64_t id_hash, int64_t k) noexcept nogil:
@@ -58,7 +60,8 @@ cdef int64_t ring_vnodes(int64_t weight, int64_t unit, int64_t units) noexcept n
 cdef int consistent_build(Table *table) noexcept nogil:
     # Called without the GIL; touches no Python objects; table.eligible is current.
     cdef int j, i
-    cdef int64_t unit = 0, units = 0, total = 0, k, vn, m = 0
+    cdef int64_t unit = 0, units = 0, total = 0, k, vn, m = 0, buckets, bucket
+    cdef int bits = 1
     cdef Backend *b
     cdef Ring *ring
     cdef RingPoint *points
@@ -76,8 +79,14 @@ cdef int consistent_build(Table *table) noexcept nogil:
         b = &table.backends[table.eligible[j]]
         if b.weight > 0:
             total += ring_vnodes(b.weight, unit, units)
+    # About two points per bucket: a pick reads one bucket's points, not a binary search's
+    # scattered ones.
+    while (<int64_t>1 << bits) * 2 < total and bits < 24:
+        bits += 1
+    buckets = <int64_t>1 << bits
     points = <RingPoint *>malloc(total * sizeof(RingPoint))
-    ring = <Ring *>malloc(sizeof(Ring) + total * (sizeof(uint64_t) + sizeof(int32_t)))
+    ring = <Ring *>malloc(sizeof(Ring) + total * (sizeof(uint64_t) + sizeof(int32_t))
+                          + (buckets + 1) * sizeof(int32_t))
     if points == NULL or ring == NULL:
         free(points)
         free(ring)
@@ -97,9 +106,18 @@ cdef int consistent_build(Table *table) noexcept nogil:
     ring.n = total
     ring.pos = <uint64_t *>(<char *>ring + sizeof(Ring))
     ring.owner = <int32_t *>(<char *>ring.pos + total * sizeof(uint64_t))
+    ring.first = <int32_t *>(<char *>ring.owner + total * sizeof(int32_t))
+    ring.shift = 64 - bits
+    bucket = 0
     for k in range(total):
         ring.pos[k] = points[k].pos
         ring.owner[k] = points[k].owner
+        while bucket <= <int64_t>(points[k].pos >> ring.shift):
+            ring.first[bucket] = <int32_t>k
+            bucket += 1
+    while bucket <= buckets:
+        ring.first[bucket] = <int32_t>total
+        bucket += 1
     free(points)
     table.state = ring
     return 0
@@ -111,16 +129,13 @@ cdef void consistent_release(Table *table) noexcept nogil:
 
 
 cdef inline int64_t ring_find(const Ring *ring, uint64_t key) noexcept nogil:
-    # The first point at or after key, wrapping to 0 past the last one. Branch-free lower
-    # bound (the comparison becomes a conditional move): random keys defeat branch prediction.
-    cdef const uint64_t *base = ring.pos
-    cdef int64_t n = ring.n, half
-    while n > 1:
-        half = n >> 1
-        base = base + half if base[half] < key else base
-        n -= half
-    n = (base - ring.pos) + (base[0] < key)
-    return 0 if n == ring.n else n
+    # The first point at or after key, wrapping to 0 past the last one: the points of key's
+    # bucket are the only ones that can be it before the next bucket's first.
+    cdef uint64_t bucket = key >> ring.shift
+    cdef int64_t k = ring.first[bucket], end = ring.first[bucket + 1]
+    while k < end and ring.pos[k] < key:
+        k += 1
+    return 0 if k == ring.n else k
 
 
 cdef int consistent_pick(Table *table, uint64_t key, const int *tried, int ntried) noexcept nogil:
@@ -138,4 +153,6 @@ CONSISTENT.needs = NEEDS_CLIENT_KEY
 CONSISTENT.build = consistent_build
 CONSISTENT.release = consistent_release
 CONSISTENT.pick = consistent_pick
+CONSISTENT.counts_changed = no_counts
+CONSISTENT.adopted = no_adopted
 register_algorithm(&CONSISTENT)

@@ -125,4 +125,6 @@ MAGLEV.needs = NEEDS_CLIENT_KEY
 MAGLEV.build = maglev_build
 MAGLEV.release = maglev_release
 MAGLEV.pick = maglev_pick
+MAGLEV.counts_changed = no_counts
+MAGLEV.adopted = no_adopted
 register_algorithm(&MAGLEV)

@@ -39,4 +39,6 @@ P2C.needs = NEEDS_GLOBAL_COUNTS
 P2C.build = sampler_build
 P2C.release = sampler_release
 P2C.pick = p2c_pick
+P2C.counts_changed = no_counts
+P2C.adopted = no_adopted
 register_algorithm(&P2C)

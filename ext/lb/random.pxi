@@ -13,4 +13,6 @@ RANDOM.needs = 0
 RANDOM.build = sampler_build
 RANDOM.release = sampler_release
 RANDOM.pick = random_pick
+RANDOM.counts_changed = no_counts
+RANDOM.adopted = no_adopted
 register_algorithm(&RANDOM)

@@ -296,7 +296,7 @@ cdef Flow *flow_open(Worker w, Listener *listener, SockAddr *client, SockAddr *l
     w.nflows += 1
     fe.udp_counts.created += 1
     b.new_conns += 1
-    b.local_active += 1
+    backend_add_local(&pool.table, index, 1)
     w._count_changed(b)
     return f
 
@@ -319,7 +319,7 @@ cdef void flow_close(Worker w, Flow *f) noexcept nogil:
     close(f.fd)
     f.fd = -1
     if f.backend >= 0:
-        f.pool.table.backends[f.backend].local_active -= 1
+        backend_add_local(&f.pool.table, f.backend, -1)
         w._count_changed(&f.pool.table.backends[f.backend])
     fe.nflows -= 1
     w.nflows -= 1
