@@ -33,7 +33,9 @@ from conftest import (
 HERE = Path(__file__).resolve().parent
 STREAMS = 50
 CHUNK = 4096
-RELOADS = 12  # the full-size run (20 at 1,000 connections/s) is loadtests/reload.py
+RELOADS = 20
+UPGRADES = 5
+RESTARTS = 5  # of each kind
 WORKERS = [1, 2, 3, 1]
 ALGORITHMS = ["roundrobin", "leastconn", "random", "p2c"]
 
@@ -250,7 +252,7 @@ def test_upgrades_exec_a_new_supervisor_that_takes_over_the_sockets(backends, fi
     lb = file_balancer(2, names)
     with ClientLoop(lb) as clients, Streams(lb, 10) as streams:
         clients.wait_for_more(100)
-        for _ in range(2):
+        for _ in range(UPGRADES):
             upgrade(lb)
             clients.wait_for_more(100)
             streams.wait_rounds(2)  # they were on the old workers, which drain
@@ -281,7 +283,7 @@ def test_restarts_on_systemd_sockets_refuse_no_client(backends, tmp_path, stop):
         lb.wait_ready()
         with ClientLoop(lb) as clients:
             clients.wait_for_more(100)
-            for _ in range(2):
+            for _ in range(RESTARTS):
                 lb.track_descendants()
                 lb.proc.send_signal(signal.SIGKILL if stop == "kill" else signal.SIGTERM)
                 lb.proc.wait(timeout=20)
