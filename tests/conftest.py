@@ -300,7 +300,7 @@ class Balancer:
         """Starts ``fastlb run`` with these arguments; its log is named after ``self.port``."""
         self.workers = workers
         self.stopped_by_test = False
-        self.argv = [sys.executable, "-m", "fastlb", "run"] + run_args
+        self.argv = [sys.executable, "-P", "-m", "fastlb", "run"] + run_args
         self.log_path = logdir / f"fastlb-{self.port}.log"
         with open(self.log_path, "wb") as log:
             # cwd away from the source tree: "-m" must import the installed package.

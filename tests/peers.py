@@ -274,7 +274,20 @@ def answers_dns(port: int) -> bool:
     return bool(dig(port))
 
 
-class Unbound(PeerProcess):
+class DnsServer(PeerProcess):
+    """A DNS server on 127.0.0.1, ready once it answers a query on its port."""
+
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        return answers_dns(self.port)
+
+
+class Unbound(DnsServer):
     """unbound on 127.0.0.1, with example.test as local data."""
 
     def __init__(self, workdir: Path, name: str = "unbound"):
@@ -302,15 +315,8 @@ class Unbound(PeerProcess):
         super().__init__(name, [program, "-d", "-c", str(config_path)], workdir)
         self.wait_ready()
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
-    def ready(self) -> bool:
-        return answers_dns(self.port)
-
-
-class Nsd(PeerProcess):
+class Nsd(DnsServer):
     """nsd on 127.0.0.1, authoritative for example.test; response rate limiting off (a load
     test from one address would meet it)."""
 
@@ -347,13 +353,6 @@ class Nsd(PeerProcess):
         )
         super().__init__(name, [program, "-d", "-c", str(config_path)], workdir)
         self.wait_ready()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def ready(self) -> bool:
-        return answers_dns(self.port)
 
 
 # ---- redis-server --------------------------------------------------------------------------------

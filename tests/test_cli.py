@@ -32,7 +32,7 @@ from fastlb.config import check_keys
 from fastlb.errors import EXIT_UNREACHABLE
 
 TIMEOUT = 20.0  # generous: the machine is shared
-FASTLB = [sys.executable, "-m", "fastlb"]
+FASTLB = [sys.executable, "-P", "-m", "fastlb"]
 # Run from tests/, not the checkout's root, so `-m fastlb` imports the installed, compiled
 # package rather than the source tree.
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -104,7 +104,7 @@ def test_the_command_line_reports_a_bad_file_in_one_line(tmp_path):
         tmp_path, 'listen = "127.0.0.1:8000"\nbackend = ["127.0.0.1:9001"]\nretries = -1\n'
     )
     result = subprocess.run(
-        [sys.executable, "-m", "fastlb", "run", "--config", path],
+        [sys.executable, "-P", "-m", "fastlb", "run", "--config", path],
         capture_output=True, text=True, timeout=30, cwd=HERE,
     )  # fmt: skip
     assert result.returncode == 2
@@ -116,7 +116,7 @@ def test_the_command_line_reports_a_bad_file_in_one_line(tmp_path):
 def test_check_prints_the_settings_of_a_file(tmp_path):
     path = write(tmp_path, GOOD)
     result = subprocess.run(
-        [sys.executable, "-m", "fastlb", "check", "--config", path],
+        [sys.executable, "-P", "-m", "fastlb", "check", "--config", path],
         capture_output=True, text=True, timeout=30, cwd=HERE,
     )  # fmt: skip
     lines = [line.split() for line in result.stdout.splitlines()]

@@ -499,7 +499,7 @@ def test_check_prints_every_frontend_and_pool_and_probes_every_backend(
         send-proxy = "v1"
     """
     result = subprocess.run(
-        [sys.executable, "-m", "fastlb", "check", "--config", write(tmp_path, text)],
+        [sys.executable, "-P", "-m", "fastlb", "check", "--config", write(tmp_path, text)],
         capture_output=True, text=True, timeout=30, cwd=HERE,
     )  # fmt: skip
     assert result.returncode == 4, result.stderr
@@ -520,7 +520,7 @@ def test_check_prints_every_frontend_and_pool_and_probes_every_backend(
 def test_check_reports_a_mistake_in_one_line(tmp_path):
     path = write(tmp_path, POOL_P + FRONT_A + 'sni = { "bad_name.test" = "p" }\n')
     result = subprocess.run(
-        [sys.executable, "-m", "fastlb", "check", "--config", path],
+        [sys.executable, "-P", "-m", "fastlb", "check", "--config", path],
         capture_output=True, text=True, timeout=30, cwd=HERE,
     )  # fmt: skip
     assert result.returncode == 2

@@ -20,7 +20,7 @@ CTL_TIMEOUT = 30.0
 def ctl(lb, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     """Runs ``fastlb ctl --control PATH ARGS`` (from outside the source tree)."""
     result = subprocess.run(
-        [sys.executable, "-m", "fastlb", "ctl", "--control", lb.control, *args],
+        [sys.executable, "-P", "-m", "fastlb", "ctl", "--control", lb.control, *args],
         capture_output=True,
         text=True,
         timeout=CTL_TIMEOUT,
@@ -329,7 +329,7 @@ def test_a_pool_with_no_usable_backend_is_a_warning_at_start_ctl_and_check(
     zero = start(balancer, tmp_path / "zero", [f"{one.address},weight=0"])
     assert "pool default has no usable backend: every backend has weight 0" in zero.log()
     check = subprocess.run(
-        [sys.executable, "-m", "fastlb", "check", "--listen", "127.0.0.1:0"]
+        [sys.executable, "-P", "-m", "fastlb", "check", "--listen", "127.0.0.1:0"]
         + ["--backend", f"{one.address},weight=0"],
         capture_output=True,
         text=True,

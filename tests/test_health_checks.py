@@ -225,7 +225,7 @@ def test_the_idle_timeout_has_a_default_and_closes_hung_connections(backends, ba
     # The default (10 minutes) is too long to wait for here: that it is there, and that an
     # idle timeout closes a connection to a hung backend.
     checked = subprocess.run(
-        [sys.executable, "-m", "fastlb", "check", "--listen", "127.0.0.1:0", "--backend",
+        [sys.executable, "-P", "-m", "fastlb", "check", "--listen", "127.0.0.1:0", "--backend",
          "127.0.0.1:9"],
         capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent,
     )  # fmt: skip

@@ -69,7 +69,7 @@ class FileBalancer(Balancer):
         self.write(workers, "roundrobin", backends)
         self.workers = workers
         self.stopped_by_test = False
-        self.argv = [*prefix, sys.executable, "-m", "fastlb", "run", "--config"]
+        self.argv = [*prefix, sys.executable, "-P", "-m", "fastlb", "run", "--config"]
         self.argv.append(str(self.config_path))
         self.log_path = logdir / f"fastlb-{self.port}.log"
         self.pass_fds = pass_fds
@@ -96,7 +96,7 @@ class FileBalancer(Balancer):
     def reload(self, generation: int, workers: int) -> None:
         """``fastlb reload``, then waits until generation ``generation`` alone accepts."""
         done = subprocess.run(
-            [sys.executable, "-m", "fastlb", "reload", "--pid", str(self.pid)],
+            [sys.executable, "-P", "-m", "fastlb", "reload", "--pid", str(self.pid)],
             cwd=self.config_path.parent,
             capture_output=True,
             text=True,
@@ -212,7 +212,7 @@ def test_a_bad_file_refuses_the_reload_and_traffic_goes_on(backends, file_balanc
         clients.wait_for_more(100)
         lb.config_path.write_text(lb.config_path.read_text() + "workers = = 3\n")
         done = subprocess.run(
-            [sys.executable, "-m", "fastlb", "reload", "--pid", str(lb.pid)],
+            [sys.executable, "-P", "-m", "fastlb", "reload", "--pid", str(lb.pid)],
             capture_output=True,
             text=True,
             timeout=CLIENT_TIMEOUT,
@@ -235,7 +235,7 @@ def upgrade(lb) -> None:
     old = set(lb.worker_pids())
     readies = lb.log().count("]: INFO ready:")
     done = subprocess.run(
-        [sys.executable, "-m", "fastlb", "upgrade", "--pid", str(lb.pid)],
+        [sys.executable, "-P", "-m", "fastlb", "upgrade", "--pid", str(lb.pid)],
         capture_output=True,
         text=True,
         timeout=CLIENT_TIMEOUT,

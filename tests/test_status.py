@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 from conftest import free_ports, recv_line, wait_until
 
+FASTLB = [sys.executable, "-P", "-m", "fastlb"]  # -P: the installed package, from any folder
+
 HERE = Path(__file__).resolve().parent
 
 
 def status(address: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fastlb", "status", address],
+        [*FASTLB, "status", address],
         capture_output=True, text=True, timeout=30, cwd=HERE,
     )  # fmt: skip
 
@@ -104,7 +106,7 @@ class Watch:
             self.master, stdout = tty
             env = {**os.environ, "TERM": "xterm-256color"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastlb", "status", "--watch", "--interval", interval, address],
+            [*FASTLB, "status", "--watch", "--interval", interval, address],
             stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, text=True,
             cwd=HERE, env=env,
         )  # fmt: skip
@@ -253,7 +255,7 @@ def test_interval_is_for_watch_and_must_be_positive():
         (["--watch", "--interval", "0", "127.0.0.1:9"], "--interval 0: must be more than 0"),
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "fastlb", "status", *argv],
+            [*FASTLB, "status", *argv],
             capture_output=True, text=True, timeout=30, cwd=HERE,
         )  # fmt: skip
         assert result.returncode == 2

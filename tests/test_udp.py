@@ -219,7 +219,7 @@ def test_config_refuses_what_udp_cannot_do(tmp_path):
         path = tmp_path / "udp.toml"
         path.write_text(udp_config(5300, 8080, ["127.0.0.1:53"], pool=pool, frontend=frontend))
         done = subprocess.run(
-            [sys.executable, "-m", "fastlb", "check", "--config", str(path)],
+            [sys.executable, "-P", "-m", "fastlb", "check", "--config", str(path)],
             capture_output=True,
             text=True,
             timeout=START_TIMEOUT,
