@@ -1,3 +1,3 @@
-"""fastlb: an L4 (TCP) load balancer with a Cython epoll data plane."""
+"""fastlb: an L4 (TCP and UDP) load balancer with a Cython epoll data plane."""
 
 __version__ = "0.1.0"

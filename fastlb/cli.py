@@ -45,7 +45,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     parser = Parser(
         prog="fastlb",
-        description="A fast L4 (TCP) load balancer: a supervisor and SO_REUSEPORT workers "
+        description="A fast L4 (TCP and UDP) load balancer: a supervisor and SO_REUSEPORT workers "
         "running a Cython epoll data plane.",
         epilog=_flags_summary(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
