@@ -82,3 +82,18 @@ def test_the_command_list_follows_the_readme_shell_blocks(tmp_path):
         ("README.md", "python loadtests/a.py --x 1"),
         ("loadtests/README.md", "serve &   # bg\nclient"),
     ]
+
+
+def test_only_an_interrupt_may_print_a_traceback_and_only_once_stopped():
+    checker = load_command_checker()
+    trace = "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    run()\n"
+    interrupted = (trace + "KeyboardInterrupt\n12:00 request failed with KeyboardInterrupt\n").encode()
+    chained = (
+        trace + "asyncio.exceptions.CancelledError\n\nDuring handling of the above exception, "
+        "another exception occurred:\n\n" + trace + "KeyboardInterrupt\n"
+    ).encode()
+    failed = (trace + "ValueError: boom\n").encode()
+    assert not checker.tracebacks(b"serving\n", interrupted)
+    assert not checker.tracebacks(b"", chained)
+    assert checker.tracebacks(b"", failed)
+    assert checker.tracebacks(interrupted, b"")  # before the stop, any traceback fails

@@ -439,14 +439,16 @@ def tracebacks(running: bytes, stopping: bytes) -> bool:
     if marker in running.decode("utf-8", "replace"):
         return True
     for trace in stopping.decode("utf-8", "replace").split(marker)[1:]:
-        last = [line.strip() for line in trace.splitlines() if line and not line[0].isspace()]
-        if last and last[-1] not in INTERRUPTED:  # none: a piece of two traces printed at once
+        # The first line after the indented frames names the exception; what follows is other
+        # output, or the chain to the next trace.
+        lines = [line.strip() for line in trace.splitlines()[1:] if line and not line[0].isspace()]
+        if lines and lines[0] not in INTERRUPTED:  # none: a piece of two traces printed at once
             return True
     return False
 
 
-# How a traceback of an interrupt ends: the interrupt, or a chained exception that leads to one
-# (asyncio cancels its tasks on Ctrl-C).
+# The exception of a trace an interrupt prints: the interrupt, or what it cancelled (asyncio
+# cancels its tasks on Ctrl-C), or the line that chains such a trace to the next.
 INTERRUPTED = {
     "KeyboardInterrupt",
     "asyncio.exceptions.CancelledError",
