@@ -86,8 +86,8 @@ def test_the_command_list_follows_the_readme_shell_blocks(tmp_path):
 
 def test_only_an_interrupt_may_print_a_traceback_and_only_once_stopped():
     checker = load_command_checker()
-    trace = "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    run()\n"
-    interrupted = (trace + "KeyboardInterrupt\n12:00 request failed with KeyboardInterrupt\n").encode()
+    trace = 'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n    run()\n'
+    interrupted = (trace + "KeyboardInterrupt\n12:00 request failed: KeyboardInterrupt\n").encode()
     chained = (
         trace + "asyncio.exceptions.CancelledError\n\nDuring handling of the above exception, "
         "another exception occurred:\n\n" + trace + "KeyboardInterrupt\n"
