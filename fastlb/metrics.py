@@ -63,6 +63,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from fastlb.protocol.messages import CONNECT_BOUNDS_MS, DURATION_BOUNDS_MS
+from fastlb.supervisor.listeners import accept_waiting
 
 log = logging.getLogger("fastlb.stats")
 
@@ -303,18 +304,7 @@ class StatsServer:
         return fileobj is self.sock or fileobj in self.clients
 
     def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.warning("stats: accept failed: %s", exc)
-                return
-            if len(self.clients) >= MAX_CLIENTS:
-                conn.close()
-                continue
-            conn.setblocking(False)
+        for conn in accept_waiting(self.sock, 64, lambda: len(self.clients) < MAX_CLIENTS, "stats"):
             client = _Client(
                 handler=lambda mask, conn=conn: self._on_event(conn, mask),
                 deadline=time.monotonic() + CLIENT_TIMEOUT,

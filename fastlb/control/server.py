@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from fastlb.control.commands import CommandError, Runtime
 from fastlb.errors import ConfigError
+from fastlb.supervisor.listeners import accept_waiting
 
 log = logging.getLogger("fastlb.control")
 
@@ -98,18 +99,9 @@ class ControlServer:
         selector.register(sock, selectors.EVENT_READ, lambda mask: self._accept())
 
     def _accept(self) -> None:
-        for _ in range(MAX_CLIENTS):
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.warning("control: accept failed: %s", exc)
-                return
-            if len(self.clients) >= MAX_CLIENTS:
-                conn.close()
-                continue
-            conn.setblocking(False)
+        for conn in accept_waiting(
+            self.sock, MAX_CLIENTS, lambda: len(self.clients) < MAX_CLIENTS, "control"
+        ):
             self.clients[conn] = _Client(deadline=time.monotonic() + CLIENT_TIMEOUT)
             self.selector.register(
                 conn, selectors.EVENT_READ, lambda mask, conn=conn: self._on_event(conn, mask)

@@ -9,11 +9,15 @@ inherits both: clients are never refused while a worker restarts.
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections.abc import Callable, Iterator
 
 from fastlb.errors import ConfigError
 from fastlb.model import Address
 from fastlb.settings import address_family
+
+log = logging.getLogger("fastlb.supervisor")
 
 MAX_BACKLOG = 65535
 
@@ -86,3 +90,24 @@ def _udp_socket(address: Address) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def accept_waiting(
+    sock: socket.socket, batch: int, has_room: Callable[[], bool], who: str
+) -> Iterator[socket.socket]:
+    """The connections waiting on a non-blocking listening socket, at most ``batch`` a call,
+    non-blocking; those beyond ``has_room()`` are closed (the servers in the supervisor's loop
+    keep a bounded number of clients)."""
+    for _ in range(batch):
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("%s: accept failed: %s", who, exc)
+            return
+        if not has_room():
+            conn.close()
+            continue
+        conn.setblocking(False)
+        yield conn
