@@ -434,27 +434,25 @@ def check(env: Environment, command: str, spec: Check, enter: int | None = None)
 
 def tracebacks(running: bytes, stopping: bytes) -> bool:
     """Whether the output shows a traceback: any while it ran; once stopped with SIGINT, any
-    but Python's own for the interrupt (a script need not catch KeyboardInterrupt)."""
+    but one of the interrupt (a script need not catch KeyboardInterrupt). Other processes of
+    the command may print between a trace's lines (HAProxy says it exits), so a trace of the
+    interrupt is one that names it and no other exception."""
     marker = "Traceback (most recent call last)"
     if marker in running.decode("utf-8", "replace"):
         return True
     for trace in stopping.decode("utf-8", "replace").split(marker)[1:]:
-        # The first line after the indented frames names the exception; what follows is other
-        # output, or the chain to the next trace.
-        lines = [line.strip() for line in trace.splitlines()[1:] if line and not line[0].isspace()]
-        if lines and lines[0] not in INTERRUPTED:  # none: a piece of two traces printed at once
+        lines = {line.strip() for line in trace.splitlines()[1:] if line and not line[0].isspace()}
+        if any(EXCEPTION_LINE.match(line) for line in lines - INTERRUPTED):
+            return True
+        if lines and not lines & INTERRUPTED:  # none: a piece of two traces printed at once
             return True
     return False
 
 
-# The exception of a trace an interrupt prints: the interrupt, or what it cancelled (asyncio
-# cancels its tasks on Ctrl-C), or the line that chains such a trace to the next.
-INTERRUPTED = {
-    "KeyboardInterrupt",
-    "asyncio.exceptions.CancelledError",
-    "During handling of the above exception, another exception occurred:",
-    "The above exception was the direct cause of the following exception:",
-}
+# The exceptions an interrupt raises: the interrupt, and what it cancels (asyncio cancels its
+# tasks on Ctrl-C).
+INTERRUPTED = {"KeyboardInterrupt", "asyncio.exceptions.CancelledError"}
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 
 
 def tail(run: Run, lines: int = 25) -> str:
