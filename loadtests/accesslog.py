@@ -26,6 +26,7 @@ from harness import (
     cpu_seconds,
     free_port,
     haproxy_config,
+    run_script,
     run_wrk,
     start_fastlb,
     write_wrk_script,
@@ -102,4 +103,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -38,6 +38,7 @@ from harness import (
     free_port,
     free_ports,
     raise_nofile_limit,
+    run_script,
     wait_for_port,
 )
 
@@ -281,4 +282,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

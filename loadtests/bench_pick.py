@@ -14,7 +14,7 @@ ordered as counts change, so its pick reads the top and the count changes pay O(
 import argparse
 import random
 
-import harness  # noqa: F401  (first: keeps the checkout's fastlb/ off sys.path)
+import harness  # first: keeps the checkout's fastlb/ off sys.path
 from fastlb._dataplane import Balancer, algorithm_names
 
 try:
@@ -95,4 +95,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_script(main)

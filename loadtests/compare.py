@@ -67,6 +67,7 @@ from harness import (
     haproxy_missing,
     log_tail,
     nginx_missing,
+    run_script,
     run_wrk,
     start_fastlb,
     start_fastlb_sni,
@@ -869,4 +870,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -39,6 +39,7 @@ from harness import (
     Processes,
     fastlb_command,
     free_port,
+    run_script,
     wait_for_fastlb_stats,
     wait_for_port,
 )
@@ -184,4 +185,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,17 @@ NGINX_STREAM_MODULE = Path(
     os.environ.get("FASTLB_NGINX_STREAM_MODULE", "/usr/lib/nginx/modules/ngx_stream_module.so")
 )
 INSTALL_HINT = "apt-get install haproxy libnginx-mod-stream wrk"
+
+
+def run_script(main: Callable[[], int | None]) -> None:
+    """A script's entry point: Ctrl-C ends it with one line and status 130, not a traceback
+    (its ``with Processes`` blocks have stopped what it started by then)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 class HarnessError(Exception):

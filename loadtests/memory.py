@@ -41,6 +41,7 @@ from harness import (
     nofile_hard_limit,
     raise_nofile_limit,
     rss_bytes,
+    run_script,
     start_fastlb,
     start_haproxy,
     start_nginx_stream,
@@ -270,4 +271,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -44,6 +44,7 @@ from harness import (
     free_port,
     haproxy_missing,
     nginx_missing,
+    run_script,
     wait_for_fastlb_stats,
     wait_for_port,
 )
@@ -320,4 +321,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

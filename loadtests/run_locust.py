@@ -33,6 +33,7 @@ from harness import (
     haproxy_missing,
     log_tail,
     nginx_missing,
+    run_script,
     start_fastlb,
     start_haproxy,
     start_nginx_stream,
@@ -151,4 +152,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -45,6 +45,7 @@ from harness import (
     free_port,
     log_tail,
     process_tree,
+    run_script,
     run_wrk,
     start_fastlb,
     start_haproxy,
@@ -367,4 +368,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

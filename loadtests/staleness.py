@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import sys
 import tempfile
 import time
 import urllib.request
@@ -29,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 from backend import start_hold_backend
-from harness import LOOPBACK, HarnessError, Processes, free_port, start_fastlb
+from harness import LOOPBACK, HarnessError, Processes, free_port, run_script, start_fastlb
 
 # How soon a count change reaches the other workers; connections closer than this may split
 # unevenly whatever the balancer does.
@@ -126,4 +125,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

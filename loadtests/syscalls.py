@@ -41,6 +41,7 @@ from harness import (
     free_port,
     haproxy_missing,
     nginx_missing,
+    run_script,
     run_wrk,
     start_fastlb,
     start_haproxy,
@@ -283,4 +284,4 @@ def print_tables(results: dict, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

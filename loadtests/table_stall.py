@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-import harness  # noqa: F401  (first: keeps the checkout's fastlb/ off sys.path)
+import harness  # first: keeps the checkout's fastlb/ off sys.path
 from backend import BULK_PATH, BULK_SIZE, nginx_http_config
 from harness import (
     HERE,
@@ -207,4 +207,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run_script(main)

@@ -92,8 +92,16 @@ def test_only_an_interrupt_may_print_a_traceback_and_only_once_stopped():
         trace + "asyncio.exceptions.CancelledError\n\nDuring handling of the above exception, "
         "another exception occurred:\n\n" + trace + "KeyboardInterrupt\n"
     ).encode()
+    refused_then_interrupted = (  # Ctrl-C while a retry loop handled a refused connect
+        trace + "ConnectionRefusedError: [Errno 111] Connection refused\n\nDuring handling of "
+        "the above exception, another exception occurred:\n\n" + trace + "KeyboardInterrupt\n"
+    ).encode()
     failed = (trace + "ValueError: boom\n").encode()
     assert not checker.tracebacks(b"serving\n", interrupted)
     assert not checker.tracebacks(b"", chained)
+    assert not checker.tracebacks(b"", refused_then_interrupted)
     assert checker.tracebacks(b"", failed)
+    assert checker.tracebacks(
+        b"", refused_then_interrupted.replace(b"KeyboardInterrupt", b"OSError")
+    )
     assert checker.tracebacks(interrupted, b"")  # before the stop, any traceback fails

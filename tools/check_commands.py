@@ -300,6 +300,13 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "?"
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -377,6 +384,7 @@ class Run:
                 break
             self.read(0.5)
         left = sorted(pid for pid in self.seen | {self.process.pid} if alive(pid))
+        named = [f"{pid} ({command_line(pid)})" for pid in left]
         for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -386,7 +394,9 @@ class Run:
         self.selector.close()
         self.process.stdout.close()
         if left:
-            raise Failure(f"processes {left} still running {STOP_TIMEOUT:g} s after SIGINT")
+            raise Failure(
+                f"processes {', '.join(named)} still running {STOP_TIMEOUT:g} s after SIGINT"
+            )
 
 
 def answers(url: str) -> bool:
@@ -441,6 +451,8 @@ def tracebacks(running: bytes, stopping: bytes) -> bool:
     if marker in running.decode("utf-8", "replace"):
         return True
     for trace in stopping.decode("utf-8", "replace").split(marker)[1:]:
+        if CHAINED in trace:  # what was being handled when the interrupt came: the next trace
+            continue  # is the one raised, and is judged
         lines = {line.strip() for line in trace.splitlines()[1:] if line and not line[0].isspace()}
         if any(EXCEPTION_LINE.match(line) for line in lines - INTERRUPTED):
             return True
@@ -452,7 +464,12 @@ def tracebacks(running: bytes, stopping: bytes) -> bool:
 # The exceptions an interrupt raises: the interrupt, and what it cancels (asyncio cancels its
 # tasks on Ctrl-C).
 INTERRUPTED = {"KeyboardInterrupt", "asyncio.exceptions.CancelledError"}
-EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+CHAINED = "During handling of the above exception, another exception occurred"
+# A line naming an exception; not Python's "Exception ignored in: ..." at exit, whose own trace
+# follows and is judged by itself.
+EXCEPTION_LINE = re.compile(
+    r"(?!Exception ignored in)[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b"
+)
 
 
 def tail(run: Run, lines: int = 25) -> str:
