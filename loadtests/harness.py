@@ -534,11 +534,26 @@ def start_nginx_stream(
 ) -> Running:
     prefix = tmp / "nginx-stream"
     prefix.mkdir(exist_ok=True)
-    config = prefix / "nginx.conf"
-    config.write_text(nginx_stream_config(port, backends, workers, connections, prefix))
-    cmd = ["nginx", "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
-    proc = procs.start("nginx-stream", [*cmd, "-g", "daemon off;"])
-    wait_for_port(port, proc)
+    config = nginx_stream_config(port, backends, workers, connections, prefix)
+    return run_nginx(procs, "nginx-stream", prefix, config, port, workers)
+
+
+def run_nginx(
+    procs: Processes,
+    name: str,
+    prefix: Path,
+    config: str,
+    port: int,
+    workers: int,
+    ready: Callable[[int, NamedProcess], None] = wait_for_port,
+) -> Running:
+    """Runs nginx in the foreground with ``config`` under ``prefix``; returns once ``ready``
+    (by default: the port accepts) and every worker has started."""
+    path = prefix / "nginx.conf"
+    path.write_text(config)
+    cmd = ["nginx", "-p", str(prefix), "-c", str(path), "-e", str(prefix / "error.log")]
+    proc = procs.start(name, [*cmd, "-g", "daemon off;"])
+    ready(port, proc)
     running = Running("nginx", port, proc)
     # Wait for all workers: the master listens before it forks them.
     deadline = time.monotonic() + 10

@@ -97,8 +97,7 @@ def start_nginx(procs: Processes, tmp: Path, backend: int, workers: int) -> Runn
     port = free_port()
     prefix = tmp / "nginx-udp"
     prefix.mkdir()
-    config = prefix / "nginx.conf"
-    config.write_text(
+    config = (
         f"load_module {NGINX_STREAM_MODULE};\n"
         f"worker_processes {workers};\n"
         f"worker_rlimit_nofile {harness.nofile_hard_limit()};\n"
@@ -113,14 +112,7 @@ def start_nginx(procs: Processes, tmp: Path, backend: int, workers: int) -> Runn
         "    }\n"
         "}\n"
     )
-    cmd = ["nginx", "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log")]
-    proc = procs.start("nginx-udp", [*cmd, "-g", "daemon off;"])
-    wait_for_dns(port, proc)
-    running = Running("nginx", port, proc)
-    deadline = time.monotonic() + 10
-    while len(running.refresh_pids()) < workers + 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return running
+    return harness.run_nginx(procs, "nginx-udp", prefix, config, port, workers, wait_for_dns)
 
 
 def dnsperf(port: int, queries: Path, args: argparse.Namespace) -> dict:
