@@ -235,7 +235,10 @@ def checks_seen(backends: subprocess.Popen, kind: str) -> int:
     """The checks the backends have seen so far: requests for http, connections for tcp."""
     backends.stdin.write("\n")
     backends.stdin.flush()
-    accepted, answered = backends.stdout.readline().split()
+    line = backends.stdout.readline()
+    if not line:
+        raise harness.HarnessError(f"the check backends ended (exit {backends.wait()})")
+    accepted, answered = line.split()
     return int(answered if kind.startswith("http") else accepted)
 
 
@@ -259,8 +262,10 @@ def measure_supervisor(
         if kind != "tcp":
             config.write(f"check-reuse-connection = {str(kind == 'http').lower()}\n")
     command += ["--config", config.name]
-    supervisor = subprocess.Popen(command)
+    supervisor = None
     try:
+        with harness.interrupt_held():
+            supervisor = subprocess.Popen(command, preexec_fn=harness.unblock_interrupt)
         first = checks_seen(backends, kind)
         give_up = time.monotonic() + 30
         while checks_seen(backends, kind) < first + 2 * len(addresses):  # two rounds: settled
@@ -276,8 +281,9 @@ def measure_supervisor(
         checks = checks_seen(backends, kind) - before
         backend_cpu = process_cpu_seconds(backends.pid) - backend_before
     finally:
-        supervisor.terminate()
-        supervisor.wait()
+        if supervisor is not None:
+            supervisor.terminate()
+            supervisor.wait()
         os.unlink(config.name)
     user, system = user_after - user_before, system_after - system_before
     cpu = user + system
@@ -312,13 +318,16 @@ def main() -> None:
     if args.serve:
         asyncio.run(serve(args.serve))
         return
-    backends = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(args.backends)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    backends = None
     try:
+        with harness.interrupt_held():
+            backends = subprocess.Popen(
+                [sys.executable, __file__, "--serve", str(args.backends)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                preexec_fn=harness.unblock_interrupt,
+            )
         ports = [int(port) for port in backends.stdout.readline().split()]
         if len(ports) != args.backends:
             sys.exit("the backend process did not start")
@@ -331,8 +340,9 @@ def main() -> None:
             if kind in ("tcp", "http-close") and not args.no_floor:
                 measure_floor(kind, addresses, args.duration, backends.pid)
     finally:
-        backends.kill()
-        backends.wait()
+        if backends is not None:
+            backends.kill()
+            backends.wait()
 
 
 if __name__ == "__main__":

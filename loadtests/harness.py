@@ -7,6 +7,7 @@ loopback, on ports picked free at runtime, and readiness is a port that accepts,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -49,10 +50,24 @@ INSTALL_HINT = "apt-get install haproxy libnginx-mod-stream wrk"
 
 def run_script(main: Callable[[], int | None]) -> None:
     """A script's entry point: Ctrl-C ends it with one line and status 130, not a traceback
-    (its ``with Processes`` blocks have stopped what it started by then)."""
+    (its ``with Processes`` blocks have stopped what it started by then). Ctrl-C also stops
+    the script's children, so what fails after it (a child's pipe at EOF) is the interrupt's
+    doing, even where Python dropped the KeyboardInterrupt itself (raised in a ``__del__``)."""
+    interrupted = False
+
+    def on_interrupt(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_interrupt)
     try:
         code = main()
-    except KeyboardInterrupt:
+    except BaseException:
+        if not interrupted:
+            raise
+        code = None
+    if interrupted:
         print("interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
@@ -94,6 +109,22 @@ def nofile_hard_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
+@contextlib.contextmanager
+def interrupt_held():
+    """Holds Ctrl-C off while a child is started and recorded. A child forked just after Ctrl-C
+    reached the process group never sees it, so it must be one that its starter stops."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def unblock_interrupt() -> None:
+    """``preexec_fn`` of a child started under ``interrupt_held``: it gets Ctrl-C as usual."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 class NamedProcess(subprocess.Popen):
     """A child process with a name and a log file that holds its stdout and stderr."""
 
@@ -102,7 +133,12 @@ class NamedProcess(subprocess.Popen):
         self.log_path = log_path
         self.log_file = open(log_path, "ab")  # closed by Processes.stop()
         super().__init__(
-            cmd, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT, **kwargs
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=unblock_interrupt,
+            **kwargs,
         )
 
 
@@ -121,8 +157,9 @@ class Processes:
             self.stop(proc)
 
     def start(self, name: str, cmd: list[str], **kwargs) -> NamedProcess:
-        proc = NamedProcess(name, cmd, self.logdir / f"{name}.log", **kwargs)
-        self.running.append(proc)
+        with interrupt_held():  # recorded before Ctrl-C can end the caller
+            proc = NamedProcess(name, cmd, self.logdir / f"{name}.log", **kwargs)
+            self.running.append(proc)
         return proc
 
     def stop(self, proc: NamedProcess, timeout: float = 10.0) -> None:
