@@ -66,10 +66,9 @@ def run_script(main: Callable[[], int | None]) -> None:
     except BaseException:
         if not interrupted:
             raise
-        code = None
     if interrupted:
         print("interrupted", file=sys.stderr)
-        code = 130
+        sys.exit(130)
     sys.exit(code)
 
 
