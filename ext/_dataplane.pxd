@@ -4,8 +4,9 @@
 # includes.
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
-from includes.linux cimport (epoll_event, iovec, mmsghdr, sockaddr, sockaddr_in, sockaddr_in6,
-                             sockaddr_storage, socklen_t)
+from includes.linux cimport (epoll_event, iovec, mmsghdr, pthread_cond_t, pthread_mutex_t,
+                             pthread_t, sockaddr, sockaddr_in, sockaddr_in6, sockaddr_storage,
+                             socklen_t)
 
 
 cdef enum:
@@ -114,6 +115,9 @@ ctypedef struct Algorithm:
     # and given its counts: re-read every count, and resume where the old table was (Table
     # keeps what must survive swaps, such as roundrobin's turn).
     void (*adopted)(Table *table) noexcept nogil
+    # build() takes milliseconds (a whole hash ring or lookup table): a worker runs it on its
+    # low-priority builder thread.
+    bint slow_build
 
 
 cdef struct Backend:
@@ -160,6 +164,18 @@ cdef struct Table:
     uint64_t turn           # roundrobin's first picks so far: an adopted table resumes there
     void *state             # the algorithm's own data (hash ring, lookup table), built by build()
     const Algorithm *algo
+    # What the hashing algorithms build over (table_select): every primary while the backends
+    # in use are primaries holding at least half their weight (a health change then leaves the
+    # build as it is, and picks skip the backends not in use), else the backends in use.
+    bint base_primaries
+    uint64_t base_key       # the base's places, addresses and weights, hashed: equal key, equal build
+
+
+# The head of a state that tables may share (a hash ring, a Maglev table): a table swapped in
+# after a health change holds the same one as the table before it.
+cdef struct SharedState:
+    int64_t refs            # the tables holding it and a pool's cache of the last build (atomic)
+    uint64_t key            # the Table.base_key it was built for
 
 
 # ---- services: pools, frontends, listeners
@@ -167,6 +183,7 @@ cdef struct Table:
 # Where connections go: one backend table and how its backends are connected.
 cdef struct Pool:
     Table table
+    SharedState *built      # the last slow build (Algorithm.slow_build), for the next to reuse
     uint32_t id             # the supervisor's pool id
     int64_t connect_timeout_ms
     int max_tries           # retries + 1
@@ -360,6 +377,19 @@ cdef struct Conn:
     Conn *next
 
 
+# A thread that builds tables' algorithm state at a lower CPU priority than the forwarding loop
+# (ext/core/builder.pxi). One per Worker, started at its first slow build.
+cdef struct TableBuilder:
+    pthread_mutex_t calls   # one build at a time, whichever thread asks
+    pthread_mutex_t lock    # guards the fields below
+    pthread_cond_t changed  # a job posted, a job done, or stopping
+    pthread_t thread
+    int pid                 # the process that started the thread (0: not started)
+    Table *job              # the table to refresh; NULL once done
+    int result              # table_refresh's
+    bint stopping
+
+
 # A backend table parsed and with its algorithm's state built, not yet in use: built off the
 # forwarding loop (Worker.prepare_table, on another thread) and swapped in by Worker.set_table.
 cdef class PreparedTable:
@@ -370,12 +400,15 @@ cdef class PreparedTable:
 
 cdef class Balancer:
     cdef Table table
+    cdef TableBuilder builder   # adopt() builds as a worker's prepare_table does
+    cdef SharedState *built
     cdef object names
 
     cdef int _apply(self, list rows) except -1
 
 
 cdef class Worker:
+    cdef TableBuilder builder
     cdef Pool *pools
     cdef int npools
     cdef Frontend *frontends

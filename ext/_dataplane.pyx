@@ -30,6 +30,7 @@ include "proto/proxy.pxi"
 include "proto/sni.pxi"
 include "proto/testing.pxi"
 include "core/trusted.pxi"
+include "core/builder.pxi"
 
 # The low bits of epoll data say what the rest points to (Conn and Listener are 8-aligned).
 DEF TAG_CLIENT = 0            # a Conn, its client socket
@@ -125,6 +126,7 @@ cdef class Worker:
     """
 
     def __cinit__(self):
+        builder_init(&self.builder)
         self.epfd = -1
         self.conns = NULL
         self.events = NULL
@@ -284,6 +286,8 @@ cdef class Worker:
         cdef Buf *b
         cdef Channel *ch
         cdef int i
+        with nogil:
+            builder_stop(&self.builder)
         if self.conns != NULL:
             c = self.live
             while c != NULL:
@@ -311,6 +315,7 @@ cdef class Worker:
         if self.pools != NULL:
             for i in range(self.npools):
                 table_free(&self.pools[i].table)
+                state_release(self.pools[i].built)
             free(self.pools)
         if self.frontends != NULL:
             for i in range(self.nfrontends):
@@ -339,7 +344,7 @@ cdef class Worker:
         """A pool's next table, parsed and with its algorithm's state built (the costly part:
         a hash ring or a Maglev table), for set_table to swap in. rows as in set_table. Reads
         only the pool's fixed settings, so another thread may call it while poll runs; the
-        build itself runs without the GIL."""
+        build itself runs without the GIL, a slow one on the low-priority builder thread."""
         cdef Pool *pool = self._pool_by_id(pool_id)
         cdef PreparedTable prepared = PreparedTable()
         cdef Table parsed
@@ -351,7 +356,7 @@ cdef class Worker:
         prepared.table.backends = parsed.backends
         prepared.table.n = parsed.n
         with nogil:
-            r = table_refresh(&prepared.table)
+            r = builder_refresh(&self.builder, &prepared.table, &pool.built)
         if r < 0:
             raise MemoryError()
         prepared.index = {prepared.table.backends[j].id: j for j in range(prepared.table.n)}
@@ -362,6 +367,7 @@ cdef class Worker:
         host, port, weight, up, backup), or of (pool id, a table from prepare_table). A pool
         left out keeps its table."""
         cdef int i
+        cdef bint same_places = True
         cdef PreparedTable prepared
         for pool_id, rows in pools:
             if isinstance(rows, PreparedTable):
@@ -370,11 +376,12 @@ cdef class Worker:
                     raise ValueError(f"a prepared table for pool {pool_id} used twice or elsewhere")
             else:
                 prepared = self.prepare_table(pool_id, rows)
-            self._set_pool_table(self._pool_by_id(pool_id), prepared)
-        self.backend_index = {
-            self.pools[i].table.backends[j].id: (i, j)
-            for i in range(self.npools) for j in range(self.pools[i].table.n)
-        }
+            same_places &= self._set_pool_table(self._pool_by_id(pool_id), prepared)
+        if not same_places or not self.backend_index:
+            self.backend_index = {
+                self.pools[i].table.backends[j].id: (i, j)
+                for i in range(self.npools) for j in range(self.pools[i].table.n)
+            }
         self.table_version = version
         self.counts_changed = True
         self._requeue_changed()
@@ -1433,13 +1440,21 @@ cdef class Worker:
         cdef Conn *c
         cdef Conn *nxt
         cdef int i, j
+        cdef bint same_places = old_n == new.n
         remap = <int *>malloc((old_n + 1) * sizeof(int))
         if remap == NULL:
             raise MemoryError()
-        # Live connections keep their backend across the swap when its id is still there.
-        new_index = prepared.index
+        # Live connections keep their backend across the swap when its id is still there. A
+        # health or weight change keeps every id in its place: no lookups then.
         for i in range(old_n):
-            remap[i] = new_index.get(old[i].id, -1)
+            if not same_places or old[i].id != new.backends[i].id:
+                same_places = False
+                break
+            remap[i] = i
+        if not same_places:
+            new_index = prepared.index
+            for i in range(old_n):
+                remap[i] = new_index.get(old[i].id, -1)
         # While the old table still counts them: on-down = "close" resets the connections of a
         # backend that goes down, and the others' bytes are added to their backends.
         c = self.live
@@ -1473,7 +1488,7 @@ cdef class Worker:
         free(remap)
         # The counts carried and recounted above: the eligible total and count-ordered state.
         table_adopt_counts(table)
-        return 0
+        return same_places
 
 
 cdef class PreparedTable:
@@ -1490,12 +1505,19 @@ cdef class Balancer:
     returns a backend index, ``pick_address(host, port)`` hashes a client address first.
     """
 
+    def __cinit__(self):
+        builder_init(&self.builder)
+        self.built = NULL
+
     def __init__(self, str algorithm, list rows, double balance_factor=0.0):
         table_init(&self.table, find_algorithm(algorithm), balance_factor)
         self._apply(rows)
 
     def __dealloc__(self):
+        with nogil:
+            builder_stop(&self.builder)
         table_free(&self.table)
+        state_release(self.built)
 
     cdef int _apply(self, list rows) except -1:
         new = table_parse(rows, False)
@@ -1510,8 +1532,9 @@ cdef class Balancer:
         self._apply(rows)
 
     def adopt(self, list rows):
-        """Replace the table as a worker's set_table does: built apart, then swapped in, the
-        algorithm resuming where it was. Counts start from zero."""
+        """Replace the table as a worker's prepare_table and set_table do: built apart (a hash
+        algorithm's state shared with the last build when only health changed), then swapped
+        in, the algorithm resuming where it was. Counts start from zero."""
         cdef Table prepared
         cdef Table parsed
         cdef int r
@@ -1520,7 +1543,8 @@ cdef class Balancer:
         parsed = table_parse(rows, False)
         prepared.backends = parsed.backends
         prepared.n = parsed.n
-        r = table_refresh(&prepared)
+        with nogil:
+            r = builder_refresh(&self.builder, &prepared, &self.built)
         if r < 0:
             table_free(&prepared)
             raise MemoryError()

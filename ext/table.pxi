@@ -152,8 +152,9 @@ cdef void table_adopt_counts(Table *table) noexcept nogil:
     table.algo.adopted(table)
 
 
-cdef int table_refresh(Table *table) noexcept nogil:
-    """Recomputes the eligible set and rebuilds the algorithm's state. Returns -1 on ENOMEM.
+cdef int table_select(Table *table) noexcept nogil:
+    """Recomputes the eligible set, the hashing algorithms' base and its key, and releases the
+    algorithm's state (build() makes the next). Returns -1 on ENOMEM.
 
     In use: the primaries that are up; if none, the backups that are up (active-passive); if
     none of those either, every primary, so that a stale health mark cannot cause an outage.
@@ -161,6 +162,8 @@ cdef int table_refresh(Table *table) noexcept nogil:
     (as if none were up and no backup either), so that the few left are not crushed; a
     connection that meets a down one is retried on the next."""
     cdef int i, n = 0, pass_, first = 0, primaries = 0, up_primaries = 0
+    cdef int64_t primary_weight = 0
+    cdef uint64_t key
     cdef Backend *b
     free(table.eligible)
     table.eligible = <int *>malloc((table.n + 1) * sizeof(int))
@@ -170,6 +173,7 @@ cdef int table_refresh(Table *table) noexcept nogil:
         if not table.backends[i].backup:
             primaries += 1
             up_primaries += table.backends[i].up
+            primary_weight += max(table.backends[i].weight, 0)
     if up_primaries and up_primaries < table.panic_threshold * primaries:
         first = 2
     for pass_ in range(first, 3):
@@ -191,8 +195,24 @@ cdef int table_refresh(Table *table) noexcept nogil:
         b.in_use = True
         table.eligible_weight += b.weight
         table.eligible_active += <int64_t>b.local_active + b.others_active
+    # Half the weight in use at least: a pick's walk past the others stays short.
+    table.base_primaries = (n > 0 and not table.backends[table.eligible[0]].backup
+                            and table.eligible_weight * 2 >= primary_weight)
+    key = mix64(<uint64_t>table.n ^ (<uint64_t>table.base_primaries << 32))
+    for i in range(table.n):
+        if in_base(table, i):
+            b = &table.backends[i]
+            key = mix64(key ^ b.id_hash ^ (<uint64_t>i << 40) ^ (<uint64_t>b.weight << 8))
+    table.base_key = key
     table.algo.release(table)
     table.state = NULL
+    return 0
+
+
+cdef int table_refresh(Table *table) noexcept nogil:
+    """table_select, then the algorithm's build. Returns -1 on ENOMEM."""
+    if table_select(table) < 0:
+        return -1
     return table.algo.build(table)
 
 

@@ -43,10 +43,12 @@ MAX_PENDING_OUT = 1 << 20  # stop queueing reports for a supervisor that does no
 SEND_PROXY = {None: 0, "v1": 1, "v2": 2}
 
 
-def table_pools(table: msg.Table) -> list[tuple]:
+def table_pools(table: msg.Table, only: set[int] | None = None) -> list[tuple]:
+    """(pool id, rows) for set_table or prepare_table: every pool's, or those in only."""
     return [
         (pool.id, [(b.id, b.host, b.port, b.weight, b.up, b.backup) for b in pool.backends])
         for pool in table.pools
+        if only is None or pool.id in only
     ]
 
 
@@ -59,12 +61,16 @@ SWITCH_INTERVAL_S = 0.0001
 class ControlReader:
     """Reads and decodes the supervisor's messages on its own thread and builds each table's
     next state there (prepare_table), so that neither a large table's decoding nor its build
-    holds up forwarding. The loop watches ``ready_fd``, then takes the messages in order with
-    :meth:`take`: (message, prepared tables or None), or CONTROL_CLOSED last."""
+    holds up forwarding. It holds the table last received, to which a table-change applies: the
+    loop gets the whole table either way. The loop watches ``ready_fd``, then takes the
+    messages in order with :meth:`take`: (message, prepared tables or None), or CONTROL_CLOSED
+    last."""
 
-    def __init__(self, control: socket.socket, dataplane):
+    def __init__(self, control: socket.socket, dataplane, table: msg.Table, names: dict):
         self.control = control
         self.dataplane = dataplane
+        self.table = table
+        self.names = names
         self.decoder = msg.Decoder()
         self.queue: collections.deque = collections.deque()
         self.ready_fd, self.ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -87,21 +93,46 @@ class ControlReader:
                 self.put(CONTROL_CLOSED)
                 return
             for message in self.decoder.feed(data):
-                self.put((message, self.prepare(message)))
+                if isinstance(message, msg.TableChange):
+                    self.put(self.apply_change(message))
+                elif isinstance(message, msg.Table):
+                    self.table = message
+                    self.names = backend_names(message)
+                    self.put((message, self.prepare(table_pools(message), self.names)))
+                else:
+                    self.put((message, None))
 
-    def prepare(self, message):
-        """A table's pools built for set_table, and its backends' names; None for other
-        messages, and for a table that cannot be built (the loop then fails on it as before)."""
-        if not isinstance(message, msg.Table):
-            return None
+    def apply_change(self, change: msg.TableChange) -> tuple:
+        """The whole table a change makes, with the changed pools prepared."""
+        if change.base != self.table.version:
+            return (
+                msg.Invalid(f"a change to table {change.base}, holding {self.table.version}"),
+                None,
+            )
         try:
-            pools = [
-                (pool_id, self.dataplane.prepare_table(pool_id, rows))
-                for pool_id, rows in table_pools(message)
+            table = msg.apply_change(self.table, change)
+        except ValueError as exc:
+            return msg.Invalid(str(exc)), None
+        self.table = table
+        self.names = names = dict(self.names)
+        for pool_change in change.pools:
+            for backend_id in pool_change.removed:
+                names.pop(backend_id, None)
+            for entry in pool_change.backends:
+                names[entry.id] = str(Address(entry.host, entry.port))
+        changed = {pool_change.id for pool_change in change.pools}
+        return table, self.prepare(table_pools(table, changed), names)
+
+    def prepare(self, pools: list[tuple], names: dict):
+        """Pools' tables built for set_table, and the table's backends' names; None
+        for a table that cannot be built (the loop then fails on it as before)."""
+        try:
+            prepared = [
+                (pool_id, self.dataplane.prepare_table(pool_id, rows)) for pool_id, rows in pools
             ]
         except (ValueError, MemoryError):
             return None
-        return pools, backend_names(message)
+        return prepared, names
 
     def put(self, item) -> None:
         self.queue.append(item)
@@ -237,7 +268,7 @@ class WorkerProcess:
             sock.detach()
         self.set_table(table)
         control.setblocking(False)
-        self.reader = ControlReader(control, self.dataplane)
+        self.reader = ControlReader(control, self.dataplane, table, self.backend_names)
         self.dataplane.watch(self.reader.ready_fd)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r

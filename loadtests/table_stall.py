@@ -1,17 +1,20 @@
 """Keep-alive latency while one of 1,000 backends flaps, against the same traffic at rest.
 
-    python loadtests/table_stall.py [--algorithms roundrobin,consistent,maglev] [--duration 5]
-                                    [--connections 8] [--delay-ms 1] [--interval 0.1]
-                                    [--backends 1000]
+    python loadtests/table_stall.py [--algorithms roundrobin,consistent,maglev] [--rounds 9]
+                                    [--duration 2] [--connections 8] [--delay-ms 1]
+                                    [--interval 0.1] [--backends 1000] [--change health]
 
 One worker process (fastlb.worker.run, as the supervisor starts it) with this script as its
 supervisor, in front of nginx listening on --backends ports. For each algorithm wrk runs
-keep-alive GET / twice, each connection waiting --delay-ms between requests (a latency test: a
-saturated machine would measure its run queue instead): at rest, then while the script sends
-the worker a new table every --interval seconds with the last backend marked down and up in
-turn (a health flap: every table change, a weight, an add, a remove, a reload, reaches the
-worker as such a table). The table shows p50, p99 and the slowest request (the worst stall a
-request saw) of both runs, and the ratio of the p99s; the goal is at most 1.5. Results go to
+keep-alive GET /, each connection waiting --delay-ms between requests (a latency test: a
+saturated machine would measure its run queue instead), in --rounds rounds of two runs: at
+rest, then while the script sends the worker a table every --interval seconds with the last
+backend marked down and up in turn (--change weight: its weight set to 2 and back to 1, which
+makes a hash ring or Maglev table be built anew each time, where a health change reuses it), as
+the supervisor sends it: a table-change of one entry. The table shows the median p50 and
+p99 of each kind of run, the slowest request of all (the worst stall a request saw) and the
+median of each round's ratio of the p99s (the two runs of a round back to back, so that load
+from elsewhere on a shared machine spoils both alike); the goal is at most 1.5. Results go to
 loadtests/results/ as JSON.
 """
 
@@ -20,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import harness  # first: keeps the checkout's fastlb/ off sys.path
@@ -88,12 +93,20 @@ def start_backends(procs: Processes, count: int, tmp: Path) -> list[int]:
     return ports
 
 
-def table(version: int, ports: list[int], flapped_up: bool) -> msg.Table:
-    last = len(ports) - 1
-    entries = [
-        msg.BackendEntry(i, LOOPBACK, port, 1, i != last or flapped_up, False)
-        for i, port in enumerate(ports)
-    ]
+def table(ports: list[int]) -> msg.Table:
+    """Version 1, as WORKER starts with it: every backend up."""
+    entries = [msg.BackendEntry(i, LOOPBACK, port, 1, True, False) for i, port in enumerate(ports)]
+    return msg.Table(1, [msg.PoolTable(0, entries)])
+
+
+def flapped(last: msg.Table, version: int, change: str, turn: bool) -> msg.Table:
+    """last with its last backend marked down (turn) or up, or given weight 2 (turn) or 1, made
+    as the supervisor makes it: the other entries are the same objects, only that one is new."""
+    entries = list(last.pools[0].backends)
+    if change == "health":
+        entries[-1] = replace(entries[-1], up=not turn)
+    else:
+        entries[-1] = replace(entries[-1], weight=2 if turn else 1)
     return msg.Table(version, [msg.PoolTable(0, entries)])
 
 
@@ -110,6 +123,7 @@ class StandaloneWorker:
         child.close()
         self.port = self.listener.getsockname()[1]
         self.version = 1
+        self.sent = table(ports)  # what WORKER starts with
         threading.Thread(target=self.drain_reports, daemon=True).start()
         wait_for_port(self.port, self.proc)
 
@@ -120,57 +134,82 @@ class StandaloneWorker:
         except OSError:
             pass
 
-    def send_table(self, ports: list[int], flapped_up: bool) -> None:
+    def send_table(self, change: str, turn: bool) -> None:
+        """As the supervisor sends it: the change from the last table sent."""
         self.version += 1
-        self.control.sendall(msg.encode(table(self.version, ports, flapped_up)))
+        new = flapped(self.sent, self.version, change, turn)
+        self.control.sendall(msg.encode(msg.table_change(self.sent, new) or new))
+        self.sent = new
 
     def close(self) -> None:
         self.control.close()
         self.listener.close()
 
 
-def flap(worker: StandaloneWorker, ports: list[int], interval: float, stop: threading.Event):
-    up = False
+def flap(worker: StandaloneWorker, change: str, interval: float, stop: threading.Event):
+    turn = True
     while not stop.wait(interval):
-        worker.send_table(ports, up)
-        up = not up
+        worker.send_table(change, turn)
+        turn = not turn
 
 
 def measure(procs, algorithm, ports, args, script) -> dict:
+    """--rounds pairs of runs, at rest then flapping, taken in turns so that a spell of load
+    from other processes on a shared machine spoils one run of each kind, not all of one."""
     worker = StandaloneWorker(procs, algorithm, ports)
     url = f"http://{LOOPBACK}:{worker.port}/"
     cmd = wrk_command(url, args.duration, args.connections, 1, script, delay_ms=args.delay_ms)
+    rests, flaps = [], []
     try:
         run_wrk(wrk_command(url, 1, args.connections, 1, script, delay_ms=args.delay_ms), 30)
-        rest = run_wrk(cmd, args.duration + 30)
-        stop = threading.Event()
-        flapper = threading.Thread(target=flap, args=(worker, ports, args.interval, stop))
-        flapper.start()
-        try:
-            flapping = run_wrk(cmd, args.duration + 30)
-        finally:
-            stop.set()
-            flapper.join()
+        for _ in range(args.rounds):
+            rests.append(run_wrk(cmd, args.duration + 30))
+            stop = threading.Event()
+            flapper = threading.Thread(target=flap, args=(worker, args.change, args.interval, stop))
+            flapper.start()
+            try:
+                flaps.append(run_wrk(cmd, args.duration + 30))
+            finally:
+                stop.set()
+                flapper.join()
         tables = worker.version - 1
     finally:
         worker.close()
         procs.stop(worker.proc)
-    return {
-        "rest": rest.__dict__,
-        "flapping": flapping.__dict__,
+    summary = {
+        kind: {
+            "p50_ms": statistics.median([r.p50_ms for r in runs]),
+            "p99_ms": statistics.median([r.p99_ms for r in runs]),
+            "max_ms": max(r.max_ms for r in runs),
+        }
+        for kind, runs in (("rest", rests), ("flapping", flaps))
+    }
+    return summary | {
+        "runs": {"rest": [r.__dict__ for r in rests], "flapping": [r.__dict__ for r in flaps]},
         "tables_sent": tables,
-        "p99_ratio": flapping.p99_ms / rest.p99_ms,
+        # Each round's flapping p99 over its own rest p99, the two runs back to back: a spell
+        # of load from elsewhere on a shared machine spoils a round's two runs alike.
+        "p99_ratio": statistics.median(
+            f.p99_ms / r.p99_ms for r, f in zip(rests, flaps, strict=True)
+        ),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algorithms", default="roundrobin,consistent,maglev")
-    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=2, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=9, help="runs at rest and flapping, each")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--delay-ms", type=int, default=1, help="between requests, per connection")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between tables")
     parser.add_argument("--backends", type=int, default=1000)
+    parser.add_argument(
+        "--change",
+        choices=["health", "weight"],
+        default="health",
+        help="what flaps: the last backend's health, or its weight between 1 and 2",
+    )
     parser.add_argument("--out", type=Path, help="JSON result (default loadtests/results/...)")
     args = parser.parse_args()
     raise_nofile_limit()
@@ -184,8 +223,9 @@ def main() -> None:
                 results[algorithm] = measure(procs, algorithm, ports, args, script)
     print(
         f"keep-alive GET /, {args.connections} connections each waiting {args.delay_ms} ms, "
-        f"{args.duration} s per run, one of "
-        f"{args.backends} backends flapping every {args.interval * 1000:.0f} ms"
+        f"{args.rounds} x {args.duration} s at rest and flapping in turns (medians; max: the "
+        f"slowest of all; p99 x: the median of each round's ratio), one of "
+        f"{args.backends} backends flapping ({args.change}) every {args.interval * 1000:.0f} ms"
     )
     print(
         f"{'algorithm':>12} {'rest p50':>9} {'rest p99':>9} {'rest max':>9} "

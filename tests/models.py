@@ -96,8 +96,25 @@ def eligible(table: list[Backend]) -> list[int]:
     return []
 
 
+def base(table: list[Backend]) -> list[int]:
+    """What the hashing algorithms build over: every primary while the eligible backends are
+    primaries holding at least half the primaries' weight (health changes leave the build as
+    it is; the walk passes over the backends not in use), else the eligible backends. Only
+    those with a positive weight."""
+    chosen = eligible(table)
+    primaries = [i for i, b in enumerate(table) if not b.backup]
+    weight_in_use = sum(table[i].weight for i in chosen)
+    if chosen and not table[chosen[0]].backup:
+        if weight_in_use * 2 >= sum(table[i].weight for i in primaries):
+            chosen = primaries
+    if weight_in_use <= 0:
+        return []
+    return [i for i in chosen if table[i].weight > 0]
+
+
 class Walker:
-    """The forward walk over a candidate list (ring points, Maglev entries), with bounded loads."""
+    """The forward walk over a candidate list (ring points, Maglev entries), with bounded loads;
+    it passes over the backends not in use."""
 
     def __init__(self, table: list[Backend], owners: list[int], balance_factor: float = 0.0):
         self.table = table
@@ -121,9 +138,10 @@ class Walker:
 
         fallback = -1
         size = len(self.owners)
+        in_use = set(self.eligible)
         for step in range(size):
             i = self.owners[(start + step) % size]
-            if i in tried:
+            if i not in in_use or i in tried:
                 continue
             if cap is None or active[i] < cap(i):
                 return i
@@ -137,7 +155,7 @@ class Ring(Walker):
 
     def __init__(self, rows, balance_factor: float = 0.0):
         table = backends(rows)
-        live = [i for i in eligible(table) if table[i].weight > 0]
+        live = base(table)
         unit = math.gcd(*(table[i].weight for i in live)) if live else 1
         units = sum(table[i].weight // unit for i in live)
         points = []
@@ -166,7 +184,7 @@ class Maglev(Walker):
 
     def __init__(self, rows, balance_factor: float = 0.0):
         table = backends(rows)
-        live = sorted((table[i].id, i) for i in eligible(table) if table[i].weight > 0)
+        live = sorted((table[i].id, i) for i in base(table))
         entries: list[int] = []
         if live:
             size = MAGLEV_SIZE if len(live) * 100 <= MAGLEV_SIZE else MAGLEV_SIZE_LARGE

@@ -95,6 +95,52 @@ def test_compiled_bounded_load_matches_model(algorithm):
             active[gone] -= 1
 
 
+@pytest.mark.parametrize("algorithm", HASHING)
+def test_a_table_built_apart_picks_as_a_fresh_one_through_any_changes(algorithm):
+    """adopt() builds as a worker does, sharing the last hash ring or Maglev table while only
+    health changes; whatever the changes, it picks exactly as a table built from scratch."""
+    rng = random.Random(11)
+    rows = [(f"10.4.{i // 200}.{i % 200 + 1}", 80, rng.choice([1, 1, 2, 3]), True, i >= 36)
+            for i in range(40)]  # fmt: skip
+    adopted = Balancer(algorithm, rows)
+    for step in range(60):
+        i = rng.randrange(len(rows))
+        host, port, weight, up, backup = rows[i]
+        change = rng.random()
+        if change < 0.6:
+            up = not up  # a health flap: the same build, walked past the backend
+        elif change < 0.8:
+            weight = rng.choice([0, 1, 2, 5])
+        elif change < 0.9:  # every primary down: the backups are in use
+            rows = [(h, p, w, b, b) for h, p, w, _, b in rows]
+        rows[i] = (host, port, weight, up, backup)
+        adopted.adopt(rows)
+        fresh = Balancer(algorithm, rows)
+        for k in range(400):
+            key = hash_client(client(step * 1000 + k))
+            tried = [rng.randrange(len(rows))] if k % 4 == 0 else []
+            assert adopted.pick(key, tried) == fresh.pick(key, tried), (step, k)
+
+
+@pytest.mark.parametrize("algorithm", HASHING)
+def test_a_backend_marked_down_hands_on_only_its_own_clients(algorithm):
+    rows = rows_for(50)
+    balancer = Balancer(algorithm, rows)
+    keys = [hash_client(client(i)) for i in range(20000)]
+    before = [balancer.pick(key) for key in keys]
+    down = before[0]
+    flapped = [row if i != down else (*row[:3], False, False) for i, row in enumerate(rows)]
+    balancer.adopt(flapped)
+    during = [balancer.pick(key) for key in keys]
+    moved = [k for k, (a, b) in enumerate(zip(before, during, strict=True)) if a != b]
+    assert moved == [k for k, a in enumerate(before) if a == down]
+    assert down not in during
+    # Its clients spread over the others rather than landing on one neighbour.
+    assert len({during[k] for k in moved}) > 25
+    balancer.adopt(rows)
+    assert [balancer.pick(key) for key in keys] == before
+
+
 def test_backend_identity_is_its_address():
     rows = [("10.1.0.1", 80, 1, True, False), ("::1", 8000, 1, True, False)]
     # the same address in another table position hashes the same: picks follow addresses

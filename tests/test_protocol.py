@@ -3,6 +3,7 @@ how the supervisor acts on what workers send."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastlb import config as fastlb_config
+from fastlb.health.probes import CheckResult
 from fastlb.protocol import messages as msg
 from fastlb.supervisor.arbiter import Arbiter, WorkerHandle
 from fastlb.supervisor.sockets import Sockets
@@ -56,6 +58,11 @@ EXAMPLES = [
         ],
     ),
     msg.Table(version=1, pools=[]),
+    msg.TableChange(
+        version=3,
+        base=2,
+        pools=[msg.PoolChange(0, [msg.BackendEntry(5, "::1", 9001, 1, True, True)], [7])],
+    ),
     msg.Counts(table=7, others={0: 4, 3: 0, 17: 11}),
     msg.Counts(table=7, others={2: 1}, counts_since_us=99),
     msg.Drain(),
@@ -119,6 +126,57 @@ def test_reports_of_any_size_round_trip(table, backends, frontends):
 def test_counts_round_trip(others, version):
     message = msg.Counts(table=version, others=others)
     assert msg.Decoder().feed(msg.encode(message)) == [message]
+
+
+entry = st.builds(
+    msg.BackendEntry,
+    st.integers(min_value=0, max_value=30),
+    st.sampled_from(["127.0.0.1", "::1"]),
+    st.integers(min_value=1, max_value=3),
+    st.integers(min_value=0, max_value=3),
+    st.booleans(),
+    st.booleans(),
+)
+pool_entries = st.lists(entry, max_size=12, unique_by=lambda e: e.id)
+
+
+@given(
+    old=st.lists(pool_entries, min_size=1, max_size=3),
+    new=st.lists(pool_entries, min_size=1, max_size=3),
+    keep=st.lists(st.booleans(), max_size=40),
+)
+def test_a_table_change_applied_gives_the_new_table(old, new, keep):
+    """Whatever two tables: table_change either says a whole table is needed or gives one
+    that apply_change turns the old table into the new one, exactly (order too)."""
+    before = msg.Table(1, [msg.PoolTable(i, entries) for i, entries in enumerate(old)])
+    # The new table often shares most entries with the old, as a flap's does.
+    mixed = []
+    for i, entries in enumerate(new):
+        base = old[i] if i < len(old) else []
+        chosen = [e for e, k in zip(base, keep, strict=False) if k] or entries
+        mixed.append(
+            msg.PoolTable(i, chosen + [e for e in entries if e.id not in {c.id for c in chosen}])
+        )
+    after = msg.Table(2, mixed)
+    change = msg.table_change(before, after)
+    if change is not None:
+        assert (change.version, change.base) == (2, 1)
+        decoded = msg.Decoder().feed(msg.encode(change))[0]
+        assert msg.apply_change(before, decoded) == after
+
+
+def test_a_flap_of_one_of_1000_backends_is_a_change_of_one_entry():
+    entries = [msg.BackendEntry(i, "127.0.0.1", 10000 + i, 1, True, False) for i in range(1000)]
+    before = msg.Table(4, [msg.PoolTable(0, entries)])
+    flapped = list(entries)
+    flapped[500] = msg.BackendEntry(500, "127.0.0.1", 10500, 1, False, False)
+    after = msg.Table(5, [msg.PoolTable(0, flapped)])
+    change = msg.table_change(before, after)
+    assert change == msg.TableChange(5, 4, [msg.PoolChange(0, [flapped[500]], [])])
+    assert len(msg.encode(change)) < 200 < 40_000 < len(msg.encode(after))
+    # A change to most entries, or to the pools, goes as a whole table.
+    assert msg.table_change(before, msg.Table(5, [msg.PoolTable(0, entries[:400])])) is None
+    assert msg.table_change(before, msg.Table(5, [msg.PoolTable(1, entries)])) is None
 
 
 @pytest.mark.parametrize(
@@ -194,7 +252,16 @@ def test_messages_before_garbage_in_the_same_chunk_are_kept():
 
 @given(junk=st.binary(max_size=64))
 def test_no_input_makes_the_decoder_raise(junk):
-    kinds = (msg.Invalid, msg.Hello, msg.Report, msg.Table, msg.Counts, msg.Drain, msg.KillSessions)
+    kinds = (
+        msg.Invalid,
+        msg.Hello,
+        msg.Report,
+        msg.Table,
+        msg.TableChange,
+        msg.Counts,
+        msg.Drain,
+        msg.KillSessions,
+    )
     decoder = msg.Decoder()
     for i in range(len(junk)):
         assert all(isinstance(item, kinds) for item in decoder.feed(junk[i : i + 1]))
@@ -338,3 +405,48 @@ def test_reports_against_an_old_table_count_traffic_but_not_failures(supervisor)
     deliver(arbiter, workers[0], peers[0], msg.encode(report(table=4, failed=(9, 0), new=(1, 0))))
     assert arbiter.backends[0].up
     assert arbiter.backends[0].failed == 9 and arbiter.backends[0].connections == 1
+
+
+def test_a_flap_goes_out_as_a_change_of_one_entry(supervisor):
+    arbiter, workers, peers = supervisor
+    for worker in workers:
+        worker.table_sent = arbiter.table(worker.generation)  # as spawn_worker records it
+    first = workers[0].table_sent
+    arbiter.mark_down(arbiter.backends[0], "test")
+    arbiter.publish()
+    for peer in peers:
+        (change,) = received(peer)
+        assert isinstance(change, msg.TableChange) and change.base == first.version
+        assert [entry.id for pool in change.pools for entry in pool.backends] == [0]
+        assert msg.apply_change(first, change) == arbiter.table(arbiter.generation)
+
+
+def test_tables_made_entry_by_entry_equal_whole_ones(supervisor):
+    """Each turn's table is the last with the changed backends' entries made anew; whatever
+    the checks and agents say, it equals the table made from every backend."""
+    arbiter, workers, peers = supervisor
+    rng = random.Random(7)
+    for worker in workers:
+        worker.table_sent = arbiter.table(worker.generation)
+    held = [worker.table_sent for worker in workers]  # what each worker makes of what it got
+    for turn in range(80):
+        backend_id = rng.choice(list(arbiter.backends))
+        result = CheckResult(
+            ok=rng.random() < 0.5,
+            duration=0.001,
+            reason="test",
+            agent_state=rng.choice([None, None, "drain", "maint", "ready"]),
+            agent_weight=rng.choice([None, None, 0, 50, 100]),
+        )
+        arbiter.on_check(backend_id, result)
+        arbiter.publish()
+        whole = arbiter.table(arbiter.generation)
+        cached, _ = arbiter.table_cache[arbiter.generation.number]
+        assert cached == whole, turn
+        for i, peer in enumerate(peers):
+            for message in received(peer):
+                if isinstance(message, msg.TableChange):
+                    message = msg.apply_change(held[i], message)
+                if isinstance(message, msg.Table):
+                    held[i] = message
+            assert held[i] == whole, turn

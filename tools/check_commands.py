@@ -192,8 +192,11 @@ CHECKS: dict[str, Check] = {
     ),
     "python loadtests/table_stall.py                                "
     "# roundrobin, consistent, maglev": Check(240, exits=True),
-    "python loadtests/table_stall.py --algorithms maglev --duration 10 --interval 0.05": Check(
-        180, exits=True
+    "python loadtests/table_stall.py --algorithms maglev --rounds 5 --duration 4 --interval 0.05": (
+        Check(180, exits=True)
+    ),
+    "python loadtests/table_stall.py --algorithms maglev,consistent --change weight": Check(
+        240, exits=True
     ),
 }
 

@@ -120,6 +120,8 @@ cdef extern from "<unistd.h>" nogil:
     int pipe2(int *pipefd, int flags)
     int close(int fd)
     int getpagesize()
+    int getpid()
+    int gettid()
 
 
 # Guard pages: tests place parser input flush against one to catch any read past the end.
@@ -206,3 +208,35 @@ cdef extern from "<netinet/in.h>" nogil:
     struct in6_pktinfo:
         in6_addr ipi6_addr
         unsigned int ipi6_ifindex
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+
+    ctypedef struct pthread_mutex_t:
+        pass
+
+    ctypedef struct pthread_cond_t:
+        pass
+
+    int pthread_create(pthread_t *thread, const void *attr, void *(*start)(void *) noexcept nogil,
+                       void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+    int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)
+    int pthread_cond_init(pthread_cond_t *cond, const void *attr)
+    int pthread_cond_destroy(pthread_cond_t *cond)
+    int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
+    int pthread_cond_broadcast(pthread_cond_t *cond)
+
+
+cdef extern from "<sched.h>" nogil:
+    enum:
+        SCHED_IDLE
+
+    struct sched_param:
+        int sched_priority
+
+    int sched_setscheduler(int pid, int policy, const sched_param *param)

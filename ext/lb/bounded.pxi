@@ -3,7 +3,9 @@
 #
 # A hashing algorithm maps a key to a start position in an array of backend indices (the ring's
 # points in order, or Maglev's lookup table). The walk goes forward from there, wrapping around,
-# to the first backend that this connection has not tried yet. With a balance factor F > 0 it
+# to the first backend in use that this connection has not tried yet (the array may hold
+# backends marked down since it was built: their keys go to the next ones, as if they had been
+# left out of the build, and come back when they do). With a balance factor F > 0 it
 # also skips backends that are full: a backend of weight w is full when its active connections
 # (this worker's plus the others') reach ceil(F * (total active + 1) * w / total weight), the
 # total taken over the eligible backends. With equal weights that is ceil(F * average) with
@@ -43,7 +45,8 @@ cdef inline bint below_cap(const Table *table, const Backend *b, double load) no
 cdef int walk_candidates(Table *table, const int32_t *owner, int64_t size, int64_t start,
                          const int *tried, int ntried) noexcept nogil:
     # Called without the GIL; touches no Python objects; owner[0:size] are indices into
-    # table.backends of eligible backends with positive weights, 0 <= start < size.
+    # table.backends of backends with positive weights (the build's base, a superset of those
+    # in use: the walk passes over the others), 0 <= start < size.
     # Returns the first acceptable backend from start on, or -1 when every one was tried.
     cdef bint bounded = table.balance_factor > 0
     cdef int64_t pos = start, step
@@ -51,8 +54,9 @@ cdef int walk_candidates(Table *table, const int32_t *owner, int64_t size, int64
     cdef double load = 0.0
     if size <= 0:
         return -1
-    if not bounded and ntried == 0:
-        return owner[start]
+    i = owner[start]
+    if not bounded and ntried == 0 and table.backends[i].in_use:
+        return i
     if ntried and not any_untried(table, tried, ntried):
         return -1
     if bounded:
@@ -62,7 +66,7 @@ cdef int walk_candidates(Table *table, const int32_t *owner, int64_t size, int64
         pos += 1
         if pos == size:
             pos = 0
-        if ntried and is_tried(i, tried, ntried):
+        if not table.backends[i].in_use or (ntried and is_tried(i, tried, ntried)):
             continue
         if not bounded or below_cap(table, &table.backends[i], load):
             return i

@@ -63,3 +63,30 @@ cdef void no_counts(Table *table, int index) noexcept nogil:
 
 cdef void no_adopted(Table *table) noexcept nogil:
     pass
+
+
+cdef extern from *:
+    """
+    static inline int64_t fastlb_atomic_add(int64_t *p, int64_t d) {
+        return __atomic_add_fetch(p, d, __ATOMIC_ACQ_REL);
+    }
+    """
+    int64_t atomic_add "fastlb_atomic_add" (int64_t *p, int64_t d) nogil
+
+
+cdef inline void state_retain(void *state) noexcept nogil:
+    atomic_add(&(<SharedState *>state).refs, 1)
+
+
+cdef inline void state_release(void *state) noexcept nogil:
+    # The loop releases a table it swapped out while the builder may hold the same state.
+    if state != NULL and atomic_add(&(<SharedState *>state).refs, -1) == 0:
+        free(state)
+
+
+cdef inline bint in_base(const Table *table, int index) noexcept nogil:
+    # Whether a hashing algorithm builds backend index in (see Table.base_primaries).
+    cdef const Backend *b = &table.backends[index]
+    if b.weight <= 0:
+        return False
+    return not b.backup if table.base_primaries else b.in_use

@@ -42,6 +42,13 @@ worker -> supervisor
 supervisor -> worker
   ``table``   ``{t, version, pools}``: whole backend tables, each swapped in at once.
               ``pools`` is ``[{id, backends: [{id, host, port, weight, up, backup}]}]``.
+  ``table-change`` ``{t, version, base, pools}``: the table ``version`` as a change to the
+              table ``base``, the last one sent to this worker (a health flap then costs one
+              entry, not the whole table). ``pools`` is ``[{id, backends, removed}]`` for the
+              pools that changed: ``backends`` the entries that are new or differ, ``removed``
+              the ids gone. Applied, an entry that stays keeps its place and new ones go last
+              (:func:`apply_change`); the supervisor sends a whole table where that would not
+              give the new table's order.
   ``counts``  ``{t, table, others}``: ``{backend id: active connections}`` held by all *other*
               workers, for the backends whose count changed since the last counts sent to this
               worker; a backend left out keeps its count. ``counts_since_us``: the oldest
@@ -150,6 +157,20 @@ class Table:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolChange:
+    id: int
+    backends: list[BackendEntry]  # new or changed entries
+    removed: list[int] = field(default_factory=list)  # ids no longer in the pool
+
+
+@dataclass(frozen=True, slots=True)
+class TableChange:
+    version: int
+    base: int  # the version it applies to
+    pools: list[PoolChange]
+
+
+@dataclass(frozen=True, slots=True)
 class Counts:
     table: int
     others: dict[int, int]
@@ -173,12 +194,13 @@ class Invalid:
     reason: str
 
 
-Message = Hello | Report | Table | Counts | Drain | KillSessions
+Message = Hello | Report | Table | TableChange | Counts | Drain | KillSessions
 
 _TYPES: dict[str, type] = {
     "hello": Hello,
     "report": Report,
     "table": Table,
+    "table-change": TableChange,
     "counts": Counts,
     "drain": Drain,
     "kill-sessions": KillSessions,
@@ -191,12 +213,22 @@ _NESTED: dict[tuple[type, str], type] = {
     (Report, "udp"): UdpReport,
     (Table, "pools"): PoolTable,
     (PoolTable, "backends"): BackendEntry,
+    (TableChange, "pools"): PoolChange,
+    (PoolChange, "backends"): BackendEntry,
 }
 # The type each scalar field must have; bools are ints to Python, so they are checked apart.
 _BOOL_FIELDS = {"up", "backup"}
 _STR_FIELDS = {"host"}
 # (Report.backends, PoolTable.backends are nested entries: _NESTED is looked up first.)
-_INT_LIST_FIELDS = {"connect_ms", "duration_ms", "ended", "dropped", "backends", "count_staleness"}
+_INT_LIST_FIELDS = {
+    "connect_ms",
+    "duration_ms",
+    "ended",
+    "dropped",
+    "backends",
+    "count_staleness",
+    "removed",
+}
 _COUNT_MAP_FIELDS = {"others", "counts"}
 
 
@@ -217,6 +249,60 @@ _FIELD_NAMES = {
     cls: tuple(spec.name for spec in fields(cls))
     for cls in (*_TYPES.values(), *set(_NESTED.values()))
 }
+
+
+def table_change(old: Table, new: Table) -> TableChange | None:
+    """new as a change to old, or None where a whole table is as good: the pools differ, the
+    change would not give new's order, or it touches more than half of the entries."""
+    if [pool.id for pool in old.pools] != [pool.id for pool in new.pools]:
+        return None
+    pools = []
+    touched = total = 0
+    for before, after in zip(old.pools, new.pools, strict=True):
+        total += len(after.backends)
+        if before.backends == after.backends:
+            continue
+        if len(before.backends) == len(after.backends):
+            # The usual change (health, weights): the same ids in the same places.
+            pairs = [
+                (a, b)
+                for a, b in zip(before.backends, after.backends, strict=True)
+                if a is not b and a != b
+            ]
+            if all(a.id == b.id for a, b in pairs):
+                touched += len(pairs)
+                pools.append(PoolChange(after.id, [b for _, b in pairs], []))
+                continue
+        kept = {entry.id: entry for entry in before.backends}
+        ids = {entry.id for entry in after.backends}
+        changed = [entry for entry in after.backends if kept.get(entry.id) != entry]
+        removed = [backend_id for backend_id in kept if backend_id not in ids]
+        order = [backend_id for backend_id in kept if backend_id in ids]
+        order += [entry.id for entry in changed if entry.id not in kept]
+        if order != [entry.id for entry in after.backends]:
+            return None
+        touched += len(changed) + len(removed)
+        pools.append(PoolChange(after.id, changed, removed))
+    if touched * 2 > total:
+        return None
+    return TableChange(new.version, old.version, pools)
+
+
+def apply_change(table: Table, change: TableChange) -> Table:
+    """The table that change makes of table (whose version must be change.base). Raises
+    ValueError for a change to a pool table does not have."""
+    pools = {pool.id: pool for pool in table.pools}
+    for pool_change in change.pools:
+        pool = pools.get(pool_change.id)
+        if pool is None:
+            raise ValueError(f"a change to pool {pool_change.id}, which the table lacks")
+        entries = {entry.id: entry for entry in pool.backends}
+        for backend_id in pool_change.removed:
+            entries.pop(backend_id, None)
+        for entry in pool_change.backends:
+            entries[entry.id] = entry
+        pools[pool.id] = PoolTable(pool.id, list(entries.values()))
+    return Table(change.version, [pools[pool.id] for pool in table.pools])
 
 
 def _plain(value: object) -> object:

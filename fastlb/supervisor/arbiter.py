@@ -106,6 +106,7 @@ class WorkerHandle:
     active: dict[int, int] = field(default_factory=dict)  # backend id -> its open connections
     frontend_active: dict[str, int] = field(default_factory=dict)  # frontend -> connections
     others_sent: dict[int, int] = field(default_factory=dict)  # the counts it was last sent
+    table_sent: msg.Table | None = None  # the last table it was sent (changes apply to it)
 
 
 @dataclass
@@ -232,6 +233,11 @@ class Arbiter:
         self.pool_ids: dict[str, int] = {}  # pool name -> id, given once
         self.pools: list[PoolState] = []  # the config's, in its order
         self.pool_by_id: dict[int, PoolState] = {}
+        # The backends whose entries changed since the last table (None: any may have): the next
+        # table is the last one with those entries made anew, not every backend's.
+        self.table_dirty: set[int] | None = None
+        # Each generation's last table, and where each backend id sits in it (pool, index).
+        self.table_cache: dict[int, tuple[msg.Table, dict[int, tuple[int, int]]]] = {}
         self.set_pools(config)
         self.sync_runtime()
         self.backends_started = True
@@ -376,7 +382,7 @@ class Arbiter:
             self.run_checks(now)
             self.log_gave_up(now)
             if now >= self.next_ramp and self.ramping():
-                self.table_changed = True
+                self.entries_changed(b for b in self.backends.values() if b.ramp_from is not None)
                 self.next_ramp = now + RAMP_STEP
             self.finish_removals(now)
         self.reap_predecessors()
@@ -510,7 +516,7 @@ class Arbiter:
             self.frontends.append(frontend)
         self.address = _addresses(config)
         logging.getLogger().setLevel(config.log_level.upper())
-        self.table_changed = True
+        self.all_entries_changed()
         self.counts_changed = True
 
     def set_pools(self, config: Config) -> None:
@@ -740,7 +746,9 @@ class Arbiter:
                 os._exit(EXIT_FORCED)
         child_end.close()
         parent_end.setblocking(False)
-        worker = WorkerHandle(worker_id, pid, parent_end, time.monotonic(), generation)
+        worker = WorkerHandle(
+            worker_id, pid, parent_end, time.monotonic(), generation, table_sent=table
+        )
         self.workers[pid] = worker
         generation.workers[worker_id] = pid
         self.selector.register(
@@ -988,8 +996,12 @@ class Arbiter:
             return
         if isinstance(message, msg.Counts) and len(worker.outgoing) > MAX_PENDING:
             return  # the worker is not reading; newer counts will replace these anyway
-        worker.outgoing += msg.encode(message)
-        self.flush(worker)
+        self.send_encoded(worker, msg.encode(message))
+
+    def send_encoded(self, worker: WorkerHandle, data: bytes) -> None:
+        if worker.connected:
+            worker.outgoing += data
+            self.flush(worker)
 
     def flush(self, worker: WorkerHandle) -> None:
         if worker.outgoing:
@@ -1023,18 +1035,35 @@ class Arbiter:
         """Sends the workers what changed during this turn: the table, then the counts."""
         if self.table_changed:
             self.table_changed = False
+            dirty, self.table_dirty = self.table_dirty, set()
+            now = time.monotonic()
             self.table_version += 1
-            self.counts_changed = True
+            if dirty is None:
+                self.counts_changed = True  # backends came or went: counts are sent afresh
             tables = {}  # a generation's workers know only its pools
+            # What each worker is sent, by its generation and the table it holds: the change
+            # from that table (a flap of one of 1,000 backends is one entry), else the table.
+            sent = {}
             # Health, weights or the backends changed: what checks and ramps is found anew.
             self.check_queue = None
             self.any_ramping = None
             for worker in self.workers.values():
                 generation = worker.generation
-                if generation.state != DRAINING:
-                    if generation.number not in tables:
-                        tables[generation.number] = self.table(generation)
-                    self.send(worker, tables[generation.number])
+                if generation.state == DRAINING:
+                    continue
+                table = tables.get(generation.number)
+                if table is None:
+                    table = tables[generation.number] = self.generation_table(
+                        generation, dirty, now
+                    )
+                key = (generation.number, id(worker.table_sent))
+                if key not in sent:
+                    change = worker.table_sent and msg.table_change(worker.table_sent, table)
+                    sent[key] = (worker.table_sent, msg.encode(change or table))
+                self.send_encoded(worker, sent[key][1])
+                worker.table_sent = table
+            for number in [n for n in self.table_cache if n not in tables]:
+                del self.table_cache[number]  # a generation that drains gets no more tables
         if self.counts_changed:
             totals = self.active_totals()
         elif self.changed_counts:
@@ -1062,6 +1091,17 @@ class Arbiter:
                     msg.Counts(table=self.table_version, others=changed, counts_since_us=since),
                 )
 
+    def entries_changed(self, backends) -> None:
+        """Those backends' table entries go out with this turn's table."""
+        self.table_changed = True
+        if self.table_dirty is not None:
+            self.table_dirty.update(backend.id for backend in backends)
+
+    def all_entries_changed(self) -> None:
+        """The backends themselves changed (a reload, a new list): a whole table goes out."""
+        self.table_changed = True
+        self.table_dirty = None
+
     def table(self, generation: Generation) -> msg.Table:
         """The backends of the pools ``generation`` knows."""
         now = time.monotonic()
@@ -1069,24 +1109,47 @@ class Arbiter:
         return msg.Table(
             version=self.table_version,
             pools=[
-                msg.PoolTable(
-                    pool.id,
-                    [
-                        msg.BackendEntry(
-                            backend.id,
-                            backend.spec.address.host,
-                            backend.spec.address.port,
-                            self.effective_weight(backend, now),
-                            backend.in_use,
-                            backend.spec.backup,
-                        )
-                        for backend in pool.backends
-                    ],
-                )
+                msg.PoolTable(pool.id, [self.entry(backend, now) for backend in pool.backends])
                 for pool in self.pools
                 if pool.id in known
             ],
         )
+
+    def entry(self, backend: BackendState, now: float) -> msg.BackendEntry:
+        return msg.BackendEntry(
+            backend.id,
+            backend.spec.address.host,
+            backend.spec.address.port,
+            self.effective_weight(backend, now),
+            backend.in_use,
+            backend.spec.backup,
+        )
+
+    def generation_table(self, generation: Generation, dirty: set[int] | None, now: float):
+        """This turn's table for a generation: its last one with the dirty backends' entries
+        made anew (a flap of one of 1,000 backends costs one entry), or a whole new one."""
+        cached = self.table_cache.get(generation.number)
+        if dirty is None or cached is None:
+            table = self.table(generation)
+            places = {
+                entry.id: (p, k)
+                for p, pool in enumerate(table.pools)
+                for k, entry in enumerate(pool.backends)
+            }
+        else:
+            last, places = cached
+            pools = list(last.pools)
+            for backend_id in dirty:
+                place, backend = places.get(backend_id), self.backends.get(backend_id)
+                if place is None or backend is None:
+                    continue  # not in this generation's pools
+                p, k = place
+                if pools[p] is last.pools[p]:
+                    pools[p] = msg.PoolTable(last.pools[p].id, list(last.pools[p].backends))
+                pools[p].backends[k] = self.entry(backend, now)
+            table = msg.Table(self.table_version, pools)
+        self.table_cache[generation.number] = (table, places)
+        return table
 
     def active_totals(self) -> dict[int, int]:
         """Open connections by backend id, all workers together."""
@@ -1147,7 +1210,7 @@ class Arbiter:
                 for worker in self.workers.values():
                     worker.active.pop(backend.id, None)
                     worker.others_sent.pop(backend.id, None)
-        self.table_changed = True
+        self.all_entries_changed()
         self.counts_changed = True
         stayed = sum(1 for spec in specs if spec.address in old)
         log.info(
@@ -1281,7 +1344,7 @@ class Arbiter:
             admin = None
         if admin != backend.admin:
             backend.admin = admin
-            self.table_changed = True
+            self.entries_changed([backend])
             self.record(backend, f"agent: {result.reason}")
             log.info(
                 "backend %s is %s: its agent said so (pool %s)",
@@ -1291,7 +1354,7 @@ class Arbiter:
             )
         if result.agent_weight is not None and result.agent_weight != backend.agent_weight:
             backend.agent_weight = result.agent_weight
-            self.table_changed = True
+            self.entries_changed([backend])
 
     def record(self, backend: BackendState, why: str) -> None:
         if backend.history.transition(time.time(), backend.state, why):
@@ -1307,7 +1370,7 @@ class Arbiter:
         backend.next_check = now + self.check_interval(backend)
         if self.check_queue is not None:
             heapq.heappush(self.check_queue, (backend.next_check, backend.id))
-        self.table_changed = True
+        self.entries_changed([backend])
         if hold:
             why += f"; held down {hold:g}s for flapping"
         self.record(backend, why)
@@ -1322,7 +1385,7 @@ class Arbiter:
         if pool.slow_start:
             backend.ramp_from = now
             self.next_ramp = now  # the first lowered weight goes out with this table
-        self.table_changed = True
+        self.entries_changed([backend])
         self.record(backend, why)
         self.journal_health(backend)
         log.info("backend %s is up: %s (pool %s)", backend.spec.address, why, pool.name)
@@ -1408,7 +1471,7 @@ class Arbiter:
                 elif backend.removing_since is None:
                     backend.removing_since = now  # its drain goes out with this turn's table
                 if before != (backend.operator, backend.runtime_weight, backend.removing_since):
-                    self.table_changed = True
+                    self.entries_changed([backend])
 
     def finish_removals(self, now: float) -> None:
         """Forgets the removed backends that no worker holds a connection to any more."""
