@@ -450,3 +450,20 @@ def test_tables_made_entry_by_entry_equal_whole_ones(supervisor):
                 if isinstance(message, msg.Table):
                     held[i] = message
             assert held[i] == whole, turn
+
+
+def test_running_totals_equal_the_sum_of_what_each_worker_reported(supervisor):
+    arbiter, workers, peers = supervisor
+    rng = random.Random(3)
+    for turn in range(200):
+        worker = rng.choice(workers)
+        if rng.random() < 0.5:
+            counts = {rng.randrange(3): rng.randrange(5) for _ in range(rng.randrange(1, 3))}
+            message = msg.Report(table=1, backends=[], frontends=[], counts=counts)
+        else:
+            message = report(active=(rng.randrange(5), rng.randrange(5)))
+        deliver(arbiter, worker, peers[workers.index(worker)], msg.encode(message))
+        expected = {b: sum(w.active.get(b, 0) for w in workers) for b in arbiter.backends}
+        assert arbiter.active_totals() == expected, turn
+    arbiter.disconnect(workers[0])
+    assert arbiter.active_totals() == {b: workers[1].active.get(b, 0) for b in arbiter.backends}

@@ -238,6 +238,7 @@ class Arbiter:
         self.table_dirty: set[int] | None = None
         # Each generation's last table, and where each backend id sits in it (pool, index).
         self.table_cache: dict[int, tuple[msg.Table, dict[int, tuple[int, int]]]] = {}
+        self.removing: list[BackendState] = []  # being removed by ctl (sync_runtime finds them)
         self.set_pools(config)
         self.sync_runtime()
         self.backends_started = True
@@ -250,6 +251,9 @@ class Arbiter:
         self.reloads = {"applied": 0, "failed": 0}
         self.counts_changed = False  # every backend's counts may have changed
         self.changed_counts: set[int] = set()  # backend ids whose counts reports changed
+        # Open connections by backend id, all workers together, kept as the reports come: a
+        # report costs what it carries, not what every worker holds.
+        self.active_total: dict[int, int] = {}
         self.counts_since_us = 0  # the oldest change behind them (Report.counts_since_us)
         # Counts applied by the workers, by how long after the change (STALENESS_BOUNDS_MS).
         self.count_staleness = [0] * (len(msg.STALENESS_BOUNDS_MS) + 1)
@@ -338,11 +342,7 @@ class Arbiter:
             deadlines += [self.respawn_at.get(worker_id, 0.0) for worker_id in missing]
             if self.ramping():
                 deadlines.append(self.next_ramp)
-            deadlines += [
-                backend.removing_since + REMOVE_SETTLE
-                for backend in self.backends.values()
-                if backend.removing_since is not None
-            ]
+            deadlines += [backend.removing_since + REMOVE_SETTLE for backend in self.removing]
         timeout = max(0.0, min(d for d in deadlines if d is not None) - time.monotonic())
         stats_events = []
         for key, mask in self.selector.select(timeout):
@@ -951,13 +951,14 @@ class Arbiter:
             backend.connect_ms_sum += entry.connect_ms_sum
             _add(backend.duration_ms, entry.duration_ms)
             backend.duration_ms_sum += entry.duration_ms_sum
-            if worker.active.get(entry.id, 0) != entry.active:
-                worker.active[entry.id] = entry.active
-                self.changed_counts.add(entry.id)
-        for backend_id, active in report.counts.items():
-            if backend_id in self.backends and worker.active.get(backend_id, 0) != active:
-                worker.active[backend_id] = active
-                self.changed_counts.add(backend_id)
+            self.set_active(worker, entry.id, entry.active)
+        active, totals, changed = worker.active, self.active_total, self.changed_counts
+        for backend_id, count in report.counts.items():  # one per count change: kept inline
+            before = active.get(backend_id, 0)
+            if before != count and backend_id in self.backends:
+                active[backend_id] = count
+                totals[backend_id] = totals.get(backend_id, 0) + count - before
+                changed.add(backend_id)
         specs = worker.generation.config.frontends
         by_name = {frontend.spec.name: frontend for frontend in self.frontends}
         for entry in report.frontends:
@@ -1018,6 +1019,14 @@ class Arbiter:
             worker.events = events
             self.selector.modify(worker.control, events, self.selector.get_key(worker.control).data)
 
+    def set_active(self, worker: WorkerHandle, backend_id: int, count: int) -> None:
+        """A worker's open connections to a backend (that is in self.backends)."""
+        before = worker.active.get(backend_id, 0)
+        if before != count:
+            worker.active[backend_id] = count
+            self.active_total[backend_id] = self.active_total.get(backend_id, 0) + count - before
+            self.changed_counts.add(backend_id)
+
     def disconnect(self, worker: WorkerHandle) -> None:
         """Closes the control socket of a worker that exited or is about to."""
         if not worker.connected:
@@ -1027,7 +1036,10 @@ class Arbiter:
         self.selector.unregister(worker.control)
         worker.control.close()
         worker.outgoing.clear()
-        self.changed_counts.update(b for b, count in worker.active.items() if count)
+        for backend_id, count in worker.active.items():
+            if count and backend_id in self.active_total:
+                self.active_total[backend_id] -= count
+                self.changed_counts.add(backend_id)
         worker.active = {}
         worker.frontend_active = {}
 
@@ -1044,8 +1056,15 @@ class Arbiter:
             # What each worker is sent, by its generation and the table it holds: the change
             # from that table (a flap of one of 1,000 backends is one entry), else the table.
             sent = {}
-            # Health, weights or the backends changed: what checks and ramps is found anew.
-            self.check_queue = None
+            # Health, weights or the backends changed: what checks and ramps is found anew, for
+            # the changed backends only where it is known which (the queue skips stale entries).
+            if dirty is None or self.check_queue is None:
+                self.check_queue = None
+            else:
+                for backend_id in dirty:
+                    backend = self.backends.get(backend_id)
+                    if backend is not None and self.wants_check(backend):
+                        heapq.heappush(self.check_queue, (backend.next_check, backend_id))
             self.any_ramping = None
             for worker in self.workers.values():
                 generation = worker.generation
@@ -1069,7 +1088,7 @@ class Arbiter:
         elif self.changed_counts:
             # Only the backends the reports changed: proportional to them, not to all backends.
             totals = {
-                backend_id: sum(w.active.get(backend_id, 0) for w in self.workers.values())
+                backend_id: self.active_total.get(backend_id, 0)
                 for backend_id in self.changed_counts
                 if backend_id in self.backends
             }
@@ -1153,12 +1172,7 @@ class Arbiter:
 
     def active_totals(self) -> dict[int, int]:
         """Open connections by backend id, all workers together."""
-        totals = dict.fromkeys(self.backends, 0)
-        for worker in self.workers.values():
-            for backend_id, count in worker.active.items():
-                if backend_id in totals:
-                    totals[backend_id] += count
-        return totals
+        return {backend_id: self.active_total.get(backend_id, 0) for backend_id in self.backends}
 
     # ---- health ---------------------------------------------------------------------------------
 
@@ -1207,6 +1221,7 @@ class Arbiter:
         for backend in old.values():
             if backend.id not in kept:
                 del self.backends[backend.id]
+                self.active_total.pop(backend.id, None)
                 for worker in self.workers.values():
                     worker.active.pop(backend.id, None)
                     worker.others_sent.pop(backend.id, None)
@@ -1456,6 +1471,8 @@ class Arbiter:
     def sync_runtime(self) -> None:
         """Gives every backend the operator's state held in ``self.runtime``."""
         now = time.monotonic()
+        # Not found anew each turn: the loop turns once per report, and there may be 1,000s.
+        self.removing = []
         for pool in self.pools:
             for backend in pool.backends:
                 override = self.runtime.get(pool.spec.name, backend.spec.address)
@@ -1470,16 +1487,14 @@ class Arbiter:
                     backend.removing_since = None
                 elif backend.removing_since is None:
                     backend.removing_since = now  # its drain goes out with this turn's table
+                if backend.removing_since is not None:
+                    self.removing.append(backend)
                 if before != (backend.operator, backend.runtime_weight, backend.removing_since):
                     self.entries_changed([backend])
 
     def finish_removals(self, now: float) -> None:
         """Forgets the removed backends that no worker holds a connection to any more."""
-        due = [
-            backend
-            for backend in self.backends.values()
-            if backend.removing_since is not None and now - backend.removing_since >= REMOVE_SETTLE
-        ]
+        due = [b for b in self.removing if now - b.removing_since >= REMOVE_SETTLE]
         if not due:
             return
         totals = self.active_totals()
