@@ -1376,6 +1376,8 @@ cdef class Worker:
             c = nxt
 
     cdef Buf *_buf_get(self) noexcept nogil:
+        # An empty buffer. A new one is emptied too: a recv that reads nothing (EAGAIN, EOF)
+        # leaves it as it came, and the caller keeps or pools it by its length.
         cdef Buf *b = self.free_bufs
         if b != NULL:
             self.free_bufs = b.next
@@ -1384,6 +1386,8 @@ cdef class Worker:
             b = <Buf *>malloc(sizeof(Buf) + self.buffer_size)
             if b == NULL:
                 return NULL
+        b.off = 0
+        b.len = 0
         self.bufs_held += 1
         return b
 

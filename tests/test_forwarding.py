@@ -41,6 +41,22 @@ def test_upload_arrives_intact(backends, balancer, size, splice):
     assert (closed["received"], closed["error"]) == (size, None)
 
 
+def test_a_fin_alone_reaches_the_backend_as_a_fin(backends, balancer, monkeypatch):
+    """A read that gets only the client's FIN leaves its new buffer empty: the FIN goes on, not
+    whatever the allocator left there. MALLOC_PERTURB_ fills new memory with junk, as memory
+    freed and reused under load holds."""
+    monkeypatch.setenv("MALLOC_PERTURB_", "165")
+    sink = backends("sink")
+    lb = balancer([sink], "--splice", "never")
+    for _ in range(3):
+        with lb.connect() as sock:
+            sock.shutdown(socket.SHUT_WR)
+            reply = recv_all(sock)
+        assert reply.decode() == hashlib.sha256(b"").hexdigest()
+        closed = sink.next_event()
+        assert (closed["received"], closed["error"]) == (0, None)
+
+
 @pytest.mark.parametrize(("size", "splice"), CASES, ids=CASE_IDS)
 def test_download_arrives_intact(backends, balancer, size, splice):
     source = backends("source", nbytes=size)

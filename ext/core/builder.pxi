@@ -1,14 +1,15 @@
 # The table builder: a native thread that runs the slow builds (Algorithm.slow_build: a hash
-# ring or a Maglev table, 3 to 25 ms at 1,000 backends) in the SCHED_IDLE class. Building on
-# the control reader's thread already keeps it off the forwarding loop, but at the same
-# priority it competes for the CPU with the loop, the clients and the backends of a busy
-# machine, and once it runs the scheduler lets it finish its slice before a woken loop gets the
-# core. An idle-class thread is preempted at once by any other, and a core that runs only it
-# counts as idle when a woken thread is placed. Measured with loadtests/table_stall.py (maglev,
-# one of 1,000 backends flapping every 100 ms): p99 while flapping 2.5x that at rest, against
-# 5x at nice 10 and 6.5x at the loop's priority. The cost: on a machine saturated for long, a
-# slow build gets little CPU and the table change waits. The thread never takes the GIL;
-# whoever asks for a build waits without it.
+# ring or a Maglev table, 3.5 and 25 ms at 1,000 backends; a health change reuses the last
+# one, so these are weight changes, adds, removes and reloads) in the SCHED_IDLE class. Built on
+# the control reader's thread at the loop's priority, the build competes for the CPU with the
+# loop, the clients and the backends of a busy machine, and once it runs the scheduler lets it
+# finish its slice before a woken loop gets the core. An idle-class thread is preempted at once
+# by any other, and a core that runs only it counts as idle when a woken thread is placed.
+# Measured with loadtests/table_stall.py, a Maglev table of 1,000 backends built anew every
+# 100 ms: the p99 of keep-alive traffic 2.5x that at rest, against about 5x at nice 10 and
+# 6.5x at the loop's priority. The cost: on a machine saturated for long a slow build gets
+# little CPU and the change waits. The thread never takes the GIL; whoever asks for a build
+# waits without it.
 
 cdef void *builder_main(void *arg) noexcept nogil:
     cdef TableBuilder *tb = <TableBuilder *>arg

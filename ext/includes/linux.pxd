@@ -223,11 +223,9 @@ cdef extern from "<pthread.h>" nogil:
                        void *arg)
     int pthread_join(pthread_t thread, void **retval)
     int pthread_mutex_init(pthread_mutex_t *mutex, const void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *mutex)
     int pthread_mutex_lock(pthread_mutex_t *mutex)
     int pthread_mutex_unlock(pthread_mutex_t *mutex)
     int pthread_cond_init(pthread_cond_t *cond, const void *attr)
-    int pthread_cond_destroy(pthread_cond_t *cond)
     int pthread_cond_wait(pthread_cond_t *cond, pthread_mutex_t *mutex)
     int pthread_cond_broadcast(pthread_cond_t *cond)
 
