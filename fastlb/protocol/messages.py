@@ -64,7 +64,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: table-change
 
 # The upper bounds (ms) of the data plane's histogram buckets, the last bucket being +Inf: how
 # long a connect took, and how long a connection lasted. ext/_dataplane.pyx holds the same.
