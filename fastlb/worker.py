@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import gc
 import logging
 import os
 import select
@@ -21,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from fastlb import _dataplane
 from fastlb.accesslog import AccessLog
@@ -58,6 +60,14 @@ CONTROL_CLOSED = object()  # queued by the reader when the supervisor's end clos
 SWITCH_INTERVAL_S = 0.0001
 
 
+@dataclass(frozen=True, slots=True)
+class OthersChanged:
+    """What a counts message changed: the other workers' sums, by backend id."""
+
+    others: dict[int, int]
+    since_us: int  # Counts.counts_since_us
+
+
 class ControlReader:
     """Reads and decodes the supervisor's messages on its own thread and builds each table's
     next state there (prepare_table), so that neither a large table's decoding nor its build
@@ -72,6 +82,7 @@ class ControlReader:
         self.table = table
         self.names = names
         self.decoder = msg.Decoder()
+        self.peers = msg.PeerCounts()
         self.queue: collections.deque = collections.deque()
         self.ready_fd, self.ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread = threading.Thread(target=self.run, name="control", daemon=True)
@@ -99,6 +110,11 @@ class ControlReader:
                     self.table = message
                     self.names = backend_names(message)
                     self.put((message, self.prepare(table_pools(message), self.names)))
+                elif isinstance(message, msg.Counts):
+                    # Summed here, off the loop: the loop only sets the sums that changed.
+                    others = self.peers.apply(message)
+                    if others:
+                        self.put((OthersChanged(others, message.counts_since_us), None))
                 else:
                     self.put((message, None))
 
@@ -395,10 +411,10 @@ class WorkerProcess:
     def apply(self, message) -> None:
         if isinstance(message, msg.Table):
             self.set_table(message)
-        elif isinstance(message, msg.Counts):
+        elif isinstance(message, OthersChanged):
             self.dataplane.set_others(message.others)
-            if message.counts_since_us:
-                took_ms = (time.monotonic_ns() // 1000 - message.counts_since_us) / 1000
+            if message.since_us:
+                took_ms = (time.monotonic_ns() // 1000 - message.since_us) / 1000
                 self.count_staleness[bisect.bisect_left(msg.STALENESS_BOUNDS_MS, took_ms)] += 1
         elif isinstance(message, msg.Drain):
             self.drain()
@@ -463,6 +479,9 @@ def run(
             return
         signal.signal(signal.SIGTERM, _on_signal(process))
         signal.signal(signal.SIGUSR1, _on_signal(process))
+        # What the worker holds for its life (the supervisor's state from before the fork, the
+        # table) is left out of garbage collection: each report made the collector walk it.
+        gc.freeze()
         started = time.monotonic()
         if not process.serve():
             log.warning(

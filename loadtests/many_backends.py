@@ -3,7 +3,9 @@
 One nginx process serves N loopback ports. For each algorithm and round, fastlb runs twice, in
 front of the first 2 ports and in front of all N, and wrk opens a new connection per request
 through it; the figure is the CPU time of all fastlb's processes (supervisor and workers) per
-connection, and the headline the ratio N / 2 (target: at most 1.05).
+connection, and the headline the ratio N / 2 (target: at most 1.05): the median over the rounds
+of each round's ratio, as the two runs of a round come one right after the other (in turns the
+one with N first), so that a spell of load from elsewhere falls on both or on neither.
 
 On loopback the connecting side itself pays more with N listening ports (the kernel's port
 lookups), and fastlb connects to a backend for every client. A plain client measures that: it
@@ -118,12 +120,13 @@ def run(args, console) -> int:
             f"{args.rounds} round(s) of {', '.join(algorithms)}"
         )
         for number in range(1, args.rounds + 1):
-            for size in (2, count):
+            sizes = (2, count) if number % 2 else (count, 2)
+            for size in sizes:
                 cpu = plain_client_cpu(backends.ports[:size], PLAIN_CONNECTIONS)
                 plain.append({"round": number, "ports": size, "cpu_us_per_connection": cpu})
                 console.print(f"  round {number} plain client, {size:>5} ports: {cpu:6.1f} µs")
             for algorithm in algorithms:
-                for size in (2, count):
+                for size in sizes:
                     run = measure_fastlb(procs, tmp, backends.ports[:size], algorithm, args, script)
                     run.update(round=number, algorithm=algorithm, backends=size)
                     runs.append(run)
@@ -137,7 +140,9 @@ def run(args, console) -> int:
         size: statistics.median(p["cpu_us_per_connection"] for p in plain if p["ports"] == size)
         for size in (2, count)
     }
-    client_extra = client[count] - client[2]
+    client_extra = statistics.median(
+        paired(plain, count, lambda few, many: many - few, "cpu_us_per_connection")
+    )
     rows = []
     for algorithm in algorithms:
         mine = {
@@ -151,13 +156,23 @@ def run(args, console) -> int:
             statistics.median(r["supervisor_us_per_connection"] for r in mine[size])
             for size in (2, count)
         )
+        mine_runs = mine[2] + mine[count]
         rows.append(
             {
                 "algorithm": algorithm,
                 "cpu_us_2": few,
                 f"cpu_us_{count}": many,
-                "ratio": many / few,
-                "ratio_less_client_extra": (many - client_extra) / few,
+                "ratio": statistics.median(
+                    paired(mine_runs, count, lambda a, b: b / a, "cpu_us_per_connection")
+                ),
+                "ratio_less_client_extra": statistics.median(
+                    paired(
+                        mine_runs,
+                        count,
+                        lambda a, b: (b - client_extra) / a,
+                        "cpu_us_per_connection",
+                    )
+                ),
                 "supervisor_us_2": sup_few,
                 f"supervisor_us_{count}": sup_many,
             }
@@ -180,10 +195,22 @@ def run(args, console) -> int:
     return 0
 
 
+def paired(runs: list[dict], count: int, combine, key: str) -> list[float]:
+    """combine(value at 2, value at count) for each round that has both."""
+    by_round: dict[int, dict[int, float]] = {}
+    for run in runs:
+        size = run.get("ports", run.get("backends"))
+        by_round.setdefault(run["round"], {})[size] = run[key]
+    return [combine(sizes[2], sizes[count]) for sizes in by_round.values() if len(sizes) == 2]
+
+
 def print_table(console, rows: list[dict], count: int, client: dict, extra: float) -> None:
     from rich.table import Table
 
-    table = Table(title=f"CPU per new connection, {count} backends against 2 (medians)")
+    table = Table(
+        title=f"CPU per new connection, {count} backends against 2 "
+        "(medians; the ratios are the median of each round's)"
+    )
     for column in (
         "algorithm",
         "µs at 2",

@@ -63,8 +63,8 @@ EXAMPLES = [
         base=2,
         pools=[msg.PoolChange(0, [msg.BackendEntry(5, "::1", 9001, 1, True, True)], [7])],
     ),
-    msg.Counts(table=7, others={0: 4, 3: 0, 17: 11}),
-    msg.Counts(table=7, others={2: 1}, counts_since_us=99),
+    msg.Counts(table=7, workers={4100: {0: 4, 3: 0, 17: 11}}),
+    msg.Counts(table=7, workers={4100: {2: 1}, 4101: {}}, gone=[4099], counts_since_us=99),
     msg.Drain(),
     msg.KillSessions(backends=[3, 0]),
 ]
@@ -122,9 +122,9 @@ def test_reports_of_any_size_round_trip(table, backends, frontends):
     assert msg.Decoder().feed(msg.encode(report)) == [report]
 
 
-@given(others=counts, version=ident)
-def test_counts_round_trip(others, version):
-    message = msg.Counts(table=version, others=others)
+@given(workers=st.dictionaries(ident, counts, max_size=4), version=ident)
+def test_counts_round_trip(workers, version):
+    message = msg.Counts(table=version, workers=workers, gone=sorted(workers)[:1])
     assert msg.Decoder().feed(msg.encode(message)) == [message]
 
 
@@ -186,10 +186,13 @@ def test_a_flap_of_one_of_1000_backends_is_a_change_of_one_entry():
         (raw(kind="hello"), "unknown message type"),
         (raw(t=5), "unknown message type"),
         (raw(t="hello", worker=1), "missing field 'pid'"),
-        (raw(t="counts", others={1: 1}), "missing field 'table'"),
+        (raw(t="counts", workers={1: {1: 1}}), "missing field 'table'"),
+        (raw(t="counts", table=1), "missing field 'workers'"),
         (raw(t="hello", worker="one", pid=2), "hello"),
-        (raw(t="counts", table=1, others={1: "two"}), "counts"),
-        (raw(t="counts", table=1, others=[1, 2]), "counts"),
+        (raw(t="counts", table=1, workers={1: {1: "two"}}), "workers must map worker pids"),
+        (raw(t="counts", table=1, workers={1: [1, 2]}), "workers must map worker pids"),
+        (raw(t="counts", table=1, workers=[1, 2]), "workers must map worker pids"),
+        (raw(t="counts", table=1, workers={}, gone=[True]), "gone must be a list"),
         (raw(t="table", version=1, pools=[{"id": 0}]), "missing field 'backends'"),
         (
             raw(t="table", version=1, pools=[{"id": 0, "backends": [["127.0.0.1", 80]]}]),
@@ -247,7 +250,7 @@ def test_messages_before_garbage_in_the_same_chunk_are_kept():
     out = decoder.feed(msg.encode(msg.Drain()) + b"\xc1")
     assert out[0] == msg.Drain()
     assert isinstance(out[1], msg.Invalid)
-    assert decoder.feed(msg.encode(msg.Counts(1, {0: 2}))) == [msg.Counts(1, {0: 2})]
+    assert decoder.feed(msg.encode(msg.Counts(1, {9: {0: 2}}))) == [msg.Counts(1, {9: {0: 2}})]
 
 
 @given(junk=st.binary(max_size=64))
@@ -351,18 +354,34 @@ def test_the_supervisor_ignores_bad_bytes_and_keeps_reading(supervisor, caplog):
 
 def test_counts_tell_each_worker_what_the_others_hold(supervisor):
     arbiter, workers, peers = supervisor
+    first, second = (worker.pid for worker in workers)
     deliver(arbiter, workers[0], peers[0], msg.encode(report(active=(3, 1))))
     deliver(arbiter, workers[1], peers[1], msg.encode(report(active=(1, 0))))
     arbiter.publish()  # once per turn of the loop, after all its messages
-    # Only the counts that differ from what each worker was last sent (0 at first).
-    assert received(peers[0]) == [msg.Counts(table=1, others={0: 1})]
-    assert received(peers[1]) == [msg.Counts(table=1, others={0: 3, 1: 1})]
+    # Each worker's counts that changed (from 0 at first), passed on to the other one.
+    assert received(peers[0]) == [msg.Counts(table=1, workers={second: {0: 1}})]
+    assert received(peers[1]) == [msg.Counts(table=1, workers={first: {0: 3, 1: 1}})]
     arbiter.publish()
     assert received(peers[0]) == []  # nothing changed: nothing sent
     deliver(arbiter, workers[1], peers[1], msg.encode(report(active=(0, 0))))
     arbiter.publish()
-    assert received(peers[0]) == [msg.Counts(table=1, others={0: 0})]
+    assert received(peers[0]) == [msg.Counts(table=1, workers={second: {0: 0}})]
     assert received(peers[1]) == []
+    # A worker that exits: the others forget its counts.
+    arbiter.disconnect(workers[0])
+    arbiter.publish()
+    assert received(peers[1]) == [msg.Counts(table=1, workers={}, gone=[first])]
+
+
+def test_a_worker_that_says_hello_is_sent_the_others_whole_counts(supervisor):
+    arbiter, workers, peers = supervisor
+    deliver(arbiter, workers[0], peers[0], msg.encode(report(active=(3, 1))))
+    arbiter.publish()
+    received(peers[1])
+    deliver(arbiter, workers[1], peers[1], msg.encode(msg.Hello(worker=1, pid=workers[1].pid)))
+    arbiter.publish()
+    assert received(peers[1]) == [msg.Counts(table=1, workers={workers[0].pid: {0: 3, 1: 1}})]
+    assert received(peers[0]) == []
 
 
 def test_count_maps_reach_the_other_workers_with_the_time_of_the_change(supervisor):
@@ -370,7 +389,9 @@ def test_count_maps_reach_the_other_workers_with_the_time_of_the_change(supervis
     changed = msg.Report(table=1, backends=[], frontends=[], counts={1: 2}, counts_since_us=777)
     deliver(arbiter, workers[0], peers[0], msg.encode(changed))
     arbiter.publish()
-    assert received(peers[1]) == [msg.Counts(table=1, others={1: 2}, counts_since_us=777)]
+    assert received(peers[1]) == [
+        msg.Counts(table=1, workers={workers[0].pid: {1: 2}}, counts_since_us=777)
+    ]
     assert received(peers[0]) == []  # what the others hold did not change
     stale = msg.Report(table=1, backends=[], frontends=[], count_staleness=[0, 0, 2])
     deliver(arbiter, workers[1], peers[1], msg.encode(stale))
@@ -452,8 +473,22 @@ def test_tables_made_entry_by_entry_equal_whole_ones(supervisor):
             assert held[i] == whole, turn
 
 
-def test_running_totals_equal_the_sum_of_what_each_worker_reported(supervisor):
+def test_totals_and_each_workers_sums_equal_what_the_workers_reported(supervisor):
+    """The supervisor's totals, and what each worker makes of the counts it is sent (the sum
+    over the other workers), equal the sums of what each worker last reported."""
     arbiter, workers, peers = supervisor
+    sums = [msg.PeerCounts() for _ in workers]
+
+    def check_sums(turn):
+        arbiter.publish()
+        for i, peer in enumerate(peers):
+            for message in received(peer):
+                sums[i].apply(message)
+            others = [w for w in workers if w is not workers[i] and w.connected]
+            for backend_id in arbiter.backends:
+                held = sum(w.active.get(backend_id, 0) for w in others)
+                assert sums[i].others.get(backend_id, 0) == held, (turn, i)
+
     rng = random.Random(3)
     for turn in range(200):
         worker = rng.choice(workers)
@@ -465,5 +500,9 @@ def test_running_totals_equal_the_sum_of_what_each_worker_reported(supervisor):
         deliver(arbiter, worker, peers[workers.index(worker)], msg.encode(message))
         expected = {b: sum(w.active.get(b, 0) for w in workers) for b in arbiter.backends}
         assert arbiter.active_totals() == expected, turn
+        if rng.random() < 0.3:
+            check_sums(turn)
+    check_sums("end")
     arbiter.disconnect(workers[0])
     assert arbiter.active_totals() == {b: workers[1].active.get(b, 0) for b in arbiter.backends}
+    check_sums("after a worker exited")

@@ -49,10 +49,14 @@ supervisor -> worker
               the ids gone. Applied, an entry that stays keeps its place and new ones go last
               (:func:`apply_change`); the supervisor sends a whole table where that would not
               give the new table's order.
-  ``counts``  ``{t, table, others}``: ``{backend id: active connections}`` held by all *other*
-              workers, for the backends whose count changed since the last counts sent to this
-              worker; a backend left out keeps its count. ``counts_since_us``: the oldest
-              ``counts_since_us`` of the reports behind them (0: unknown).
+  ``counts``  ``{t, table, workers, gone}``: what the *other* workers reported of their
+              active counts, passed on as they came: ``workers`` is ``{worker pid: {backend
+              id: active}}``, for the backends whose count changed since the last counts sent
+              to this worker (a backend left out keeps its count); ``gone`` the pids of
+              workers that exited, whose counts no longer hold. A worker's picks use the sum
+              over the others (:class:`PeerCounts`): the supervisor neither adds them up nor
+              re-encodes them per worker. ``counts_since_us``: the oldest ``counts_since_us``
+              of the reports behind them (0: unknown).
   ``drain``   ``{t}``: stop accepting, finish open connections, then exit.
   ``kill-sessions`` ``{t, backends}``: reset every open connection to these backend ids now
               (``fastlb ctl kill-sessions``), as on-down close does for a backend marked down.
@@ -60,11 +64,12 @@ supervisor -> worker
 
 from __future__ import annotations
 
+import operator
 from dataclasses import MISSING, dataclass, field, fields
 
 import msgpack
 
-PROTOCOL_VERSION = 3  # 3: table-change
+PROTOCOL_VERSION = 4  # 3: table-change; 4: counts by worker
 
 # The upper bounds (ms) of the data plane's histogram buckets, the last bucket being +Inf: how
 # long a connect took, and how long a connection lasted. ext/_dataplane.pyx holds the same.
@@ -81,7 +86,9 @@ class Hello:
     v: int = PROTOCOL_VERSION
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a report carries one per backend every second, and a frozen dataclass takes
+# several times as long to build.
+@dataclass(slots=True)
 class BackendReport:
     id: int
     active: int
@@ -173,7 +180,8 @@ class TableChange:
 @dataclass(frozen=True, slots=True)
 class Counts:
     table: int
-    others: dict[int, int]
+    workers: dict[int, dict[int, int]]  # worker pid -> {backend id: its active connections}
+    gone: list[int] = field(default_factory=list)  # pids of workers that exited
     counts_since_us: int = 0
 
 
@@ -228,27 +236,74 @@ _INT_LIST_FIELDS = {
     "backends",
     "count_staleness",
     "removed",
+    "gone",
 }
-_COUNT_MAP_FIELDS = {"others", "counts"}
+_COUNT_MAP_FIELDS = {"counts"}
+_WORKER_COUNTS_FIELDS = {"workers"}
 
 
 # Entries that leave out the fields at their defaults: a report lists many of them, and a
 # reader fills in the defaults. (Fields without a default, like id and active, always go.)
-_SPARSE_DEFAULTS = {
-    cls: tuple(
-        (spec.name, spec.default if spec.default is not MISSING else spec.default_factory())
-        for spec in fields(cls)
-        if spec.default is not MISSING or spec.default_factory is not MISSING
-    )
-    for cls in (BackendReport, FrontendReport)
-}
+_SPARSE = {BackendReport, FrontendReport}
+_REQUIRED = object()  # stands for "no default" among a shape's defaults
 
 
-# Field names by message and entry type, read once: dataclasses.fields() is slow per call.
-_FIELD_NAMES = {
-    cls: tuple(spec.name for spec in fields(cls))
-    for cls in (*_TYPES.values(), *set(_NESTED.values()))
-}
+class _Shape:
+    """How one message or entry type is written and read, worked out once per type: a report
+    carries an entry per backend every second, so per field costs count."""
+
+    __slots__ = ("cls", "names", "values", "defaults", "nested", "kinds", "required")
+
+    def __init__(self, cls: type):
+        specs = fields(cls)
+        self.cls = cls
+        self.names = tuple(spec.name for spec in specs)
+        getter = operator.attrgetter(*self.names) if self.names else None
+        # attrgetter of one name gives the value itself, of several a tuple.
+        self.values = getter if len(self.names) > 1 else lambda value: (getter(value),)
+        self.defaults = (
+            tuple(
+                spec.default
+                if spec.default is not MISSING
+                else spec.default_factory()
+                if spec.default_factory is not MISSING
+                else _REQUIRED
+                for spec in specs
+            )
+            if cls in _SPARSE
+            else None
+        )
+        self.nested = tuple(
+            (spec.name, _NESTED[cls, spec.name]) for spec in specs if (cls, spec.name) in _NESTED
+        )
+        self.kinds = {spec.name: _kind(cls, spec.name) for spec in specs}
+        self.required = tuple(
+            spec.name
+            for spec in specs
+            if spec.default is MISSING and spec.default_factory is MISSING
+        )
+
+
+_INT, _INT_LIST, _COUNT_MAP, _WORKER_COUNTS, _NESTED_LIST, _BOOL, _STR = range(7)
+
+
+def _kind(cls: type, name: str) -> int:
+    if (cls, name) in _NESTED:
+        return _NESTED_LIST
+    if name in _BOOL_FIELDS:
+        return _BOOL
+    if name in _STR_FIELDS:
+        return _STR
+    if name in _INT_LIST_FIELDS:
+        return _INT_LIST
+    if name in _COUNT_MAP_FIELDS:
+        return _COUNT_MAP
+    if name in _WORKER_COUNTS_FIELDS:
+        return _WORKER_COUNTS
+    return _INT
+
+
+_SHAPES = {cls: _Shape(cls) for cls in (*_TYPES.values(), *set(_NESTED.values()))}
 
 
 def table_change(old: Table, new: Table) -> TableChange | None:
@@ -305,16 +360,47 @@ def apply_change(table: Table, change: TableChange) -> Table:
     return Table(change.version, [pools[pool.id] for pool in table.pools])
 
 
-def _plain(value: object) -> object:
-    names = _FIELD_NAMES.get(type(value))
-    if names is None:
-        if type(value) is list and value and type(value[0]) in _FIELD_NAMES:
-            return [_plain(item) for item in value]
-        return value  # a number, a string, a map of numbers, a list of numbers
-    body = {name: _plain(getattr(value, name)) for name in names}
-    for name, default in _SPARSE_DEFAULTS.get(type(value), ()):
-        if body[name] == default:
-            del body[name]
+class PeerCounts:
+    """A worker's sum of what the other workers hold, kept from the counts messages it gets."""
+
+    def __init__(self):
+        self.by_worker: dict[int, dict[int, int]] = {}  # pid -> {backend id: active}
+        self.others: dict[int, int] = {}  # backend id -> the sum over by_worker
+
+    def apply(self, counts: Counts) -> dict[int, int]:
+        """Takes one message; returns the sums of the backends it named (their new others)."""
+        others = self.others
+        named = {}
+        for pid in counts.gone:
+            for backend_id, active in self.by_worker.pop(pid, {}).items():
+                if active:
+                    others[backend_id] -= active
+                    named[backend_id] = others[backend_id]
+        for pid, changes in counts.workers.items():
+            held = self.by_worker.setdefault(pid, {})
+            for backend_id, active in changes.items():
+                before = held.get(backend_id, 0)
+                if active != before:
+                    held[backend_id] = active
+                    others[backend_id] = others.get(backend_id, 0) + active - before
+                named[backend_id] = others.get(backend_id, 0)
+        return named
+
+
+def _plain(value: object) -> dict:
+    """value (a message or entry) as the map that goes on the wire."""
+    shape = _SHAPES[type(value)]
+    values = shape.values(value) if shape.names else ()
+    if shape.defaults is None:
+        body = dict(zip(shape.names, values, strict=True))
+    else:
+        body = {
+            name: item
+            for name, item, default in zip(shape.names, values, shape.defaults, strict=True)
+            if item != default
+        }
+    for name, _ in shape.nested:
+        body[name] = [_plain(item) for item in body[name]]
     return body
 
 
@@ -329,69 +415,60 @@ class _Bad(Exception):
     pass
 
 
-def _plan(cls: type) -> tuple[tuple[str, bool, str, type | None], ...]:
-    """How each field of cls is read: (name, optional, kind, nested entry type)."""
-    plan = []
-    for spec in fields(cls):
-        optional = spec.default is not MISSING or spec.default_factory is not MISSING
-        nested = _NESTED.get((cls, spec.name))
-        if nested is not None:
-            kind = "nested"
-        elif spec.name in _BOOL_FIELDS:
-            kind = "bool"
-        elif spec.name in _STR_FIELDS:
-            kind = "str"
-        elif spec.name in _INT_LIST_FIELDS:
-            kind = "int list"
-        elif spec.name in _COUNT_MAP_FIELDS:
-            kind = "count map"
-        else:
-            kind = "int"
-        plan.append((spec.name, optional, kind, nested))
-    return tuple(plan)
-
-
-_PLANS: dict[type, tuple] = {}
-
-
 def _fill(cls: type, body: object, where: str) -> object:
-    """An instance of cls from a decoded map, checking every field's shape."""
-    if not isinstance(body, dict):
+    """An instance of cls from a decoded map, checking every field's shape (fields it does not
+    know are passed over)."""
+    if type(body) is not dict:
         raise _Bad(f"{where}: not a map")
-    plan = _PLANS.get(cls)
-    if plan is None:
-        plan = _PLANS[cls] = _plan(cls)
+    shape = _SHAPES[cls]
+    kinds = shape.kinds
     kwargs = {}
-    for name, optional, kind, nested in plan:
-        if name not in body:
-            if optional:
-                continue
-            raise _Bad(f"{where}: missing field {name!r}")
-        value = body[name]
-        # msgpack decodes whole numbers as exactly int, true and false as bool.
-        if kind == "int":
+    # msgpack decodes whole numbers as exactly int, true and false as bool.
+    for name, value in body.items():
+        kind = kinds.get(name)
+        if kind is None:
+            continue  # "t", or a field this end does not know
+        if kind == _INT:
             if type(value) is not int:
                 raise _Bad(f"{where}: {name} must be a whole number")
-        elif kind == "int list":
-            if type(value) is not list or not all(type(x) is int for x in value):
+        elif kind == _INT_LIST:
+            if type(value) is not list or not _INT_TYPES.issuperset(map(type, value)):
                 raise _Bad(f"{where}: {name} must be a list of whole numbers")
-        elif kind == "nested":
-            if not isinstance(value, list):
+        elif kind == _NESTED_LIST:
+            if type(value) is not list:
                 raise _Bad(f"{where}: {name} must be a list")
-            inner = f"{where}.{name}"
+            nested, inner = _NESTED[cls, name], f"{where}.{name}"
             value = [_fill(nested, item, inner) for item in value]
-        elif kind == "bool":
-            if not isinstance(value, bool):
+        elif kind == _BOOL:
+            if type(value) is not bool:
                 raise _Bad(f"{where}: {name} must be true or false")
-        elif kind == "str":
-            if not isinstance(value, str):
+        elif kind == _STR:
+            if type(value) is not str:
                 raise _Bad(f"{where}: {name} must be a string")
+        elif kind == _COUNT_MAP:
+            if not _is_count_map(value):
+                raise _Bad(f"{where}: {name} must map backend ids to counts")
         elif type(value) is not dict or not all(
-            type(k) is int and type(v) is int for k, v in value.items()
+            type(pid) is int and _is_count_map(counts) for pid, counts in value.items()
         ):
-            raise _Bad(f"{where}: {name} must map backend ids to counts")
+            raise _Bad(f"{where}: {name} must map worker pids to maps of backend ids to counts")
         kwargs[name] = value
+    for name in shape.required:
+        if name not in kwargs:
+            raise _Bad(f"{where}: missing field {name!r}")
     return cls(**kwargs)
+
+
+def _is_count_map(value: object) -> bool:
+    # Sets of the types, built in C: a count map carries an entry per changed backend.
+    return (
+        type(value) is dict
+        and _INT_TYPES.issuperset(map(type, value))
+        and (_INT_TYPES.issuperset(map(type, value.values())))
+    )
+
+
+_INT_TYPES = frozenset({int})
 
 
 def _build(body: object) -> Message | Invalid:

@@ -8,7 +8,8 @@ health checks and the stats server. Each turn of the loop (:meth:`Arbiter.run`):
 2. handles the queued signals by name: ``handle_term``, ``handle_int``, ``handle_hup``,
    ``handle_chld``;
 3. does the housekeeping: reaps dead workers, spawns missing ones, starts due health checks,
-   sends a new backend table if health changed and the global connection counts if they changed.
+   sends a new backend table if health changed, and passes on the count changes the workers
+   reported to the other workers.
 
 The live state is ``self.workers``, ``{pid: WorkerHandle}``, ``self.pools`` (one
 :class:`PoolState` per pool, its place being its id) and ``self.backends``, ``{backend id:
@@ -21,6 +22,7 @@ not boot (respawning it would only loop).
 from __future__ import annotations
 
 import fcntl
+import gc
 import heapq
 import logging
 import os
@@ -105,7 +107,7 @@ class WorkerHandle:
     ready: bool = False  # it said hello: it is accepting
     active: dict[int, int] = field(default_factory=dict)  # backend id -> its open connections
     frontend_active: dict[str, int] = field(default_factory=dict)  # frontend -> connections
-    others_sent: dict[int, int] = field(default_factory=dict)  # the counts it was last sent
+    counts_whole: bool = False  # its next counts carry every other worker's whole map
     table_sent: msg.Table | None = None  # the last table it was sent (changes apply to it)
 
 
@@ -249,11 +251,13 @@ class Arbiter:
         self.access_log_dropped = 0  # records the workers' access logs lost
         self.worker_restarts = 0  # workers that died and were replaced (not drained)
         self.reloads = {"applied": 0, "failed": 0}
-        self.counts_changed = False  # every backend's counts may have changed
-        self.changed_counts: set[int] = set()  # backend ids whose counts reports changed
+        self.counts_changed = False  # every worker is sent the others' whole maps
+        # What each worker's reports changed since the last publish, by its pid; and the pids
+        # of the workers that exited since: both passed on to the other workers as they are.
+        self.counts_pending: dict[int, dict[int, int]] = {}
+        self.counts_gone: list[int] = []
         # Open connections by backend id, all workers together, kept as the reports come: a
         # report costs what it carries, not what every worker holds.
-        self.active_total: dict[int, int] = {}
         self.counts_since_us = 0  # the oldest change behind them (Report.counts_since_us)
         # Counts applied by the workers, by how long after the change (STALENESS_BOUNDS_MS).
         self.count_staleness = [0] * (len(msg.STALENESS_BOUNDS_MS) + 1)
@@ -313,6 +317,9 @@ class Arbiter:
         if self.control:
             log.info("control socket on %s", self.control.path)
         self.warn_unusable_pools()
+        # The state built so far (every backend's) lives as long as the process: left out of
+        # garbage collection, which the reports' many short-lived objects would run over it.
+        gc.freeze()
         try:
             while self.exit_code is None:
                 self.sleep()
@@ -935,11 +942,15 @@ class Arbiter:
                 msg.PROTOCOL_VERSION,
             )
         worker.ready = True
-        self.counts_changed = True  # its first counts: every backend's
+        worker.counts_whole = True  # its first counts: every backend's
         log.info("worker %d (pid %d) is accepting", worker.worker_id, worker.pid)
 
     def handle_report(self, worker: WorkerHandle, report: msg.Report) -> None:
-        for entry in report.backends:
+        # Failures count against the table they were seen with only: a report against an
+        # older one may predate the last change.
+        current = report.table == self.table_version
+        failing = []
+        for entry in report.backends:  # one per backend every second: kept to one pass
             backend = self.backends.get(entry.id)
             if backend is None:
                 continue  # removed by a reload: its connections count nowhere now
@@ -947,18 +958,24 @@ class Arbiter:
             backend.failed += entry.failed
             backend.up_bytes += entry.up_bytes
             backend.down_bytes += entry.down_bytes
-            _add(backend.connect_ms, entry.connect_ms)
+            if entry.connect_ms:
+                _add(backend.connect_ms, entry.connect_ms)
             backend.connect_ms_sum += entry.connect_ms_sum
-            _add(backend.duration_ms, entry.duration_ms)
+            if entry.duration_ms:
+                _add(backend.duration_ms, entry.duration_ms)
             backend.duration_ms_sum += entry.duration_ms_sum
             self.set_active(worker, entry.id, entry.active)
-        active, totals, changed = worker.active, self.active_total, self.changed_counts
-        for backend_id, count in report.counts.items():  # one per count change: kept inline
-            before = active.get(backend_id, 0)
-            if before != count and backend_id in self.backends:
-                active[backend_id] = count
-                totals[backend_id] = totals.get(backend_id, 0) + count - before
-                changed.add(backend_id)
+            if current and backend.failures.report(entry.failed, entry.succeeded, entry.streak):
+                failing.append(backend)
+        if report.counts:
+            # One entry per count change: taken whole, with no per-entry step here. Ids no
+            # longer in the tables are passed on too, and the workers' tables lack them.
+            worker.active.update(report.counts)
+            pending = self.counts_pending.get(worker.pid)
+            if pending is None:
+                self.counts_pending[worker.pid] = report.counts
+            else:
+                pending.update(report.counts)
         specs = worker.generation.config.frontends
         by_name = {frontend.spec.name: frontend for frontend in self.frontends}
         for entry in report.frontends:
@@ -982,21 +999,16 @@ class Arbiter:
             not self.counts_since_us or report.counts_since_us < self.counts_since_us
         ):
             self.counts_since_us = report.counts_since_us
-        if report.table != self.table_version:
-            return  # counted against an older table: its failures may predate the last change
-        for entry in report.backends:
-            backend = self.backends.get(entry.id)
-            if backend is None:
-                continue
-            reached = backend.failures.report(entry.failed, entry.succeeded, entry.streak)
-            if reached and backend.up:
+        for backend in failing:
+            if backend.up:
                 self.mark_down(backend, f"{backend.failures.count} connects failed in a row")
 
     def send(self, worker: WorkerHandle, message: msg.Message) -> None:
         if not worker.connected:
             return
         if isinstance(message, msg.Counts) and len(worker.outgoing) > MAX_PENDING:
-            return  # the worker is not reading; newer counts will replace these anyway
+            worker.counts_whole = True  # the worker is not reading: whole maps when it does
+            return
         self.send_encoded(worker, msg.encode(message))
 
     def send_encoded(self, worker: WorkerHandle, data: bytes) -> None:
@@ -1021,11 +1033,9 @@ class Arbiter:
 
     def set_active(self, worker: WorkerHandle, backend_id: int, count: int) -> None:
         """A worker's open connections to a backend (that is in self.backends)."""
-        before = worker.active.get(backend_id, 0)
-        if before != count:
+        if worker.active.get(backend_id, 0) != count:
             worker.active[backend_id] = count
-            self.active_total[backend_id] = self.active_total.get(backend_id, 0) + count - before
-            self.changed_counts.add(backend_id)
+            self.counts_pending.setdefault(worker.pid, {})[backend_id] = count
 
     def disconnect(self, worker: WorkerHandle) -> None:
         """Closes the control socket of a worker that exited or is about to."""
@@ -1036,10 +1046,9 @@ class Arbiter:
         self.selector.unregister(worker.control)
         worker.control.close()
         worker.outgoing.clear()
-        for backend_id, count in worker.active.items():
-            if count and backend_id in self.active_total:
-                self.active_total[backend_id] -= count
-                self.changed_counts.add(backend_id)
+        self.counts_pending.pop(worker.pid, None)
+        if any(worker.active.values()):
+            self.counts_gone.append(worker.pid)
         worker.active = {}
         worker.frontend_active = {}
 
@@ -1083,31 +1092,33 @@ class Arbiter:
                 worker.table_sent = table
             for number in [n for n in self.table_cache if n not in tables]:
                 del self.table_cache[number]  # a generation that drains gets no more tables
-        if self.counts_changed:
-            totals = self.active_totals()
-        elif self.changed_counts:
-            # Only the backends the reports changed: proportional to them, not to all backends.
-            totals = {
-                backend_id: self.active_total.get(backend_id, 0)
-                for backend_id in self.changed_counts
-                if backend_id in self.backends
-            }
-        else:
-            return
-        self.counts_changed = False
-        self.changed_counts.clear()
+        self.publish_counts()
+
+    def publish_counts(self) -> None:
+        """Passes each worker's count changes on to the other workers, as they came: the sums
+        are theirs to make (msg.PeerCounts)."""
+        whole = self.counts_changed
+        if not (self.counts_pending or self.counts_gone or whole):
+            if not any(worker.counts_whole for worker in self.workers.values()):
+                return
+        pending, self.counts_pending = self.counts_pending, {}
+        gone, self.counts_gone = self.counts_gone, []
         since, self.counts_since_us = self.counts_since_us, 0
+        self.counts_changed = False
         for worker in self.workers.values():
-            changed = {}
-            for backend_id, total in totals.items():
-                others = total - worker.active.get(backend_id, 0)
-                if worker.others_sent.get(backend_id, 0) != others:
-                    changed[backend_id] = others
-            if changed:
-                worker.others_sent.update(changed)
+            if whole or worker.counts_whole:
+                worker.counts_whole = False
+                workers = {
+                    other.pid: other.active
+                    for other in self.workers.values()
+                    if other is not worker and other.active
+                }
+            else:
+                workers = {pid: counts for pid, counts in pending.items() if pid != worker.pid}
+            if workers or gone:
                 self.send(
                     worker,
-                    msg.Counts(table=self.table_version, others=changed, counts_since_us=since),
+                    msg.Counts(self.table_version, workers, gone, counts_since_us=since),
                 )
 
     def entries_changed(self, backends) -> None:
@@ -1171,8 +1182,14 @@ class Arbiter:
         return table
 
     def active_totals(self) -> dict[int, int]:
-        """Open connections by backend id, all workers together."""
-        return {backend_id: self.active_total.get(backend_id, 0) for backend_id in self.backends}
+        """Open connections by backend id, all workers together (summed when asked: the
+        reports that change them come up to once a millisecond per worker)."""
+        totals = dict.fromkeys(self.backends, 0)
+        for worker in self.workers.values():
+            for backend_id, count in worker.active.items():
+                if count and backend_id in totals:
+                    totals[backend_id] += count
+        return totals
 
     # ---- health ---------------------------------------------------------------------------------
 
@@ -1221,10 +1238,8 @@ class Arbiter:
         for backend in old.values():
             if backend.id not in kept:
                 del self.backends[backend.id]
-                self.active_total.pop(backend.id, None)
                 for worker in self.workers.values():
                     worker.active.pop(backend.id, None)
-                    worker.others_sent.pop(backend.id, None)
         self.all_entries_changed()
         self.counts_changed = True
         stayed = sum(1 for spec in specs if spec.address in old)
@@ -1709,7 +1724,7 @@ class Arbiter:
 
 
 def _add(totals: list[int], deltas: list[int]) -> None:
-    for i, delta in enumerate(deltas[: len(totals)]):
+    for i, delta in zip(range(len(totals)), deltas, strict=False):  # extra buckets: dropped
         totals[i] += delta
 
 
