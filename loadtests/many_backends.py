@@ -3,9 +3,10 @@
 One nginx process serves N loopback ports. For each algorithm and round, fastlb runs twice, in
 front of the first 2 ports and in front of all N, and wrk opens a new connection per request
 through it; the figure is the CPU time of all fastlb's processes (supervisor and workers) per
-connection, and the headline the ratio N / 2 (target: at most 1.05): the median over the rounds
-of each round's ratio, as the two runs of a round come one right after the other (in turns the
-one with N first), so that a spell of load from elsewhere falls on both or on neither.
+connection, and the headline the ratio N / 2 (target: at most 1.05). Both run at once, idle in
+turns: each round starts the pair and drives them in 1 s slices, one size then the other (in
+turns the one with N first), ``--duration`` pairs of slices a round; the ratio is the median of
+the pairs' ratios, so that a spell of load from elsewhere falls on both of a pair or on neither.
 
 On loopback the connecting side itself pays more with N listening ports (the kernel's port
 lookups), and fastlb connects to a backend for every client. A plain client measures that: it
@@ -16,6 +17,7 @@ time per connection, so the part of the ratio the kernel takes is known.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shlex
 import socket
@@ -30,7 +32,6 @@ from harness import (
     LOOPBACK,
     HarnessError,
     Processes,
-    cpu_seconds,
     fastlb_command,
     free_port,
     run_wrk,
@@ -42,6 +43,7 @@ from harness import (
 PLAIN_CONNECTIONS = 3000  # per measurement of the plain client
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 TARGET_RATIO = 1.05
+SLICE_S = 1  # each round's runs go in slices this long, the two sizes in turns
 
 
 def algorithm_names() -> list[str]:
@@ -69,38 +71,63 @@ def plain_client_cpu(ports: list[int], connections: int) -> float:
     return used / connections * 1e6
 
 
-def measure_fastlb(
-    procs: Processes, tmp: Path, ports: list[int], algorithm: str, args, script: Path
-) -> dict:
-    port = free_port()
+def run_time(pids: list[int]) -> dict[int, float]:
+    """Seconds each process has run on a CPU, all its threads together, to the nanosecond
+    (/proc/PID/task/TID/schedstat): the clock ticks of cpu_times() are 10 ms, as much as a
+    supervisor spends in a slice."""
+    times = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        total = 0
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that ended: its time is in no file any more
+        times[pid] = total / 1e9
+    return times
+
+
+def start_pair(procs: Processes, sizes: dict, algorithm: str, args, script: Path) -> dict:
+    """A started, warmed fastlb in front of each set of ports: {size: (running, url)}."""
     extra = ["--algorithm", algorithm, *shlex.split(args.fastlb_args)]
-    running = start_fastlb(procs, port, ports, args.workers, extra_args=extra)
-    try:
+    started = {}
+    for size, ports in sizes.items():
+        port = free_port()
+        running = start_fastlb(procs, port, ports, args.workers, extra_args=extra)
         url = f"http://{LOOPBACK}:{port}/"
+        started[size] = (running, url)
         if args.warmup > 0:
             warm = wrk_command(url, args.warmup, args.connections, args.threads, script, True)
             run_wrk(warm, timeout=args.warmup + 30)
-        cmd = wrk_command(url, args.duration, args.connections, args.threads, script, True)
-        pids = running.refresh_pids()
-        before = cpu_seconds(pids)
-        result = run_wrk(cmd, timeout=args.duration + 60)
-        after = cpu_seconds(running.refresh_pids())
-        if running.proc.poll() is not None or not result.requests or result.errors:
-            raise HarnessError(
-                f"fastlb {algorithm} with {len(ports)} backends: exit {running.proc.poll()}, "
-                f"{result.requests} requests, errors {result.errors}"
-            )
-        cpu = sum(t - before.get(pid, 0.0) for pid, t in after.items())
-        main = running.proc.pid
-        return {
-            "connections_per_s": result.requests_per_s,
-            "cpu_us_per_connection": cpu / result.requests * 1e6,
-            "supervisor_us_per_connection": (after.get(main, 0.0) - before.get(main, 0.0))
-            / result.requests
-            * 1e6,
-        }
-    finally:
-        procs.stop(running.proc)
+    return started
+
+
+def measure_slice(running, url: str, algorithm: str, size: int, args, script: Path) -> dict:
+    """One SLICE_S run of wrk through one of the pair: its CPU per connection."""
+    cmd = wrk_command(url, SLICE_S, args.connections, args.threads, script, True)
+    pids = running.refresh_pids()
+    before = run_time(pids)
+    result = run_wrk(cmd, timeout=SLICE_S + 60)
+    after = run_time(running.refresh_pids())
+    if running.proc.poll() is not None or not result.requests or result.errors:
+        raise HarnessError(
+            f"fastlb {algorithm} with {size} backends: exit {running.proc.poll()}, "
+            f"{result.requests} requests, errors {result.errors}"
+        )
+    cpu = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+    main = running.proc.pid
+    return {
+        "connections_per_s": result.requests_per_s,
+        "cpu_us_per_connection": cpu / result.requests * 1e6,
+        "supervisor_us_per_connection": (after.get(main, 0.0) - before.get(main, 0.0))
+        / result.requests
+        * 1e6,
+    }
 
 
 def run(args, console) -> int:
@@ -126,16 +153,27 @@ def run(args, console) -> int:
                 plain.append({"round": number, "ports": size, "cpu_us_per_connection": cpu})
                 console.print(f"  round {number} plain client, {size:>5} ports: {cpu:6.1f} µs")
             for algorithm in algorithms:
-                for size in sizes:
-                    run = measure_fastlb(procs, tmp, backends.ports[:size], algorithm, args, script)
-                    run.update(round=number, algorithm=algorithm, backends=size)
-                    runs.append(run)
-                    console.print(
-                        f"  round {number} {algorithm:<11} {size:>5} backends "
-                        f"{run['connections_per_s']:>9,.0f} conn/s "
-                        f"{run['cpu_us_per_connection']:6.1f} µs CPU/conn "
-                        f"(supervisor {run['supervisor_us_per_connection']:.2f})"
-                    )
+                pair = start_pair(
+                    procs, {size: backends.ports[:size] for size in sizes}, algorithm, args, script
+                )
+                try:
+                    for slice_number in range(max(1, args.duration // SLICE_S)):
+                        for size in sizes if slice_number % 2 == 0 else sizes[::-1]:
+                            run = measure_slice(*pair[size], algorithm, size, args, script)
+                            # paired() pairs the two sizes of one slice pair
+                            run.update(
+                                round=(number, slice_number), algorithm=algorithm, backends=size
+                            )
+                            runs.append(run)
+                            console.print(
+                                f"  round {number}.{slice_number} {algorithm:<11} {size:>5} "
+                                f"backends {run['connections_per_s']:>9,.0f} conn/s "
+                                f"{run['cpu_us_per_connection']:6.1f} µs CPU/conn "
+                                f"(supervisor {run['supervisor_us_per_connection']:.2f})"
+                            )
+                finally:
+                    for running, _ in pair.values():
+                        procs.stop(running.proc)
     client = {
         size: statistics.median(p["cpu_us_per_connection"] for p in plain if p["ports"] == size)
         for size in (2, count)
@@ -209,7 +247,7 @@ def print_table(console, rows: list[dict], count: int, client: dict, extra: floa
 
     table = Table(
         title=f"CPU per new connection, {count} backends against 2 "
-        "(medians; the ratios are the median of each round's)"
+        "(medians; each ratio is the median of the slice pairs')"
     )
     for column in (
         "algorithm",
