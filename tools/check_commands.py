@@ -68,7 +68,7 @@ class Check:
     inside: str | None = None
 
 
-MANY_BACKENDS_LINE = r"round 1 +\w+ +\d+ backends +[\d,.]+ conn/s"
+MANY_BACKENDS_LINE = r"round 1\.0 +\w+ +\d+ backends +[\d,.]+ conn/s"
 SCALE_LINE = r"fastlb +x1 +keepalive +[\d,.]+ req/s"
 RESULT_LINE = r"round 1 \w[\w-]* +\w+ +[\d,.]+ "  # compare.py's first measurement
 

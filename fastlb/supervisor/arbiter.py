@@ -256,8 +256,6 @@ class Arbiter:
         # of the workers that exited since: both passed on to the other workers as they are.
         self.counts_pending: dict[int, dict[int, int]] = {}
         self.counts_gone: list[int] = []
-        # Open connections by backend id, all workers together, kept as the reports come: a
-        # report costs what it carries, not what every worker holds.
         self.counts_since_us = 0  # the oldest change behind them (Report.counts_since_us)
         # Counts applied by the workers, by how long after the change (STALENESS_BOUNDS_MS).
         self.count_staleness = [0] * (len(msg.STALENESS_BOUNDS_MS) + 1)
