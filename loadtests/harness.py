@@ -728,7 +728,22 @@ def write_wrk_script(tmp: Path, delay: bool, loopback: bool = False) -> Path:
 
 
 def run_wrk(cmd: list[str], timeout: float) -> WrkResult:
-    return wrk_result(subprocess.run(cmd, capture_output=True, text=True, timeout=timeout), cmd)
+    """Runs wrk to the end. A Ctrl-C that comes while wrk starts would otherwise interrupt the
+    start after the fork, before anything holds the process to kill it (and a wrk forked just
+    after the signal never got it): SIGINT waits while wrk starts, wrk runs with it blocked, and
+    whatever interrupts the wait kills wrk."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    try:
+        stdout, stderr = wrk.communicate(timeout=timeout)
+    except BaseException:
+        wrk.kill()
+        wrk.wait()
+        raise
+    return wrk_result(subprocess.CompletedProcess(cmd, wrk.returncode, stdout, stderr), cmd)
 
 
 def wrk_result(done: subprocess.CompletedProcess, cmd: list[str]) -> WrkResult:
