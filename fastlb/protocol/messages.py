@@ -252,11 +252,10 @@ class _Shape:
     """How one message or entry type is written and read, worked out once per type: a report
     carries an entry per backend every second, so per field costs count."""
 
-    __slots__ = ("cls", "names", "values", "defaults", "nested", "kinds", "required")
+    __slots__ = ("names", "values", "defaults", "nested", "kinds", "required")
 
     def __init__(self, cls: type):
         specs = fields(cls)
-        self.cls = cls
         self.names = tuple(spec.name for spec in specs)
         getter = operator.attrgetter(*self.names) if self.names else None
         # attrgetter of one name gives the value itself, of several a tuple.
@@ -464,7 +463,7 @@ def _is_count_map(value: object) -> bool:
     return (
         type(value) is dict
         and _INT_TYPES.issuperset(map(type, value))
-        and (_INT_TYPES.issuperset(map(type, value.values())))
+        and _INT_TYPES.issuperset(map(type, value.values()))
     )
 
 

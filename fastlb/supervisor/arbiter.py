@@ -1096,9 +1096,13 @@ class Arbiter:
         """Passes each worker's count changes on to the other workers, as they came: the sums
         are theirs to make (msg.PeerCounts)."""
         whole = self.counts_changed
-        if not (self.counts_pending or self.counts_gone or whole):
-            if not any(worker.counts_whole for worker in self.workers.values()):
-                return
+        if not (
+            self.counts_pending
+            or self.counts_gone
+            or whole
+            or any(worker.counts_whole for worker in self.workers.values())
+        ):
+            return
         pending, self.counts_pending = self.counts_pending, {}
         gone, self.counts_gone = self.counts_gone, []
         since, self.counts_since_us = self.counts_since_us, 0
