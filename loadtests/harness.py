@@ -731,18 +731,21 @@ def run_wrk(cmd: list[str], timeout: float) -> WrkResult:
     """Runs wrk to the end. A Ctrl-C that comes while wrk starts would otherwise interrupt the
     start after the fork, before anything holds the process to kill it (and a wrk forked just
     after the signal never got it): SIGINT waits while wrk starts, wrk runs with it blocked, and
-    whatever interrupts the wait kills wrk."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    whatever interrupts the rest kills wrk. The mask is restored inside the try, as a Ctrl-C
+    held meanwhile is raised the moment it is."""
+    wrk = None
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         stdout, stderr = wrk.communicate(timeout=timeout)
     except BaseException:
-        wrk.kill()
-        wrk.wait()
+        if wrk is not None:
+            wrk.kill()
+            wrk.wait()
         raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return wrk_result(subprocess.CompletedProcess(cmd, wrk.returncode, stdout, stderr), cmd)
 
 

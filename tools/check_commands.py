@@ -386,6 +386,9 @@ class Run:
             if time.monotonic() > deadline:
                 break
             self.read(0.5)
+        # What it started may still be ending (or be an orphan) when the command itself is gone.
+        while any(alive(pid) for pid in self.seen) and time.monotonic() < deadline:
+            time.sleep(0.1)
         left = sorted(pid for pid in self.seen | {self.process.pid} if alive(pid))
         named = [f"{pid} ({command_line(pid)})" for pid in left]
         for pid in left:
