@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,3 +59,39 @@ def test_detection_starts_fastlb_through_the_harness(cwd):
     (row,) = [line for line in output.splitlines() if "│ closes" in line]
     cells = [cell.strip() for cell in row.split("│")[1:-1]]
     assert cells[4] == "0", row  # not detected: none
+
+
+STARTS_WRK_SLOWLY = """
+import subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import harness
+
+class SlowStart(subprocess.Popen):  # the start takes a second, so Ctrl-C lands in it
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        print(self.pid, flush=True)
+        time.sleep(1)
+
+harness.subprocess.Popen = SlowStart
+harness.run_wrk(["wrk", "-t1", "-c1", "-d30s", f"http://127.0.0.1:{sys.argv[2]}/"], 60)
+"""
+
+
+def test_ctrl_c_while_wrk_starts_leaves_no_wrk_running():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        starter = subprocess.Popen(
+            [sys.executable, "-c", STARTS_WRK_SLOWLY, str(LOADTESTS), str(port)],
+            stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        wrk = None
+        try:
+            wrk = psutil.Process(int(starter.stdout.readline()))
+            os.killpg(starter.pid, signal.SIGINT)  # Ctrl-C: to the whole process group
+            assert starter.wait(timeout=30) != 0
+            wrk.wait(timeout=5)  # raises psutil.TimeoutExpired if it was left running
+        finally:
+            starter.kill()
+            starter.wait()
+            if wrk is not None and wrk.is_running():
+                wrk.kill()
