@@ -342,7 +342,7 @@ class WorkerProcess:
         self.send(
             msg.Report(
                 table=version,
-                backends=[msg.BackendReport(*row) for row in backends],
+                backends=msg.BackendStats.of(backends),
                 frontends=[msg.FrontendReport(*row) for row in frontends],
                 counts=counts,
                 log_dropped=self.log_dropped if stats else 0,

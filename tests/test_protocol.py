@@ -18,27 +18,45 @@ from fastlb.protocol import messages as msg
 from fastlb.supervisor.arbiter import Arbiter, WorkerHandle
 from fastlb.supervisor.sockets import Sockets
 
+
+def backend_row(
+    backend_id, active, new=0, up_bytes=0, down_bytes=0, failed=0, succeeded=0, streak=0,
+    connect_ms=(), connect_ms_sum=0, duration_ms=(), duration_ms_sum=0,
+) -> tuple:  # fmt: skip
+    """A row of BackendStats, as the data plane's report gives it."""
+    return (
+        backend_id, active, new, up_bytes, down_bytes, failed, succeeded, streak,
+        list(connect_ms), connect_ms_sum, list(duration_ms), duration_ms_sum,
+    )  # fmt: skip
+
+
+NO_BACKENDS = {name: [] for name in msg.BackendStats.__dataclass_fields__}
+
 EXAMPLES = [
     msg.Hello(worker=3, pid=4242),
     msg.Report(
         table=7,
-        backends=[
-            msg.BackendReport(0, active=1, new=2, up_bytes=100, down_bytes=5, succeeded=2),
-            msg.BackendReport(3, active=0, failed=3, streak=3),
-            msg.BackendReport(17, active=5, new=9, up_bytes=1 << 40, down_bytes=123456),
-        ],
+        backends=msg.BackendStats.of(
+            [
+                backend_row(0, active=1, new=2, up_bytes=100, down_bytes=5, succeeded=2),
+                backend_row(3, active=0, failed=3, streak=3),
+                backend_row(
+                    17, active=5, new=9, up_bytes=1 << 40, down_bytes=123456, connect_ms=[0, 9]
+                ),
+            ]
+        ),
         frontends=[msg.FrontendReport(0, active=6, accepted=11, ended=[0, 9, 1, 0, 0, 1])],
     ),
-    msg.Report(table=1, backends=[], frontends=[]),
+    msg.Report(table=1, backends=msg.BackendStats(), frontends=[]),
     msg.Report(
         table=3,
-        backends=[],
+        backends=msg.BackendStats(),
         frontends=[],
         udp=[msg.UdpReport(1, flows=4, created=9, datagrams_in=12, bytes_in=900, dropped=[0, 2])],
     ),
     msg.Report(
         table=2,
-        backends=[],
+        backends=msg.BackendStats(),
         frontends=[],
         counts={4: 1, 9: 0},
         counts_since_us=123_456_789,
@@ -111,7 +129,18 @@ counts = st.dictionaries(ident, number, max_size=8)
 
 @given(
     table=ident,
-    backends=st.lists(st.builds(msg.BackendReport, ident, *[number] * 7), max_size=8),
+    backends=st.lists(
+        st.builds(
+            backend_row,
+            ident,
+            *[number] * 7,
+            st.lists(number, max_size=13),
+            number,
+            st.lists(number, max_size=13),
+            number,
+        ),  # fmt: skip
+        max_size=8,
+    ).map(msg.BackendStats.of),
     frontends=st.lists(
         st.builds(msg.FrontendReport, ident, number, number, st.lists(number, max_size=11)),
         max_size=4,
@@ -211,18 +240,40 @@ def test_a_flap_of_one_of_1000_backends_is_a_change_of_one_entry():
             "up must be true or false",
         ),
         (raw(t="table", version=1, pools=5), "pools must be a list"),
-        (raw(t="report", table=1, backends=[{"active": 1}], frontends=[]), "missing field 'id'"),
+        (raw(t="report", table=1, backends=[], frontends=[]), "report.backends: not a map"),
         (
-            raw(t="report", table=1, backends=[{"id": 1, "active": 1, "new": 1.5}], frontends=[]),
-            "new must be a whole number",
+            raw(t="report", table=1, backends={**NO_BACKENDS, "id": None}, frontends=[]),
+            "report.backends: id must be a list",
         ),
         (
-            raw(t="report", table=1, backends=[], frontends=[],
+            raw(t="report", table=1, backends={"id": [1], "active": [1]}, frontends=[]),
+            "report.backends: missing 'new'",
+        ),
+        (
+            raw(t="report", table=1, backends={**NO_BACKENDS, "new": [1.5]}, frontends=[]),
+            "new must be a list of whole numbers",
+        ),
+        (
+            raw(t="report", table=1, backends={**NO_BACKENDS, "connect_ms": [1]}, frontends=[]),
+            "connect_ms must be a list of lists of whole numbers",
+        ),
+        (
+            raw(t="report", table=1, backends={**NO_BACKENDS, "duration_ms": [[1, "x"]]},
+                frontends=[]),
+            "duration_ms must be a list of lists of whole numbers",
+        ),
+        (
+            raw(t="report", table=1, backends={**NO_BACKENDS, "id": [1, 2], "active": [1]},
+                frontends=[]),
+            "active has 1 rows where id has 2",
+        ),
+        (
+            raw(t="report", table=1, backends=NO_BACKENDS, frontends=[],
                 udp=[{"id": 0, "flows": 1, "dropped": [1, "x"]}]),
             "dropped must be a list of whole numbers",
         ),
         (
-            raw(t="report", table=1, backends=[], frontends=[], counts={1: "x"}),
+            raw(t="report", table=1, backends=NO_BACKENDS, frontends=[], counts={1: "x"}),
             "counts must map backend ids to counts",
         ),
         (msgpack.packb([1, 2, 3]), "not a map"),
@@ -310,10 +361,10 @@ def report(table=1, active=(0, 0), new=(0, 0), failed=(0, 0), succeeded=(0, 0), 
     """A report on the two backends of the supervisor fixture (ids 0 and 1), by position."""
     return msg.Report(
         table,
-        [
-            msg.BackendReport(i, active[i], new[i], 0, 0, failed[i], succeeded[i], streak[i])
+        msg.BackendStats.of(
+            backend_row(i, active[i], new[i], 0, 0, failed[i], succeeded[i], streak[i])
             for i in range(2)
-        ],
+        ),
         [],
     )
 
@@ -344,7 +395,7 @@ def test_the_supervisor_ignores_bad_bytes_and_keeps_reading(supervisor, caplog):
     deliver(arbiter, workers[0], peers[0], msg.encode(report(new=(4, 0), active=(2, 0))))
     assert arbiter.backends[0].connections == 4
     assert workers[0].active == {0: 2}
-    unknown = msg.Report(1, [msg.BackendReport(99, active=1, new=1, failed=5)], [])
+    unknown = msg.Report(1, msg.BackendStats.of([backend_row(99, active=1, new=1, failed=5)]), [])
     deliver(arbiter, workers[0], peers[0], msg.encode(unknown))
     assert arbiter.backends[0].connections == 4 and 99 not in workers[0].active
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -386,14 +437,18 @@ def test_a_worker_that_says_hello_is_sent_the_others_whole_counts(supervisor):
 
 def test_count_maps_reach_the_other_workers_with_the_time_of_the_change(supervisor):
     arbiter, workers, peers = supervisor
-    changed = msg.Report(table=1, backends=[], frontends=[], counts={1: 2}, counts_since_us=777)
+    changed = msg.Report(
+        table=1, backends=msg.BackendStats(), frontends=[], counts={1: 2}, counts_since_us=777
+    )
     deliver(arbiter, workers[0], peers[0], msg.encode(changed))
     arbiter.publish()
     assert received(peers[1]) == [
         msg.Counts(table=1, workers={workers[0].pid: {1: 2}}, counts_since_us=777)
     ]
     assert received(peers[0]) == []  # what the others hold did not change
-    stale = msg.Report(table=1, backends=[], frontends=[], count_staleness=[0, 0, 2])
+    stale = msg.Report(
+        table=1, backends=msg.BackendStats(), frontends=[], count_staleness=[0, 0, 2]
+    )
     deliver(arbiter, workers[1], peers[1], msg.encode(stale))
     assert arbiter.snapshot()["count_staleness_ms"]["counts"][:3] == [0, 0, 2]
 
@@ -494,7 +549,7 @@ def test_totals_and_each_workers_sums_equal_what_the_workers_reported(supervisor
         worker = rng.choice(workers)
         if rng.random() < 0.5:
             counts = {rng.randrange(3): rng.randrange(5) for _ in range(rng.randrange(1, 3))}
-            message = msg.Report(table=1, backends=[], frontends=[], counts=counts)
+            message = msg.Report(table=1, backends=msg.BackendStats(), frontends=[], counts=counts)
         else:
             message = report(active=(rng.randrange(5), rng.randrange(5)))
         deliver(arbiter, worker, peers[workers.index(worker)], msg.encode(message))

@@ -6,7 +6,7 @@ length prefix and a reader feeds whatever bytes arrived into a :class:`Decoder`.
 
 Every map carries ``"t"``, its type. Backends, pools and frontends are named by the ids the
 supervisor gives them (stable across reloads), never by their place in a list; per-backend and
-per-frontend entries are maps with named fields.
+per-frontend entries are maps with named fields, or for a report's backends named columns.
 
 worker -> supervisor
   ``hello``   ``{t, v, worker, pid}``: first message; ``v`` is :data:`PROTOCOL_VERSION`.
@@ -17,8 +17,10 @@ worker -> supervisor
               active}`` for the backends whose only change is their count (a map: a report
               every millisecond costs little per backend). ``table`` is the version the worker
               holds.
-              ``backends``: ``[{id, active, new, up_bytes, down_bytes, failed, succeeded,
-              streak}]`` for each backend whose counters moved: ``active`` is this worker's open
+              ``backends``: ``{id, active, new, up_bytes, down_bytes, failed, succeeded,
+              streak, connect_ms, connect_ms_sum, duration_ms, duration_ms_sum}``, a column
+              (a list, all equally long) per field and a row for each backend whose counters
+              moved (:class:`BackendStats`): ``active`` is this worker's open
               connections to it (absolute); ``new``, ``up_bytes`` (client -> backend),
               ``down_bytes``, ``failed`` and ``succeeded`` (connect attempts) are deltas;
               ``streak`` is the run of consecutive connect failures this worker has seen on it,
@@ -64,12 +66,13 @@ supervisor -> worker
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import MISSING, dataclass, field, fields
 
 import msgpack
 
-PROTOCOL_VERSION = 4  # 3: table-change; 4: counts by worker
+PROTOCOL_VERSION = 5  # 3: table-change; 4: counts by worker; 5: backends in columns
 
 # The upper bounds (ms) of the data plane's histogram buckets, the last bucket being +Inf: how
 # long a connect took, and how long a connection lasted. ext/_dataplane.pyx holds the same.
@@ -86,22 +89,38 @@ class Hello:
     v: int = PROTOCOL_VERSION
 
 
-# Not frozen: a report carries one per backend every second, and a frozen dataclass takes
-# several times as long to build.
 @dataclass(slots=True)
-class BackendReport:
-    id: int
-    active: int
-    new: int = 0
-    up_bytes: int = 0
-    down_bytes: int = 0
-    failed: int = 0
-    succeeded: int = 0
-    streak: int = 0
-    connect_ms: list[int] = field(default_factory=list)  # histogram counts by bucket
-    connect_ms_sum: int = 0
-    duration_ms: list[int] = field(default_factory=list)
-    duration_ms_sum: int = 0
+class BackendStats:
+    """A report's per-backend counters, a column per field: row i of every column is one
+    backend's. Columns, as a report lists every backend once a second: 1,000 maps with a dozen
+    named fields each cost several µs apiece to write, read and check; lists of numbers cost
+    tens of ns a number (msgpack and the checks run in C)."""
+
+    id: list[int] = field(default_factory=list)
+    active: list[int] = field(default_factory=list)
+    new: list[int] = field(default_factory=list)
+    up_bytes: list[int] = field(default_factory=list)
+    down_bytes: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    succeeded: list[int] = field(default_factory=list)
+    streak: list[int] = field(default_factory=list)
+    connect_ms: list[list[int]] = field(default_factory=list)  # histogram counts by bucket
+    connect_ms_sum: list[int] = field(default_factory=list)
+    duration_ms: list[list[int]] = field(default_factory=list)
+    duration_ms_sum: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, rows) -> BackendStats:
+        """From rows in field order, as the data plane's report gives them."""
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        return cls(*columns) if columns else cls()
+
+    def rows(self):
+        """The rows, each a tuple in field order."""
+        return zip(*_SHAPES[BackendStats].values(self), strict=True)
+
+    def __len__(self) -> int:
+        return len(self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +151,7 @@ class UdpReport:
 @dataclass(frozen=True, slots=True)
 class Report:
     table: int
-    backends: list[BackendReport]
+    backends: BackendStats
     frontends: list[FrontendReport]
     log_dropped: int = 0
     udp: list[UdpReport] = field(default_factory=list)
@@ -216,7 +235,6 @@ _TYPES: dict[str, type] = {
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 # Fields that hold lists of nested entries, and the entry type of each.
 _NESTED: dict[tuple[type, str], type] = {
-    (Report, "backends"): BackendReport,
     (Report, "frontends"): FrontendReport,
     (Report, "udp"): UdpReport,
     (Table, "pools"): PoolTable,
@@ -227,7 +245,7 @@ _NESTED: dict[tuple[type, str], type] = {
 # The type each scalar field must have; bools are ints to Python, so they are checked apart.
 _BOOL_FIELDS = {"up", "backup"}
 _STR_FIELDS = {"host"}
-# (Report.backends, PoolTable.backends are nested entries: _NESTED is looked up first.)
+# (PoolTable.backends and the like are nested entries: _NESTED is looked up first.)
 _INT_LIST_FIELDS = {
     "connect_ms",
     "duration_ms",
@@ -240,11 +258,14 @@ _INT_LIST_FIELDS = {
 }
 _COUNT_MAP_FIELDS = {"counts"}
 _WORKER_COUNTS_FIELDS = {"workers"}
+# Fields that hold columns (a map of equally long lists), and the type of each.
+_COLUMNS: dict[tuple[type, str], type] = {(Report, "backends"): BackendStats}
+_HISTOGRAM_COLUMNS = {"connect_ms", "duration_ms"}  # a list of counts by bucket per row
 
 
 # Entries that leave out the fields at their defaults: a report lists many of them, and a
 # reader fills in the defaults. (Fields without a default, like id and active, always go.)
-_SPARSE = {BackendReport, FrontendReport}
+_SPARSE = {FrontendReport}
 _REQUIRED = object()  # stands for "no default" among a shape's defaults
 
 
@@ -252,7 +273,7 @@ class _Shape:
     """How one message or entry type is written and read, worked out once per type: a report
     carries an entry per backend every second, so per field costs count."""
 
-    __slots__ = ("names", "values", "defaults", "nested", "kinds", "required")
+    __slots__ = ("names", "values", "defaults", "nested", "columns", "kinds", "required")
 
     def __init__(self, cls: type):
         specs = fields(cls)
@@ -275,6 +296,7 @@ class _Shape:
         self.nested = tuple(
             (spec.name, _NESTED[cls, spec.name]) for spec in specs if (cls, spec.name) in _NESTED
         )
+        self.columns = tuple(spec.name for spec in specs if (cls, spec.name) in _COLUMNS)
         self.kinds = {spec.name: _kind(cls, spec.name) for spec in specs}
         self.required = tuple(
             spec.name
@@ -283,12 +305,14 @@ class _Shape:
         )
 
 
-_INT, _INT_LIST, _COUNT_MAP, _WORKER_COUNTS, _NESTED_LIST, _BOOL, _STR = range(7)
+_INT, _INT_LIST, _COUNT_MAP, _WORKER_COUNTS, _NESTED_LIST, _BOOL, _STR, _COLUMN_MAP = range(8)
 
 
 def _kind(cls: type, name: str) -> int:
     if (cls, name) in _NESTED:
         return _NESTED_LIST
+    if (cls, name) in _COLUMNS:
+        return _COLUMN_MAP
     if name in _BOOL_FIELDS:
         return _BOOL
     if name in _STR_FIELDS:
@@ -302,7 +326,9 @@ def _kind(cls: type, name: str) -> int:
     return _INT
 
 
-_SHAPES = {cls: _Shape(cls) for cls in (*_TYPES.values(), *set(_NESTED.values()))}
+_SHAPES = {
+    cls: _Shape(cls) for cls in (*_TYPES.values(), *set(_NESTED.values()), *set(_COLUMNS.values()))
+}
 
 
 def table_change(old: Table, new: Table) -> TableChange | None:
@@ -400,6 +426,8 @@ def _plain(value: object) -> dict:
         }
     for name, _ in shape.nested:
         body[name] = [_plain(item) for item in body[name]]
+    for name in shape.columns:
+        body[name] = _plain(body[name])
     return body
 
 
@@ -438,6 +466,8 @@ def _fill(cls: type, body: object, where: str) -> object:
                 raise _Bad(f"{where}: {name} must be a list")
             nested, inner = _NESTED[cls, name], f"{where}.{name}"
             value = [_fill(nested, item, inner) for item in value]
+        elif kind == _COLUMN_MAP:
+            value = _fill_columns(_COLUMNS[cls, name], value, f"{where}.{name}")
         elif kind == _BOOL:
             if type(value) is not bool:
                 raise _Bad(f"{where}: {name} must be true or false")
@@ -458,6 +488,34 @@ def _fill(cls: type, body: object, where: str) -> object:
     return cls(**kwargs)
 
 
+def _fill_columns(cls: type, body: object, where: str) -> object:
+    """An instance of a columns type from a decoded map: every column present, a list of whole
+    numbers (or of lists of them), all as long as each other. Each check runs in C."""
+    if type(body) is not dict:
+        raise _Bad(f"{where}: not a map")
+    columns = []
+    rows = None
+    for name in _SHAPES[cls].names:
+        column = body.get(name)
+        if type(column) is not list:
+            raise _Bad(
+                f"{where}: {name} must be a list" if name in body else f"{where}: missing {name!r}"
+            )
+        if name in _HISTOGRAM_COLUMNS:
+            if not _LIST_TYPES.issuperset(map(type, column)) or not _INT_TYPES.issuperset(
+                map(type, itertools.chain.from_iterable(column))
+            ):
+                raise _Bad(f"{where}: {name} must be a list of lists of whole numbers")
+        elif not _INT_TYPES.issuperset(map(type, column)):
+            raise _Bad(f"{where}: {name} must be a list of whole numbers")
+        if rows is None:
+            rows = len(column)
+        elif len(column) != rows:
+            raise _Bad(f"{where}: {name} has {len(column)} rows where id has {rows}")
+        columns.append(column)
+    return cls(*columns)
+
+
 def _is_count_map(value: object) -> bool:
     # Sets of the types, built in C: a count map carries an entry per changed backend.
     return (
@@ -468,6 +526,7 @@ def _is_count_map(value: object) -> bool:
 
 
 _INT_TYPES = frozenset({int})
+_LIST_TYPES = frozenset({list})
 
 
 def _build(body: object) -> Message | Invalid:

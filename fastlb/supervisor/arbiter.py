@@ -948,22 +948,35 @@ class Arbiter:
         # older one may predate the last change.
         current = report.table == self.table_version
         failing = []
-        for entry in report.backends:  # one per backend every second: kept to one pass
-            backend = self.backends.get(entry.id)
+        for (
+            backend_id,
+            active,
+            new,
+            up_bytes,
+            down_bytes,
+            failed,
+            succeeded,
+            streak,
+            connect_ms,
+            connect_ms_sum,
+            duration_ms,
+            duration_ms_sum,
+        ) in report.backends.rows():  # a row per backend every second: kept to one pass
+            backend = self.backends.get(backend_id)
             if backend is None:
                 continue  # removed by a reload: its connections count nowhere now
-            backend.connections += entry.new
-            backend.failed += entry.failed
-            backend.up_bytes += entry.up_bytes
-            backend.down_bytes += entry.down_bytes
-            if entry.connect_ms:
-                _add(backend.connect_ms, entry.connect_ms)
-            backend.connect_ms_sum += entry.connect_ms_sum
-            if entry.duration_ms:
-                _add(backend.duration_ms, entry.duration_ms)
-            backend.duration_ms_sum += entry.duration_ms_sum
-            self.set_active(worker, entry.id, entry.active)
-            if current and backend.failures.report(entry.failed, entry.succeeded, entry.streak):
+            backend.connections += new
+            backend.failed += failed
+            backend.up_bytes += up_bytes
+            backend.down_bytes += down_bytes
+            if connect_ms:
+                _add(backend.connect_ms, connect_ms)
+                backend.connect_ms_sum += connect_ms_sum
+            if duration_ms:
+                _add(backend.duration_ms, duration_ms)
+                backend.duration_ms_sum += duration_ms_sum
+            self.set_active(worker, backend_id, active)
+            if current and backend.failures.report(failed, succeeded, streak):
                 failing.append(backend)
         if report.counts:
             # One entry per count change: taken whole, with no per-entry step here. Ids no
