@@ -6,7 +6,9 @@ module applies the supervisor's messages and sends reports.
 
 Messages are read and decoded on a second thread (:class:`ControlReader`), which also builds the
 next backend table (a hash ring or a Maglev table takes tens of ms at 1,000 backends) while the
-loop keeps forwarding; the loop then only swaps the built table in.
+loop keeps forwarding; the loop then only swaps the built table in. The other workers' counts,
+which come every millisecond, have a socket of their own that the loop reads itself: small
+messages, and no hop through the thread (a wake-up and a pipe each way) for every one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 from fastlb import _dataplane
 from fastlb.accesslog import AccessLog
@@ -33,8 +34,9 @@ from fastlb.protocol import messages as msg
 log = logging.getLogger("fastlb.worker")
 
 TICK_MS = 50  # longest slice without the GIL
-# With count-driven algorithms and other workers, count changes go out this soon: the others
-# pick by them.
+# With count-driven algorithms and other workers, count changes go out this soon, and no
+# sooner: the others pick by them. (Sent each time the others' counts came, as the loop wakes
+# for them, a report would wake the others to report back, as fast as the round trip.)
 REPORT_INTERVAL_MS = 1
 # Everything else (bytes, connections, histograms) goes out this often: a report costs the
 # supervisor per backend listed, and with 1,000 backends every connection may touch another.
@@ -60,14 +62,6 @@ CONTROL_CLOSED = object()  # queued by the reader when the supervisor's end clos
 SWITCH_INTERVAL_S = 0.0001
 
 
-@dataclass(frozen=True, slots=True)
-class OthersChanged:
-    """What a counts message changed: the other workers' sums, by backend id."""
-
-    others: dict[int, int]
-    since_us: int  # Counts.counts_since_us
-
-
 class ControlReader:
     """Reads and decodes the supervisor's messages on its own thread and builds each table's
     next state there (prepare_table), so that neither a large table's decoding nor its build
@@ -82,7 +76,6 @@ class ControlReader:
         self.table = table
         self.names = names
         self.decoder = msg.Decoder()
-        self.peers = msg.PeerCounts()
         self.queue: collections.deque = collections.deque()
         self.ready_fd, self.ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread = threading.Thread(target=self.run, name="control", daemon=True)
@@ -110,11 +103,6 @@ class ControlReader:
                     self.table = message
                     self.names = backend_names(message)
                     self.put((message, self.prepare(table_pools(message), self.names)))
-                elif isinstance(message, msg.Counts):
-                    # Summed here, off the loop: the loop only sets the sums that changed.
-                    others = self.peers.apply(message)
-                    if others:
-                        self.put((OthersChanged(others, message.counts_since_us), None))
                 else:
                     self.put((message, None))
 
@@ -241,6 +229,7 @@ class WorkerProcess:
         config: Config,
         table: msg.Table,
         pool_ids: list[int] | None = None,
+        counts: socket.socket | None = None,
     ):
         self.worker_id = worker_id
         self.orphan_timeout = config.orphan_timeout
@@ -255,7 +244,11 @@ class WorkerProcess:
         self.reopen_signal = False
         self.log_dropped = 0  # access log records lost, not reported yet
         self.count_staleness = [0] * (len(msg.STALENESS_BOUNDS_MS) + 1)  # not reported yet
+        self.peers = msg.PeerCounts()
+        # Backends the others' counts named before a table with them came: set when one does.
+        self.counts_ahead: set[int] = set()
         self.counts_urgent = counts_matter(config)
+        self.counts_interval = REPORT_INTERVAL_MS / 1000 if self.counts_urgent else COUNTS_INTERVAL
         self.next_counts = 0.0
         self.backend_names: dict[int, str] = {}
         self.access_log = (
@@ -286,6 +279,11 @@ class WorkerProcess:
         control.setblocking(False)
         self.reader = ControlReader(control, self.dataplane, table, self.backend_names)
         self.dataplane.watch(self.reader.ready_fd)
+        self.counts = counts
+        self.counts_decoder = msg.Decoder()
+        if counts is not None:
+            counts.setblocking(False)
+            self.dataplane.watch(counts.fileno())
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wake_r = wake_r
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -300,6 +298,7 @@ class WorkerProcess:
         while True:
             if self.dataplane.poll(TICK_MS):
                 self.read_wakeups()
+                self.read_counts()
                 self.read_control()
             if self.access_log is not None:
                 self.write_access_log()
@@ -327,12 +326,13 @@ class WorkerProcess:
                     return False
 
     def report(self, stats: bool, now: float) -> None:
-        """Sends what changed: everything when stats, else only counts and failures: at once
-        when picks use every worker's counts, else at most every COUNTS_INTERVAL (the
-        supervisor's totals, which ctl's remove waits on, stay that fresh)."""
-        if not stats and not self.counts_urgent and now < self.next_counts:
+        """Sends what changed: everything when stats, else only counts and failures, at most
+        every REPORT_INTERVAL_MS when picks use every worker's counts, else every
+        COUNTS_INTERVAL (the supervisor's totals, which ctl's remove waits on, stay that
+        fresh)."""
+        if not stats and now < self.next_counts:
             return
-        self.next_counts = now + COUNTS_INTERVAL
+        self.next_counts = now + self.counts_interval
         report = self.dataplane.report(stats)
         staleness = stats and any(self.count_staleness)
         udp = self.dataplane.report_udp() if stats else []  # UDP counters go with the stats
@@ -379,6 +379,40 @@ class WorkerProcess:
         self.dataplane.set_table(table.version, pools)
         self.backend_names = names
         self.table_version = table.version
+        if self.counts_ahead:
+            others = self.peers.others
+            self.dataplane.set_others({i: others.get(i, 0) for i in self.counts_ahead})
+            self.counts_ahead = set()
+
+    def read_counts(self) -> None:
+        """Applies what came on the counts socket; closes it at its end (the supervisor is
+        gone, as the control socket tells), which also takes it out of the loop's watch."""
+        if self.counts is None:
+            return
+        while True:
+            try:
+                data = self.counts.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.counts.close()
+                self.counts = None
+                return
+            for message in self.counts_decoder.feed(data):
+                self.apply(message)
+
+    def apply_counts(self, counts: msg.Counts) -> None:
+        others = self.peers.apply(counts)
+        if not others:
+            return
+        if self.dataplane.set_others(others):
+            # Some are not in the tables: removed, or in a table still on its way.
+            self.counts_ahead.update(i for i in others if i not in self.backend_names)
+        if counts.counts_since_us:
+            took_ms = (time.monotonic_ns() // 1000 - counts.counts_since_us) / 1000
+            self.count_staleness[bisect.bisect_left(msg.STALENESS_BOUNDS_MS, took_ms)] += 1
 
     def read_wakeups(self) -> None:
         try:
@@ -411,11 +445,8 @@ class WorkerProcess:
     def apply(self, message) -> None:
         if isinstance(message, msg.Table):
             self.set_table(message)
-        elif isinstance(message, OthersChanged):
-            self.dataplane.set_others(message.others)
-            if message.since_us:
-                took_ms = (time.monotonic_ns() // 1000 - message.since_us) / 1000
-                self.count_staleness[bisect.bisect_left(msg.STALENESS_BOUNDS_MS, took_ms)] += 1
+        elif isinstance(message, msg.Counts):
+            self.apply_counts(message)
         elif isinstance(message, msg.Drain):
             self.drain()
         elif isinstance(message, msg.KillSessions):
@@ -461,8 +492,10 @@ def run(
     config: Config,
     table: msg.Table,
     pool_ids: list[int] | None = None,
+    counts: socket.socket | None = None,
 ) -> None:
-    """Child entry point after fork: serve until drained, then exit. Never returns."""
+    """Child entry point after fork: serve until drained, then exit. Never returns. counts is
+    the counts socket (without one, counts may come on the control socket)."""
     code = 0
     try:
         # Ctrl-C reaches the whole process group: the supervisor alone decides what it means.
@@ -472,7 +505,7 @@ def run(
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the handler below is in place
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         try:
-            process = WorkerProcess(worker_id, listeners, control, config, table, pool_ids)
+            process = WorkerProcess(worker_id, listeners, control, config, table, pool_ids, counts)
         except (OSError, ValueError, MemoryError) as exc:
             log.error("worker %d cannot start: %s", worker_id, exc)
             code = EXIT_BOOT_FAILED

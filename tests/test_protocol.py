@@ -329,12 +329,22 @@ def test_no_input_makes_the_decoder_raise(junk):
 
 @pytest.fixture
 def supervisor():
+    yield from started_supervisor("leastconn")
+
+
+@pytest.fixture
+def roundrobin_supervisor():
+    yield from started_supervisor("roundrobin")
+
+
+def started_supervisor(algorithm: str):
     config = fastlb_config.load(
         {
             "listen": ["127.0.0.1:0"],
             "backends": ["127.0.0.1:9", "127.0.0.1:10"],
             "workers": "2",
             "fall": "3",
+            "algorithm": algorithm,
         },
         None,
     )
@@ -346,7 +356,8 @@ def supervisor():
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         theirs.settimeout(5)
-        worker = WorkerHandle(worker_id, sleeper.pid, ours, 0.0, arbiter.generation)
+        # One socket for the control and counts streams: received() sees both, in order.
+        worker = WorkerHandle(worker_id, sleeper.pid, ours, ours, 0.0, arbiter.generation)
         arbiter.workers[sleeper.pid] = worker
         arbiter.selector.register(ours, worker.events, lambda mask, w=worker: None)
         sleepers.append(sleeper)
@@ -422,6 +433,15 @@ def test_counts_tell_each_worker_what_the_others_hold(supervisor):
     arbiter.disconnect(workers[0])
     arbiter.publish()
     assert received(peers[1]) == [msg.Counts(table=1, workers={}, gone=[first])]
+
+
+def test_workers_whose_picks_do_not_read_counts_are_sent_none(roundrobin_supervisor):
+    arbiter, workers, peers = roundrobin_supervisor
+    deliver(arbiter, workers[0], peers[0], msg.encode(report(active=(3, 1))))
+    deliver(arbiter, workers[1], peers[1], msg.encode(msg.Hello(worker=1, pid=workers[1].pid)))
+    arbiter.publish()
+    assert received(peers[0]) == [] and received(peers[1]) == []
+    assert arbiter.active_totals() == {0: 3, 1: 1}  # the supervisor's own totals still do
 
 
 def test_a_worker_that_says_hello_is_sent_the_others_whole_counts(supervisor):

@@ -1,8 +1,11 @@
 """Messages between the supervisor and its workers, and their framing.
 
-Each worker has one ``AF_UNIX`` ``SOCK_STREAM`` socketpair to the supervisor. A message is one
-msgpack map written back to back with the next; msgpack values are self-delimiting, so there is no
-length prefix and a reader feeds whatever bytes arrived into a :class:`Decoder`.
+Each worker has two ``AF_UNIX`` ``SOCK_STREAM`` socketpairs to the supervisor: the control
+socket, both ways, and the counts socket, on which the supervisor sends ``counts`` alone. Counts
+go out every millisecond and the worker's loop reads them itself, between two slices of traffic;
+the rest (tables take ms to decode) is read on a thread. A message is one msgpack map written
+back to back with the next; msgpack values are self-delimiting, so there is no length prefix and
+a reader feeds whatever bytes arrived into a :class:`Decoder`.
 
 Every map carries ``"t"``, its type. Backends, pools and frontends are named by the ids the
 supervisor gives them (stable across reloads), never by their place in a list; per-backend and
@@ -10,7 +13,8 @@ per-frontend entries are maps with named fields, or for a report's backends name
 
 worker -> supervisor
   ``hello``   ``{t, v, worker, pid}``: first message; ``v`` is :data:`PROTOCOL_VERSION`.
-  ``report``  ``{t, table, backends, frontends}``: what changed since the previous report, sent
+  ``report``  ``{t, table, backends, frontends, ...}``, the fields that are empty left out:
+              what changed since the previous report, sent
               every second while anything did, and at once (within 1 ms) for a connect that
               failed or, when other workers pick by the counts, an active count that changed:
               those carry only such backends and no frontends, and ``counts``: ``{backend id:
@@ -51,14 +55,16 @@ supervisor -> worker
               the ids gone. Applied, an entry that stays keeps its place and new ones go last
               (:func:`apply_change`); the supervisor sends a whole table where that would not
               give the new table's order.
-  ``counts``  ``{t, table, workers, gone}``: what the *other* workers reported of their
+  ``counts``  ``{t, table, workers, gone}``, on the counts socket: what the *other* workers
+              reported of their
               active counts, passed on as they came: ``workers`` is ``{worker pid: {backend
               id: active}}``, for the backends whose count changed since the last counts sent
               to this worker (a backend left out keeps its count); ``gone`` the pids of
               workers that exited, whose counts no longer hold. A worker's picks use the sum
-              over the others (:class:`PeerCounts`): the supervisor neither adds them up nor
-              re-encodes them per worker. ``counts_since_us``: the oldest ``counts_since_us``
-              of the reports behind them (0: unknown).
+              over the others (:class:`PeerCounts`): the supervisor does not add them up.
+              A count may come before the table that holds its backend: the worker keeps
+              the sums and sets them when that table comes. ``counts_since_us``: the
+              oldest ``counts_since_us`` of the reports behind them (0: unknown).
   ``drain``   ``{t}``: stop accepting, finish open connections, then exit.
   ``kill-sessions`` ``{t, backends}``: reset every open connection to these backend ids now
               (``fastlb ctl kill-sessions``), as on-down close does for a backend marked down.
@@ -72,7 +78,9 @@ from dataclasses import MISSING, dataclass, field, fields
 
 import msgpack
 
-PROTOCOL_VERSION = 5  # 3: table-change; 4: counts by worker; 5: backends in columns
+# 3: table-change; 4: counts by worker; 5: backends in columns; 6: a report's empty fields left
+# out, counts on a socket of their own
+PROTOCOL_VERSION = 6
 
 # The upper bounds (ms) of the data plane's histogram buckets, the last bucket being +Inf: how
 # long a connect took, and how long a connection lasted. ext/_dataplane.pyx holds the same.
@@ -117,6 +125,8 @@ class BackendStats:
 
     def rows(self):
         """The rows, each a tuple in field order."""
+        if not self.id:
+            return ()  # most reports: counts alone
         return zip(*_SHAPES[BackendStats].values(self), strict=True)
 
     def __len__(self) -> int:
@@ -151,8 +161,8 @@ class UdpReport:
 @dataclass(frozen=True, slots=True)
 class Report:
     table: int
-    backends: BackendStats
-    frontends: list[FrontendReport]
+    backends: BackendStats = field(default_factory=BackendStats)
+    frontends: list[FrontendReport] = field(default_factory=list)
     log_dropped: int = 0
     udp: list[UdpReport] = field(default_factory=list)
     counts: dict[int, int] = field(default_factory=dict)
@@ -263,9 +273,10 @@ _COLUMNS: dict[tuple[type, str], type] = {(Report, "backends"): BackendStats}
 _HISTOGRAM_COLUMNS = {"connect_ms", "duration_ms"}  # a list of counts by bucket per row
 
 
-# Entries that leave out the fields at their defaults: a report lists many of them, and a
-# reader fills in the defaults. (Fields without a default, like id and active, always go.)
-_SPARSE = {FrontendReport}
+# Types that leave out the fields at their defaults, and a reader fills them in: a report lists
+# many frontend entries, and most reports (the counts every millisecond) have no backends'
+# stats, frontends or UDP. (Fields without a default, like id and active, always go.)
+_SPARSE = {FrontendReport, Report}
 _REQUIRED = object()  # stands for "no default" among a shape's defaults
 
 
@@ -425,9 +436,11 @@ def _plain(value: object) -> dict:
             if item != default
         }
     for name, _ in shape.nested:
-        body[name] = [_plain(item) for item in body[name]]
+        if name in body:
+            body[name] = [_plain(item) for item in body[name]]
     for name in shape.columns:
-        body[name] = _plain(body[name])
+        if name in body:
+            body[name] = _plain(body[name])
     return body
 
 

@@ -25,6 +25,7 @@ class Generation:
     state: str = PENDING
     drain_deadline: float = 0.0
     workers: dict[int, int] = field(default_factory=dict)  # slot -> pid of its worker
+    counts_matter: bool = False  # its workers pick by every worker's counts: send them theirs
 
     @property
     def size(self) -> int:
