@@ -9,18 +9,20 @@ turns the one with N first), ``--duration`` pairs of slices a round; the ratio i
 the pairs' ratios, so that a spell of load from elsewhere falls on both of a pair or on neither.
 
 On loopback the connecting side itself pays more with N listening ports (the kernel's port
-lookups), and fastlb connects to a backend for every client. A plain client measures that: it
-opens connections round-robin to the 2 ports and to the N ports straight, in pairs as above, and
-reports its own system time per connection (the kernel's part: its user time is Python's, the
-same for any number of ports and as noisy as the rest), so the part of the ratio the kernel takes
-is known.
+lookups, and the SYN's processing at a listener that is cold in the cache, which loopback runs in
+the sender's context), and fastlb connects to a backend for every client. A plain client
+measures that: it opens connections round-robin to the 2 ports and to the N ports straight, in
+short runs, the two sizes in turns, and takes its own CPU time per connection to the ns
+(CLOCK_THREAD_CPUTIME_ID): its Python part is the same for any number of ports, and the median
+of many pairs' differences leaves the machine's noise out (the system time alone, split from
+the user time by 4 ms clock ticks, varied by 3x from run to run). So the part of the ratio the
+kernel takes is known.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shlex
 import socket
 import statistics
@@ -42,8 +44,8 @@ from harness import (
     wrk_command,
 )
 
-PLAIN_CONNECTIONS = 2000  # per measurement of the plain client
-PLAIN_PAIRS = 3  # of measurements (one of each size) a round
+PLAIN_CONNECTIONS = 200  # per measurement of the plain client
+PLAIN_PAIRS = 50  # of measurements (one of each size) a round
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
 TARGET_RATIO = 1.05
 SLICE_S = 1  # each round's runs go in slices this long, the two sizes in turns
@@ -61,16 +63,15 @@ def algorithm_names() -> list[str]:
 
 
 def plain_client_cpu(ports: list[int], connections: int) -> float:
-    """This process's system time per connection (µs): connect, send a request, read until
-    EOF, close, round-robin over ``ports``."""
-    start = resource.getrusage(resource.RUSAGE_SELF)
+    """This thread's CPU time per connection (µs): connect, send a request, read until EOF,
+    close, round-robin over ``ports``."""
+    start = time.thread_time_ns()
     for i in range(connections):
         with socket.create_connection((LOOPBACK, ports[i % len(ports)]), timeout=5) as sock:
             sock.sendall(REQUEST)
             while sock.recv(65536):
                 pass
-    end = resource.getrusage(resource.RUSAGE_SELF)
-    return (end.ru_stime - start.ru_stime) / connections * 1e6
+    return (time.thread_time_ns() - start) / connections / 1000
 
 
 def run_time(pids: list[int]) -> dict[int, float]:
@@ -148,22 +149,33 @@ def run(args, console) -> int:
             f"{backends.kind} backends on {count} ports; fastlb with {args.workers} worker(s); "
             f"{args.rounds} round(s) of {', '.join(algorithms)}"
         )
+        plain_client_cpu(backends.ports, count)  # every port once, before measuring
         for number in range(1, args.rounds + 1):
             sizes = (2, count) if number % 2 else (count, 2)
+            this_round = []
             for pair_number in range(PLAIN_PAIRS):
                 for size in sizes if pair_number % 2 == 0 else sizes[::-1]:
                     cpu = plain_client_cpu(backends.ports[:size], PLAIN_CONNECTIONS)
-                    plain.append(
+                    this_round.append(
                         {
                             "round": (number, pair_number),
                             "ports": size,
                             "cpu_us_per_connection": cpu,
                         }
                     )
-                    console.print(
-                        f"  round {number}.{pair_number} plain client, {size:>5} ports: "
-                        f"{cpu:6.1f} µs system"
-                    )
+            plain += this_round
+            few, many = (
+                statistics.median(p["cpu_us_per_connection"] for p in this_round if p["ports"] == n)
+                for n in (2, count)
+            )
+            extra = statistics.median(
+                paired(this_round, count, lambda a, b: b - a, "cpu_us_per_connection")
+            )
+            console.print(
+                f"  round {number} plain client: {few:.1f} µs CPU per connection to 2 ports, "
+                f"{many:.1f} to {count} ({PLAIN_PAIRS} runs of {PLAIN_CONNECTIONS} each); "
+                f"paired difference {extra:+.1f} µs"
+            )
             for algorithm in algorithms:
                 pair = start_pair(
                     procs, {size: backends.ports[:size] for size in sizes}, algorithm, args, script
@@ -282,7 +294,7 @@ def print_table(console, rows: list[dict], count: int, client: dict, extra: floa
         )
     console.print(table)
     console.print(
-        f"plain client straight to the backends: {client[2]:.1f} µs of system time per "
+        f"plain client straight to the backends: {client[2]:.1f} µs of CPU time per "
         f"connection to 2 ports, "
         f"{client[count]:.1f} to {count}: {extra:+.1f} µs that the connecting side pays "
         f"(fastlb connects once per client); target ratio ≤ {TARGET_RATIO}"
