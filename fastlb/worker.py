@@ -87,12 +87,9 @@ class ControlReader:
     def run(self) -> None:
         while True:
             select.select([self.control], [], [])
-            try:
-                data = self.control.recv(65536)
-            except BlockingIOError:
+            data = msg.receive(self.control)
+            if data is None:
                 continue
-            except OSError:
-                data = b""
             if not data:
                 self.put(CONTROL_CLOSED)
                 return
@@ -390,12 +387,9 @@ class WorkerProcess:
         if self.counts is None:
             return
         while True:
-            try:
-                data = self.counts.recv(65536)
-            except BlockingIOError:
+            data = msg.receive(self.counts)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 self.counts.close()
                 self.counts = None

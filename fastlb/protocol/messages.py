@@ -555,6 +555,17 @@ def _build(body: object) -> Message | Invalid:
         return Invalid(str(exc))
 
 
+def receive(sock) -> bytes | None:
+    """What a non-blocking socket of the stream holds: None when nothing yet, b"" at its end
+    (the other side closed it, or it failed)."""
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 class Decoder:
     """Turns a byte stream into messages; tolerant of any split of the stream."""
 

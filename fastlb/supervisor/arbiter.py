@@ -920,12 +920,9 @@ class Arbiter:
             self.flush(worker)
 
     def read_messages(self, worker: WorkerHandle) -> None:
-        try:
-            data = worker.control.recv(65536)
-        except BlockingIOError:
+        data = msg.receive(worker.control)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             # The worker closed its end: it is exiting or dead. Make sure, then reap it.
             self.disconnect(worker)
