@@ -192,9 +192,15 @@ def test_max_flows_evicts_the_oldest(configured):
         backend.bind(("127.0.0.1", 0))
         backend.settimeout(CLIENT_TIMEOUT)
         port, stats = free_ports(2)
+        # The flows outlive the report (one a second) that counts them: idled out first, the
+        # two left would show as none.
         lb = configured(
             udp_config(
-                port, stats, [f"127.0.0.1:{backend.getsockname()[1]}"], frontend="max-flows = 2\n"
+                port,
+                stats,
+                [f"127.0.0.1:{backend.getsockname()[1]}"],
+                frontend="max-flows = 2\n",
+                idle=4,
             )
         )
         clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
