@@ -487,6 +487,10 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="print the commands and checks")
     parser.add_argument("--only", metavar="TEXT", help="run only commands containing TEXT")
     args = parser.parse_args()
+    # Started as a background job of a shell without job control, this process ignores SIGINT,
+    # and so would every command it runs: a user's Ctrl-C reaches them with its default action.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     commands = documented_commands()
     commands = [(doc, command) for doc, command in commands if command not in NOT_RUN]
     unknown = [command for _, command in commands if command not in CHECKS]
