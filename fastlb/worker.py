@@ -458,14 +458,8 @@ class WorkerProcess:
     def flush(self) -> None:
         if not self.outgoing or not self.control_open:
             return
-        try:
-            sent = self.control.send(self.outgoing)
-        except BlockingIOError:
-            return
-        except OSError:
+        if not msg.send_pending(self.control, self.outgoing):
             self.outgoing.clear()
-            return
-        del self.outgoing[:sent]
 
 
 def _on_signal(process: WorkerProcess):

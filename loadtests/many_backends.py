@@ -15,8 +15,8 @@ measures that: it opens connections round-robin to the 2 ports and to the N port
 short runs, the two sizes in turns, and takes its own CPU time per connection to the ns
 (CLOCK_THREAD_CPUTIME_ID): its Python part is the same for any number of ports, and the median
 of many pairs' differences leaves the machine's noise out (the system time alone, split from
-the user time by 4 ms clock ticks, varied by 3x from run to run). So the part of the ratio the
-kernel takes is known.
+the user time by clock ticks, varied 3x and more between runs of one round). So the part of
+the ratio the kernel takes is known.
 """
 
 from __future__ import annotations
@@ -164,17 +164,11 @@ def run(args, console) -> int:
                         }
                     )
             plain += this_round
-            few, many = (
-                statistics.median(p["cpu_us_per_connection"] for p in this_round if p["ports"] == n)
-                for n in (2, count)
-            )
-            extra = statistics.median(
-                paired(this_round, count, lambda a, b: b - a, "cpu_us_per_connection")
-            )
+            medians, extra = plain_summary(this_round, count)
             console.print(
-                f"  round {number} plain client: {few:.1f} µs CPU per connection to 2 ports, "
-                f"{many:.1f} to {count} ({PLAIN_PAIRS} runs of {PLAIN_CONNECTIONS} each); "
-                f"paired difference {extra:+.1f} µs"
+                f"  round {number} plain client: {medians[2]:.1f} µs CPU per connection to 2 "
+                f"ports, {medians[count]:.1f} to {count} ({PLAIN_PAIRS} runs of "
+                f"{PLAIN_CONNECTIONS} each); paired difference {extra:+.1f} µs"
             )
             for algorithm in algorithms:
                 pair = start_pair(
@@ -198,13 +192,7 @@ def run(args, console) -> int:
                 finally:
                     for running, _ in pair.values():
                         procs.stop(running.proc)
-    client = {
-        size: statistics.median(p["cpu_us_per_connection"] for p in plain if p["ports"] == size)
-        for size in (2, count)
-    }
-    client_extra = statistics.median(
-        paired(plain, count, lambda few, many: many - few, "cpu_us_per_connection")
-    )
+    client, client_extra = plain_summary(plain, count)
     rows = []
     for algorithm in algorithms:
         mine = {
@@ -255,6 +243,19 @@ def run(args, console) -> int:
     path.write_text(json.dumps(record, indent=2))
     console.print(f"results: {path}")
     return 0
+
+
+def plain_summary(plain: list[dict], count: int) -> tuple[dict[int, float], float]:
+    """The plain client's median CPU per connection at each size, and the median of the
+    pairs' differences (count less 2)."""
+    medians = {
+        size: statistics.median(p["cpu_us_per_connection"] for p in plain if p["ports"] == size)
+        for size in (2, count)
+    }
+    extra = statistics.median(
+        paired(plain, count, lambda few, many: many - few, "cpu_us_per_connection")
+    )
+    return medians, extra
 
 
 def paired(runs: list[dict], count: int, combine, key: str) -> list[float]:

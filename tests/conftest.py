@@ -26,15 +26,15 @@ import psutil
 import pytest
 
 BACKENDS_PROGRAM = Path(__file__).resolve().parent / "backends.py"
+START_TIMEOUT = 20.0  # generous: the suite shares two cores with whatever else runs
+STOP_TIMEOUT = 15.0
+CLIENT_TIMEOUT = 10.0
+TEST_TIMEOUT = 120  # per test, when pytest-timeout is installed
 
 # A shell without job control starts background commands with Ctrl-C (SIGINT) ignored, and
 # every process started from them inherits that: the tests of Ctrl-C need it back.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-START_TIMEOUT = 20.0  # generous: the suite shares two cores with whatever else runs
-STOP_TIMEOUT = 15.0
-CLIENT_TIMEOUT = 10.0
-TEST_TIMEOUT = 120  # per test, when pytest-timeout is installed
 
 
 def pytest_report_header(config):

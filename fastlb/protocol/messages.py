@@ -566,6 +566,19 @@ def receive(sock) -> bytes | None:
         return b""
 
 
+def send_pending(sock, pending: bytearray) -> bool:
+    """Writes what a non-blocking socket of the stream takes of ``pending`` and removes it
+    from there; False when the socket failed (``pending`` then left as it was)."""
+    try:
+        sent = sock.send(pending)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    del pending[:sent]
+    return True
+
+
 class Decoder:
     """Turns a byte stream into messages; tolerant of any split of the stream."""
 

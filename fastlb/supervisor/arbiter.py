@@ -1048,15 +1048,9 @@ class Arbiter:
         self.flush_counts(worker)
 
     def flush_counts(self, worker: WorkerHandle) -> None:
-        try:
-            sent = worker.counts.send(worker.counts_outgoing)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
+        if not msg.send_pending(worker.counts, worker.counts_outgoing):
             # The worker is gone; its control socket tells, and disconnect follows.
             worker.counts_outgoing.clear()
-            sent = 0
-        del worker.counts_outgoing[:sent]
         waiting = bool(worker.counts_outgoing)
         if waiting != worker.counts_waiting:
             worker.counts_waiting = waiting
@@ -1073,15 +1067,9 @@ class Arbiter:
             self.flush(worker)
 
     def flush(self, worker: WorkerHandle) -> None:
-        if worker.outgoing:
-            try:
-                sent = worker.control.send(worker.outgoing)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.disconnect(worker)
-                return
-            del worker.outgoing[:sent]
+        if worker.outgoing and not msg.send_pending(worker.control, worker.outgoing):
+            self.disconnect(worker)
+            return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.outgoing else 0)
         if events != worker.events:
             worker.events = events
