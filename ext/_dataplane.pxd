@@ -1,7 +1,8 @@
 # Declarations of the data plane: the backend table, the algorithm interface, pools, frontends,
-# listeners, connections and the two classes Python sees (Worker runs the epoll loop; Balancer
-# exposes picks to tests and benchmarks). Bodies live in _dataplane.pyx and the .pxi files it
-# includes.
+# listeners, connections and the classes Python sees (Worker runs the epoll loop; Balancer
+# exposes picks to tests and benchmarks; PeerCounts sums the other workers' counts). Bodies
+# live in _dataplane.pyx and the .pxi files it includes.
+from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from includes.linux cimport (epoll_event, iovec, mmsghdr, pthread_cond_t, pthread_mutex_t,
@@ -468,6 +469,7 @@ cdef class Worker:
     cdef UdpBatch *udp_out      # replies waiting for one sendmmsg
 
     cdef _add_pool(self, dict spec)
+    cdef bint _set_others(self, object backend_id, long count) except -1
     cdef _add_frontend(self, dict spec)
     cdef int _set_pool_table(self, Pool *pool, PreparedTable prepared) except -1
     cdef Pool *_pool_by_id(self, uint32_t pool_id) except NULL
@@ -507,3 +509,11 @@ cdef class Worker:
     cdef void _buf_put(self, Buf *b) noexcept nogil
     cdef int _pipe_get(self, Channel *ch) noexcept nogil
     cdef void _pipe_put(self, Channel *ch) noexcept nogil
+
+
+cdef class PeerCounts:
+    cdef readonly dict by_worker    # pid of another worker -> {backend id: its active}
+    cdef readonly dict others       # backend id -> the sum over by_worker
+
+    cdef long _sum(self, PyObject *backend_id) except? -1
+    cdef int _set(self, object backend_id, long total, Worker worker, list unknown) except -1

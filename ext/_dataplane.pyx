@@ -9,6 +9,8 @@
 # reading the source until its EPOLLOUT edge arrives.
 from libc.errno cimport (EAGAIN, ECONNABORTED, ECONNREFUSED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS,
                          ENOMEM, errno)
+from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetItem
+from cpython.long cimport PyLong_AsLong
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
@@ -31,6 +33,7 @@ include "proto/sni.pxi"
 include "proto/testing.pxi"
 include "core/trusted.pxi"
 include "core/builder.pxi"
+include "core/peers.pxi"
 
 # The low bits of epoll data say what the rest points to (Conn and Listener are 8-aligned).
 DEF TAG_CLIENT = 0            # a Conn, its client socket
@@ -391,12 +394,17 @@ cdef class Worker:
         last count. Returns how many ids were unknown (backends no longer in the tables)."""
         cdef int unknown = 0
         for backend_id, count in others.items():
-            where = self.backend_index.get(backend_id)
-            if where is None:
-                unknown += 1
-                continue
-            backend_set_others(&self.pools[<int>where[0]].table, <int>where[1], count)
+            unknown += not self._set_others(backend_id, count)
         return unknown
+
+    cdef bint _set_others(self, object backend_id, long count) except -1:
+        # False where the tables have no such backend.
+        cdef PyObject *where = PyDict_GetItem(self.backend_index, backend_id)
+        if where == NULL:
+            return False
+        place = <tuple>where
+        backend_set_others(&self.pools[<int>place[0]].table, <int>place[1], <int32_t>count)
+        return True
 
     def close_backend(self, backend_id):
         """Resets every connection to a backend now, as on-down close does for one marked down

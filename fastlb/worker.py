@@ -241,7 +241,7 @@ class WorkerProcess:
         self.reopen_signal = False
         self.log_dropped = 0  # access log records lost, not reported yet
         self.count_staleness = [0] * (len(msg.STALENESS_BOUNDS_MS) + 1)  # not reported yet
-        self.peers = msg.PeerCounts()
+        self.peers = _dataplane.PeerCounts()
         # Backends the others' counts named before a table with them came: set when one does.
         self.counts_ahead: set[int] = set()
         self.counts_urgent = counts_matter(config)
@@ -398,12 +398,10 @@ class WorkerProcess:
                 self.apply(message)
 
     def apply_counts(self, counts: msg.Counts) -> None:
-        others = self.peers.apply(counts)
-        if not others:
-            return
-        if self.dataplane.set_others(others):
-            # Some are not in the tables: removed, or in a table still on its way.
-            self.counts_ahead.update(i for i in others if i not in self.backend_names)
+        unknown = self.peers.apply(counts.workers, counts.gone, self.dataplane)
+        if unknown:
+            # Not in the tables: removed, or in a table still on its way.
+            self.counts_ahead.update(unknown)
         if counts.counts_since_us:
             took_ms = (time.monotonic_ns() // 1000 - counts.counts_since_us) / 1000
             self.count_staleness[bisect.bisect_left(msg.STALENESS_BOUNDS_MS, took_ms)] += 1

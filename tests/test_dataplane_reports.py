@@ -4,6 +4,7 @@ what was not reported yet."""
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 
@@ -71,5 +72,50 @@ def test_reports_list_only_what_changed_and_counts_go_alone():
         for sock in clients:
             sock.close()
         for sock in backends:
+            sock.close()
+        worker.drain()
+
+
+def test_peer_counts_steer_leastconn_and_name_what_the_tables_lack():
+    """The other workers' counts, summed by PeerCounts and set in the worker's table, decide
+    leastconn's pick; an id the table lacks is returned (to be set when its table comes), and
+    the counts of a worker that exited no longer count."""
+    backends = [listener() for _ in range(2)]
+    front = listener()
+    worker = _dataplane.Worker(
+        [{"id": 0, "algorithm": "leastconn"}], [{"id": 0, "pool": 0}], [(front.fileno(), 0)]
+    )
+    peers = _dataplane.PeerCounts()
+    clients = []
+
+    def next_pick() -> int:
+        clients.append(socket.create_connection(front.getsockname(), timeout=5))
+        chosen = []
+
+        def accepted():
+            ready, _, _ = select.select(backends, [], [], 0)
+            chosen.extend(backends.index(sock) for sock in ready)
+            return bool(chosen)
+
+        poll_until(worker, accepted, "a connect to a backend")
+        conn, _ = backends[chosen[0]].accept()
+        clients.append(conn)
+        return 100 + chosen[0]
+
+    try:
+        worker.set_table(1, [(0, rows([b.getsockname()[1] for b in backends]))])
+        assert peers.apply({111: {100: 3}}, [], worker) == []
+        assert next_pick() == 101  # 100 holds 3 elsewhere
+        assert peers.apply({222: {101: 5, 999: 2}}, [], worker) == [999]
+        assert peers.others == {100: 3, 101: 5, 999: 2}
+        assert next_pick() == 100  # 3 against 5 + 1 here
+        assert peers.apply({}, [111], worker) == []
+        assert peers.others == {100: 0, 101: 5, 999: 2}
+        assert list(peers.by_worker) == [222]
+        assert next_pick() == 100  # 1 here against 5 + 1
+        assert peers.apply({222: {101: 0}}, [], worker) == []
+        assert next_pick() == 101  # 2 against 1
+    finally:
+        for sock in clients + backends + [front]:
             sock.close()
         worker.drain()

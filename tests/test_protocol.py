@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fastlb import _dataplane
 from fastlb import config as fastlb_config
 from fastlb.health.probes import CheckResult
 from fastlb.protocol import messages as msg
@@ -552,13 +553,13 @@ def test_totals_and_each_workers_sums_equal_what_the_workers_reported(supervisor
     """The supervisor's totals, and what each worker makes of the counts it is sent (the sum
     over the other workers), equal the sums of what each worker last reported."""
     arbiter, workers, peers = supervisor
-    sums = [msg.PeerCounts() for _ in workers]
+    sums = [_dataplane.PeerCounts() for _ in workers]
 
     def check_sums(turn):
         arbiter.publish()
         for i, peer in enumerate(peers):
             for message in received(peer):
-                sums[i].apply(message)
+                sums[i].apply(message.workers, message.gone)
             others = [w for w in workers if w is not workers[i] and w.connected]
             for backend_id in arbiter.backends:
                 held = sum(w.active.get(backend_id, 0) for w in others)

@@ -61,7 +61,7 @@ supervisor -> worker
               id: active}}``, for the backends whose count changed since the last counts sent
               to this worker (a backend left out keeps its count); ``gone`` the pids of
               workers that exited, whose counts no longer hold. A worker's picks use the sum
-              over the others (:class:`PeerCounts`): the supervisor does not add them up.
+              over the others (``_dataplane.PeerCounts``): the supervisor does not add them up.
               A count may come before the table that holds its backend: the worker keeps
               the sums and sets them when that table comes. ``counts_since_us``: the
               oldest ``counts_since_us`` of the reports behind them (0: unknown).
@@ -394,33 +394,6 @@ def apply_change(table: Table, change: TableChange) -> Table:
             entries[entry.id] = entry
         pools[pool.id] = PoolTable(pool.id, list(entries.values()))
     return Table(change.version, [pools[pool.id] for pool in table.pools])
-
-
-class PeerCounts:
-    """A worker's sum of what the other workers hold, kept from the counts messages it gets."""
-
-    def __init__(self):
-        self.by_worker: dict[int, dict[int, int]] = {}  # pid -> {backend id: active}
-        self.others: dict[int, int] = {}  # backend id -> the sum over by_worker
-
-    def apply(self, counts: Counts) -> dict[int, int]:
-        """Takes one message; returns the sums of the backends it named (their new others)."""
-        others = self.others
-        named = {}
-        for pid in counts.gone:
-            for backend_id, active in self.by_worker.pop(pid, {}).items():
-                if active:
-                    others[backend_id] -= active
-                    named[backend_id] = others[backend_id]
-        for pid, changes in counts.workers.items():
-            held = self.by_worker.setdefault(pid, {})
-            for backend_id, active in changes.items():
-                before = held.get(backend_id, 0)
-                if active != before:
-                    held[backend_id] = active
-                    others[backend_id] = others.get(backend_id, 0) + active - before
-                named[backend_id] = others.get(backend_id, 0)
-        return named
 
 
 def _plain(value: object) -> dict:

@@ -1144,7 +1144,7 @@ class Arbiter:
 
     def publish_counts(self) -> None:
         """Passes each worker's count changes on to the other workers, as they came: the sums
-        are theirs to make (msg.PeerCounts)."""
+        are theirs to make (_dataplane.PeerCounts)."""
         whole = self.counts_changed
         if not (
             self.counts_pending
