@@ -6,10 +6,10 @@ health checks and the stats server. Each turn of the loop (:meth:`Arbiter.run`):
 
 1. waits for I/O and handles it (worker messages, health checks, stats requests);
 2. handles the queued signals by name: ``handle_term``, ``handle_int``, ``handle_hup``,
-   ``handle_chld``;
-3. does the housekeeping: reaps dead workers, spawns missing ones, starts due health checks,
-   sends a new backend table if health changed, and passes on the count changes the workers
-   reported to the other workers.
+   ``handle_chld`` (which reaps dead workers);
+3. does the housekeeping: spawns missing workers, starts due health checks, sends a new
+   backend table if health changed, and passes on the count changes the workers reported to
+   the other workers.
 
 The live state is ``self.workers``, ``{pid: WorkerHandle}``, ``self.pools`` (one
 :class:`PoolState` per pool, its place being its id) and ``self.backends``, ``{backend id:
@@ -328,7 +328,6 @@ class Arbiter:
                 while self.signal_queue:
                     name = SIGNALS[self.signal_queue.pop(0)]
                     getattr(self, f"handle_{name}")()
-                self.reap_workers()
                 self.housekeeping()
             return self.exit_code
         finally:
@@ -716,7 +715,8 @@ class Arbiter:
             self.kill_worker(worker, signal.SIGUSR1)
 
     def handle_chld(self) -> None:
-        pass  # every turn of the loop reaps
+        # Only then: a waitpid per worker on every turn cost as much as a report's decoding.
+        self.reap_workers()
 
     # ---- the worker set ------------------------------------------------------------------------
 
