@@ -257,6 +257,7 @@ def test_damping_matches_counting_quick_falls(window, base, longest, gaps):
             holds.append(hold)
             assert 0 <= hold <= longest
             assert damping.may_rise(now) == (hold == 0)
+            assert damping.may_rise(now + hold)
             held_until = now + hold
     assert holds == damping_model(window, base, longest, events)
 
