@@ -398,10 +398,8 @@ class WorkerProcess:
                 self.apply(message)
 
     def apply_counts(self, counts: msg.Counts) -> None:
-        unknown = self.peers.apply(counts.workers, counts.gone, self.dataplane)
-        if unknown:
-            # Not in the tables: removed, or in a table still on its way.
-            self.counts_ahead.update(unknown)
+        # What the tables lack: removed, or in a table still on its way.
+        self.counts_ahead.update(self.peers.apply(counts.workers, counts.gone, self.dataplane))
         if counts.counts_since_us:
             took_ms = (time.monotonic_ns() // 1000 - counts.counts_since_us) / 1000
             self.count_staleness[bisect.bisect_left(msg.STALENESS_BOUNDS_MS, took_ms)] += 1

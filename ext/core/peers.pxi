@@ -43,9 +43,8 @@ cdef class PeerCounts:
                 was = PyLong_AsLong(<object>before) if before != NULL else 0
                 if active != was:
                     PyDict_SetItem(held, <object>key, <object>value)
-                    self._set(<object>key, self._sum(key) + active - was, worker, unknown)
-                elif worker is not None and not worker._set_others(<object>key, self._sum(key)):
-                    unknown.append(<object>key)  # unchanged, but a table without it came since
+                # Set even when unchanged: a table without it may have come since.
+                self._set(<object>key, self._sum(key) + active - was, worker, unknown)
         return unknown
 
     cdef long _sum(self, PyObject *backend_id) except? -1:
