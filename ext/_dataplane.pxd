@@ -22,6 +22,7 @@ cdef enum:
     READ_EOF = 4            # the peer sent FIN (recv returned 0)
     WRITE_SHUT = 8          # we sent FIN (shutdown(SHUT_WR))
     PEER_RDHUP = 16         # epoll reported RDHUP: a short read does not mean drained
+    OUT_WATCHED = 32        # client socket: registered for EPOLLOUT too (it once filled up)
 
 # Connection states.
 cdef enum:
@@ -495,6 +496,7 @@ cdef class Worker:
     cdef void _prove(self, Conn *c) noexcept nogil
     cdef bint _retry_after_reset(self, Conn *c) noexcept nogil
     cdef void _handle(self, Conn *c, bint backend_side, uint32_t ev) noexcept nogil
+    cdef int _watch_client_out(self, Conn *c) noexcept nogil
     cdef int _pump(self, Conn *c, Channel *ch, int src, uint32_t *sflags, int dst,
                    uint32_t *dflags, uint64_t *counter) noexcept nogil
     cdef int _pump_splice(self, Channel *ch, int src, uint32_t *sflags, int dst,

@@ -3,10 +3,14 @@
 # backend pick, non-blocking connect, recv/send or splice, close -- runs without the GIL and
 # creates no Python objects.
 #
-# epoll is edge-triggered for connections: each socket is registered once for IN|OUT|RDHUP and
-# never modified. Readiness is remembered in per-socket flags (CAN_READ / CAN_WRITE) that are
-# cleared on EAGAIN, so backpressure costs no epoll_ctl: a full destination simply stops us
-# reading the source until its EPOLLOUT edge arrives.
+# epoll is edge-triggered for connections. Readiness is remembered in per-socket flags
+# (CAN_READ / CAN_WRITE) that are cleared on EAGAIN: a full destination simply stops us reading
+# the source until its EPOLLOUT edge arrives. A backend socket is registered once for
+# IN|OUT|RDHUP (OUT says the connect finished). A client socket starts writable and watched for
+# IN|RDHUP alone, and gets OUT added the first time its send buffer fills: watched from the
+# start, it would wake the loop for nothing on its first ACK and again when our FIN is ACKed,
+# nearly two events in six of a short connection. So backpressure costs one epoll_ctl per
+# connection, at most.
 from libc.errno cimport (EAGAIN, ECONNABORTED, ECONNREFUSED, EINPROGRESS, EINTR, EMFILE, ENFILE, ENOBUFS,
                          ENOMEM, errno)
 from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetItem
@@ -67,6 +71,7 @@ cdef inline int bucket(const int64_t *bounds, int64_t value) noexcept nogil:
     return HIST_BUCKETS - 1
 
 cdef uint32_t CONN_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+cdef uint32_t CLIENT_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLET  # until it fills up
 
 SPLICE_MODES = {"never": SPLICE_NEVER, "always": SPLICE_ALWAYS, "auto": SPLICE_AUTO}
 
@@ -797,7 +802,7 @@ cdef class Worker:
         self.free_conns = c.next
         c.cfd = fd
         c.bfd = -1
-        c.cflags = 0
+        c.cflags = CAN_WRITE  # a new socket's send buffer is empty
         c.bflags = 0
         c.up.buf = c.down.buf = NULL
         c.up.pipe_r = c.up.pipe_w = c.down.pipe_r = c.down.pipe_w = -1
@@ -830,7 +835,7 @@ cdef class Worker:
             c.waiting = WAIT_PROXY
         if fe.nsni:
             c.waiting |= WAIT_HELLO
-        ev.events = CONN_EVENTS
+        ev.events = CLIENT_EVENTS
         ev.data.u64 = <uint64_t>c
         c.state = CONN_CONNECTING
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
@@ -1131,16 +1136,31 @@ cdef class Worker:
             if not (r == -1 and self._retry_after_reset(c)):
                 self._close(c, True, END_CLIENT_RESET if r == -2 else END_BACKEND_RESET)
             return
+        if not c.cflags & (CAN_WRITE | OUT_WATCHED) and self._watch_client_out(c) < 0:
+            self._close(c, True, END_ERROR)
+            return
         if (c.cflags & c.bflags & READ_EOF) and (c.cflags & c.bflags & WRITE_SHUT):
             self._close(c, False, END_CLIENT_CLOSED)
+
+    cdef int _watch_client_out(self, Conn *c) noexcept nogil:
+        # The client's send buffer is full: from now on its EPOLLOUT edges matter. Modifying
+        # the registration polls the socket again, so room made meanwhile is reported too.
+        cdef epoll_event ev
+        ev.events = CONN_EVENTS
+        ev.data.u64 = <uint64_t>c
+        if epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.cfd, &ev) < 0:
+            return -1
+        c.cflags |= OUT_WATCHED
+        return 0
 
     cdef int _pump(self, Conn *c, Channel *ch, int src, uint32_t *sflags, int dst,
                    uint32_t *dflags, uint64_t *counter) noexcept nogil:
         # Moves bytes src -> dst until one side would block. Returns -1 on a socket error.
         # Called without the GIL; touches no Python objects.
         cdef Buf *b = ch.buf
-        cdef ssize_t n
+        cdef ssize_t n, more
         cdef int r
+        cdef int src_failed = 0
         if ch.spliced:
             r = self._pump_splice(ch, src, sflags, dst, dflags, counter)
             if r != NO_PIPE:
@@ -1152,7 +1172,11 @@ cdef class Worker:
             if b != NULL and b.len > 0:
                 if not dflags[0] & CAN_WRITE:
                     break
-                n = send(dst, b.data + b.off, b.len, MSG_NOSIGNAL)
+                # The last bytes before a FIN: MSG_MORE holds them for the FIN that
+                # propagate_eof sends right after, data and FIN in one segment (one fewer
+                # for the peer to ACK, as HAProxy does).
+                n = send(dst, b.data + b.off, b.len,
+                         MSG_NOSIGNAL | MSG_MORE if sflags[0] & READ_EOF else MSG_NOSIGNAL)
                 if n < 0:
                     if errno == EAGAIN:
                         dflags[0] &= ~CAN_WRITE
@@ -1185,9 +1209,22 @@ cdef class Worker:
                 if c.replayable and ch == &c.down:
                     self._drop_replay(c)
                 if <uint32_t>n < self.buffer_size:
-                    # Short read: drained, unless a FIN is pending behind the data.
+                    # Short read: drained, unless a FIN is pending behind the data. Then it
+                    # is read now, before the data goes out, so that both leave together.
                     if not sflags[0] & PEER_RDHUP:
                         sflags[0] &= ~CAN_READ
+                    else:
+                        more = recv(src, b.data + n, self.buffer_size - n, 0)
+                        if more > 0:
+                            b.len += more
+                        elif more == 0:
+                            sflags[0] = (sflags[0] | READ_EOF) & ~CAN_READ
+                        elif errno == EAGAIN:
+                            sflags[0] &= ~CAN_READ
+                        elif errno != EINTR:
+                            # Forward what came before the error, then fail (as before).
+                            src_failed = 1
+                            sflags[0] &= ~CAN_READ
                 elif self.splice_mode == SPLICE_AUTO:
                     ch.spliced = True  # bulk transfer: send this buffer, splice the rest
                     self._drop_replay(c)
@@ -1202,6 +1239,8 @@ cdef class Worker:
             self._buf_put(b)
             b = NULL
         ch.buf = b
+        if src_failed:
+            return -1
         if ch.spliced and b == NULL:
             r = self._pump_splice(ch, src, sflags, dst, dflags, counter)
             if r != NO_PIPE:

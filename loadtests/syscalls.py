@@ -9,7 +9,10 @@ calls of all the balancer's processes, and prints calls per request, per system 
 which changes throughput and can change how many events one ``epoll_wait`` returns, but the
 per-request counts of the other calls stay meaningful. ``--tool perf`` counts
 tracepoints instead (``raw_syscalls:sys_enter`` for all calls, ``syscalls:sys_enter_*`` for
-the usual ones, the rest as ``other``), at almost no cost.
+the usual ones, the rest as ``other``), at almost no cost, and also records what each
+``epoll_wait`` returned: the epoll events per request, each a wake-up of the balancer's loop
+for a socket. Below every table: the TCP segments per request on the machine (``OutSegs`` of
+/proc/net/snmp over the run; on loopback that is both hops, both ways).
 
     python loadtests/syscalls.py
     python loadtests/syscalls.py --tool perf --balancers fastlb,haproxy,haproxy-splice,nginx
@@ -149,12 +152,40 @@ def traced_with_strace(pids: list[int], wrk: list[str], duration: int, tmp: Path
 
 
 def traced_with_perf(pids: list[int], wrk: list[str], duration: int, tmp: Path) -> tuple:
-    # With a command after --, perf counts the -p targets exactly while that command runs.
-    output = tmp / "perf.csv"
-    cmd = ["perf", "stat", "-x,", "-o", str(output), "-e", ",".join(perf_events())]
-    cmd += ["-p", ",".join(map(str, pids)), "--", *wrk]
+    # With a command after --, perf counts the -p targets exactly while that command runs; the
+    # recording of epoll_wait's returns wraps the count, so it covers the same run.
+    output, recording = tmp / "perf.csv", tmp / "epoll.data"
+    targets = ",".join(map(str, pids))
+    cmd = ["perf", "record", "-q", "-o", str(recording), "-e", EPOLL_EXITS, "-p", targets, "--"]
+    cmd += ["perf", "stat", "-x,", "-o", str(output), "-e", ",".join(perf_events())]
+    cmd += ["-p", targets, "--", *wrk]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
-    return wrk_result(done, cmd), parse_perf_csv(output.read_text())
+    counts = parse_perf_csv(output.read_text())
+    script = subprocess.run(
+        ["perf", "script", "-i", str(recording)], capture_output=True, text=True, timeout=120
+    )
+    counts["epoll events"] = {"events": epoll_events(script.stdout)}
+    return wrk_result(done, cmd), counts
+
+
+EPOLL_EXITS = "syscalls:sys_exit_epoll_wait"
+
+
+def epoll_events(perf_script: str) -> int:
+    """The events that the recorded ``epoll_wait`` calls returned, summed (errors left out)."""
+    total = 0
+    for match in re.finditer(r"sys_exit_epoll_wait: 0x([0-9a-f]+)", perf_script):
+        returned = int(match.group(1), 16)
+        if returned < 1 << 63:  # -EINTR and the like read as huge unsigned numbers
+            total += returned
+    return total
+
+
+def tcp_segments_sent() -> int:
+    """``Tcp: OutSegs`` of /proc/net/snmp: segments this machine has sent, all sockets."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()]
+    names, values = [row for row in lines if row[0] == "Tcp:"][:2]
+    return int(values[names.index("OutSegs")])
 
 
 def start(name: str, procs: Processes, port: int, backends: list[int], tmp: Path, args) -> Running:
@@ -214,7 +245,10 @@ def main() -> int:
                         _, path, close, connections = WORKLOADS[workload]
                         url = f"http://{LOOPBACK}:{port}{path}"
                         wrk = wrk_command(url, args.duration, connections, 1, script, close=close)
+                        segments_before = tcp_segments_sent()
                         result, counts = trace(running.refresh_pids(), wrk, args.duration, tmp)
+                        segments = tcp_segments_sent() - segments_before
+                        events = counts.pop("epoll events", {}).get("events")
                         if result.errors or not result.requests:
                             problems.append(
                                 f"{name} {workload}: {result.requests} responses, wrk errors "
@@ -227,6 +261,8 @@ def main() -> int:
                             "requests_per_s": result.requests_per_s,
                             "syscalls": counts,
                             "total_per_request": per_request,
+                            "epoll_events": events,
+                            "tcp_segments": segments,
                         }
                         console.print(
                             f"  {name:<15} {workload:<10} {result.requests:>8,} requests "
@@ -279,8 +315,16 @@ def print_tables(results: dict, names: list[str]) -> None:
             "[bold]all[/]",
             *(f"[bold]{by_balancer[n]['total_per_request']:.2f}[/]" for n in shown),
         )
+        for key, label in (("epoll_events", "epoll events"), ("tcp_segments", "TCP segments")):
+            if any(by_balancer[n].get(key) is not None for n in shown):
+                table.add_row(label, *(per_request_cell(by_balancer[n], key) for n in shown))
         table.add_row("requests", *(f"{by_balancer[n]['requests']:,}" for n in shown))
         console.print(table)
+
+
+def per_request_cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else f"{value / max(row['requests'], 1):.2f}"
 
 
 if __name__ == "__main__":

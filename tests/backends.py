@@ -15,6 +15,8 @@ Modes, one thread per connection:
   source     send --bytes bytes of a random pattern, then close (sha256_out says what was sent)
   sink       read until EOF, send back the sha256 hex digest of what was read, then close
   halfclose  send NAME + "\\n", shut down writing, then read until EOF (sha256_in says what)
+  lastword   read once, then send NAME + "\\n" with the FIN in the same segment (MSG_MORE, then
+             shut down writing), then read until EOF
   reset      send NAME + "\\n", wait for one byte from the client, then close with a reset (RST)
   firstbytes read until EOF (or a reset), then report the first bytes read (at most 1 KiB)
              as a ``{"event": "firstbytes", "peer", "hex"}`` event, and close
@@ -137,6 +139,16 @@ class Connection:
         while self.recv():
             pass
 
+    def serve_lastword(self) -> None:
+        self.recv()
+        line = self.name_line()
+        self.sock.send(line, socket.MSG_MORE)  # held back for the FIN: one segment for both
+        self.sent += len(line)
+        self.digest_out.update(line)
+        self.sock.shutdown(socket.SHUT_WR)
+        while self.recv():
+            pass
+
     def serve_reset(self) -> None:
         self.send(self.name_line())
         self.recv()
@@ -200,6 +212,7 @@ MODES = {
     "replies": Connection.serve_replies,
     "sink": Connection.serve_sink,
     "halfclose": Connection.serve_halfclose,
+    "lastword": Connection.serve_lastword,
     "reset": Connection.serve_reset,
     "firstbytes": Connection.serve_firstbytes,
     "close": Connection.serve_close,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
 import struct
 import threading
+import time
 
 import pytest
 from conftest import recv_all, recv_line, recv_until_eof
@@ -141,6 +143,63 @@ def test_backend_half_close_reaches_the_client_which_can_still_send(backends, ba
     assert closed["error"] is None
     assert closed["received"] == len(payload)
     assert closed["sha256_in"] == hashlib.sha256(payload).hexdigest()
+
+
+ETH_P_ALL = 0x0003
+ETH_HEADER = 14  # lo's frames carry an Ethernet header of zeros
+PACKET_HOST = 0  # a frame as received; lo shows each one sent (PACKET_OUTGOING) as well
+TCP_FIN = 0x01
+
+
+@contextlib.contextmanager
+def loopback_capture():
+    """A packet socket on lo: every frame on it from now on (needs CAP_NET_RAW)."""
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)) as capture:
+        capture.bind(("lo", 0))
+        yield capture
+
+
+def segments_until_fin(capture, src_port: int, dst_port: int, timeout: float = 5.0):
+    """(TCP flags, payload size) of each IPv4 segment src_port -> dst_port, up to its FIN."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        capture.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            frame, address = capture.recvfrom(65536)
+        except TimeoutError:
+            break
+        if address[2] != PACKET_HOST or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+            continue  # not an IPv4 TCP segment as received
+        ip_header = (frame[ETH_HEADER] & 0x0F) * 4
+        tcp = ETH_HEADER + ip_header
+        ports = struct.unpack_from("!HH", frame, tcp)
+        if ports != (src_port, dst_port):
+            continue
+        ip_length = struct.unpack_from("!H", frame, ETH_HEADER + 2)[0]
+        payload = ip_length - ip_header - (frame[tcp + 12] >> 4) * 4
+        seen.append((frame[tcp + 13], payload))
+        if frame[tcp + 13] & TCP_FIN:
+            return seen
+    raise AssertionError(f"no FIN from port {src_port} to {dst_port} in {timeout} s: {seen}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="capturing on lo needs root (CAP_NET_RAW)")
+def test_a_reply_that_came_with_its_fin_leaves_with_it_in_one_segment(backends, balancer):
+    """The backend's last bytes and its FIN arrive in one segment: they leave for the client in
+    one too (sent with MSG_MORE, then the shutdown), as HAProxy sends them. A FIN of its own
+    would be one more segment for the client to take in and acknowledge."""
+    lastword = backends("lastword", name="last-word")
+    lb = balancer([lastword])
+    with loopback_capture() as capture, lb.connect() as sock:
+        sock.sendall(b"?")
+        assert recv_all(sock) == b"last-word\n"
+        seen = segments_until_fin(capture, lb.port, sock.getsockname()[1])
+    with_data = [(flags, size) for flags, size in seen if size]
+    assert len(with_data) == 1 and with_data[0][1] == len(b"last-word\n"), seen
+    assert with_data[0][0] & TCP_FIN, f"the FIN came on its own: {seen}"
+    closed = lastword.next_event()
+    assert (closed["sent"], closed["error"]) == (len(b"last-word\n"), None)
 
 
 def test_backend_reset_reaches_the_client_as_a_reset(backends, balancer):
