@@ -148,7 +148,10 @@ def traced_with_strace(pids: list[int], wrk: list[str], duration: int, tmp: Path
             strace.kill()
             strace.wait()
         strace.stderr.close()
-    return result, parse_strace_summary(summary.read_text())
+    return result, parse_strace_summary(summary.read_text()), None
+
+
+EPOLL_EXITS = "syscalls:sys_exit_epoll_wait"
 
 
 def traced_with_perf(pids: list[int], wrk: list[str], duration: int, tmp: Path) -> tuple:
@@ -160,15 +163,10 @@ def traced_with_perf(pids: list[int], wrk: list[str], duration: int, tmp: Path) 
     cmd += ["perf", "stat", "-x,", "-o", str(output), "-e", ",".join(perf_events())]
     cmd += ["-p", targets, "--", *wrk]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
-    counts = parse_perf_csv(output.read_text())
     script = subprocess.run(
         ["perf", "script", "-i", str(recording)], capture_output=True, text=True, timeout=120
     )
-    counts["epoll events"] = {"events": epoll_events(script.stdout)}
-    return wrk_result(done, cmd), counts
-
-
-EPOLL_EXITS = "syscalls:sys_exit_epoll_wait"
+    return wrk_result(done, cmd), parse_perf_csv(output.read_text()), epoll_events(script.stdout)
 
 
 def epoll_events(perf_script: str) -> int:
@@ -246,9 +244,10 @@ def main() -> int:
                         url = f"http://{LOOPBACK}:{port}{path}"
                         wrk = wrk_command(url, args.duration, connections, 1, script, close=close)
                         segments_before = tcp_segments_sent()
-                        result, counts = trace(running.refresh_pids(), wrk, args.duration, tmp)
+                        result, counts, events = trace(
+                            running.refresh_pids(), wrk, args.duration, tmp
+                        )
                         segments = tcp_segments_sent() - segments_before
-                        events = counts.pop("epoll events", {}).get("events")
                         if result.errors or not result.requests:
                             problems.append(
                                 f"{name} {workload}: {result.requests} responses, wrk errors "

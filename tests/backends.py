@@ -77,8 +77,8 @@ class Connection:
         self.digest_out = hashlib.sha256()
         self.buf = bytearray(RECV_SIZE)
 
-    def send(self, data) -> None:
-        self.sock.sendall(data)
+    def send(self, data, flags: int = 0) -> None:
+        self.sock.sendall(data, flags)
         self.sent += len(data)
         self.digest_out.update(data)
 
@@ -141,10 +141,7 @@ class Connection:
 
     def serve_lastword(self) -> None:
         self.recv()
-        line = self.name_line()
-        self.sock.send(line, socket.MSG_MORE)  # held back for the FIN: one segment for both
-        self.sent += len(line)
-        self.digest_out.update(line)
+        self.send(self.name_line(), socket.MSG_MORE)  # held back for the FIN: one segment
         self.sock.shutdown(socket.SHUT_WR)
         while self.recv():
             pass

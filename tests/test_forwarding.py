@@ -146,6 +146,7 @@ def test_backend_half_close_reaches_the_client_which_can_still_send(backends, ba
 
 
 ETH_P_ALL = 0x0003
+ETH_P_IP = b"\x08\x00"
 ETH_HEADER = 14  # lo's frames carry an Ethernet header of zeros
 PACKET_HOST = 0  # a frame as received; lo shows each one sent (PACKET_OUTGOING) as well
 TCP_FIN = 0x01
@@ -169,7 +170,11 @@ def segments_until_fin(capture, src_port: int, dst_port: int, timeout: float = 5
             frame, address = capture.recvfrom(65536)
         except TimeoutError:
             break
-        if address[2] != PACKET_HOST or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        if (
+            address[2] != PACKET_HOST
+            or frame[12:ETH_HEADER] != ETH_P_IP
+            or frame[ETH_HEADER + 9] != socket.IPPROTO_TCP
+        ):
             continue  # not an IPv4 TCP segment as received
         ip_header = (frame[ETH_HEADER] & 0x0F) * 4
         tcp = ETH_HEADER + ip_header
