@@ -11,8 +11,11 @@ per-request counts of the other calls stay meaningful. ``--tool perf`` counts
 tracepoints instead (``raw_syscalls:sys_enter`` for all calls, ``syscalls:sys_enter_*`` for
 the usual ones, the rest as ``other``), at almost no cost, and also records what each
 ``epoll_wait`` returned: the epoll events per request, each a wake-up of the balancer's loop
-for a socket. Below every table: the TCP segments per request on the machine (``OutSegs`` of
-/proc/net/snmp over the run; on loopback that is both hops, both ways).
+for a socket, and how often its threads went to sleep (voluntary context switches) and were
+preempted, per request. A balancer that sleeps is woken by whoever sends it the next packet, and
+on a virtual machine that sender pays for waking an idle CPU. Below every table: the TCP
+segments per request on the machine (``OutSegs`` of /proc/net/snmp over the run; on loopback
+that is both hops, both ways).
 
     python loadtests/syscalls.py
     python loadtests/syscalls.py --tool perf --balancers fastlb,haproxy,haproxy-splice,nginx
@@ -72,6 +75,12 @@ PERF_SYSCALLS = """
     mmap munmap brk madvise getpid kill tgkill rt_sigprocmask rt_sigreturn
 """.split()
 TOP = 8  # system calls listed per workload, by count
+EXTRA_ROWS = [  # per request, below the system calls
+    ("epoll_events", "epoll events"),
+    ("sleeps", "sleeps"),
+    ("preemptions", "preemptions"),
+    ("tcp_segments", "TCP segments"),
+]
 console = Console(width=None if sys.stdout.isatty() else 140)
 
 
@@ -148,7 +157,7 @@ def traced_with_strace(pids: list[int], wrk: list[str], duration: int, tmp: Path
             strace.kill()
             strace.wait()
         strace.stderr.close()
-    return result, parse_strace_summary(summary.read_text()), None
+    return result, parse_strace_summary(summary.read_text()), {}
 
 
 EPOLL_EXITS = "syscalls:sys_exit_epoll_wait"
@@ -162,11 +171,14 @@ def traced_with_perf(pids: list[int], wrk: list[str], duration: int, tmp: Path) 
     cmd = ["perf", "record", "-q", "-o", str(recording), "-e", EPOLL_EXITS, "-p", targets, "--"]
     cmd += ["perf", "stat", "-x,", "-o", str(output), "-e", ",".join(perf_events())]
     cmd += ["-p", targets, "--", *wrk]
+    switches_before = context_switches(pids)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+    switches = {k: v - switches_before[k] for k, v in context_switches(pids).items()}
     script = subprocess.run(
         ["perf", "script", "-i", str(recording)], capture_output=True, text=True, timeout=120
     )
-    return wrk_result(done, cmd), parse_perf_csv(output.read_text()), epoll_events(script.stdout)
+    extras = {"epoll_events": epoll_events(script.stdout), **switches}
+    return wrk_result(done, cmd), parse_perf_csv(output.read_text()), extras
 
 
 def epoll_events(perf_script: str) -> int:
@@ -177,6 +189,24 @@ def epoll_events(perf_script: str) -> int:
         if returned < 1 << 63:  # -EINTR and the like read as huge unsigned numbers
             total += returned
     return total
+
+
+def context_switches(pids: list[int]) -> dict[str, int]:
+    """Voluntary ("sleeps") and involuntary ("preemptions") context switches of every thread of
+    ``pids``, from /proc/PID/task/TID/status (psutil reads the main thread's alone)."""
+    totals = {"sleeps": 0, "preemptions": 0}
+    fields = {"voluntary_ctxt_switches": "sleeps", "nonvoluntary_ctxt_switches": "preemptions"}
+    for pid in pids:
+        for status in Path(f"/proc/{pid}/task").glob("*/status"):
+            try:
+                lines = status.read_text().splitlines()
+            except OSError:
+                continue  # a thread that ended
+            for line in lines:
+                name, _, value = line.partition(":")
+                if name in fields:
+                    totals[fields[name]] += int(value)
+    return totals
 
 
 def tcp_segments_sent() -> int:
@@ -244,7 +274,7 @@ def main() -> int:
                         url = f"http://{LOOPBACK}:{port}{path}"
                         wrk = wrk_command(url, args.duration, connections, 1, script, close=close)
                         segments_before = tcp_segments_sent()
-                        result, counts, events = trace(
+                        result, counts, extras = trace(
                             running.refresh_pids(), wrk, args.duration, tmp
                         )
                         segments = tcp_segments_sent() - segments_before
@@ -260,7 +290,7 @@ def main() -> int:
                             "requests_per_s": result.requests_per_s,
                             "syscalls": counts,
                             "total_per_request": per_request,
-                            "epoll_events": events,
+                            **extras,
                             "tcp_segments": segments,
                         }
                         console.print(
@@ -314,7 +344,7 @@ def print_tables(results: dict, names: list[str]) -> None:
             "[bold]all[/]",
             *(f"[bold]{by_balancer[n]['total_per_request']:.2f}[/]" for n in shown),
         )
-        for key, label in (("epoll_events", "epoll events"), ("tcp_segments", "TCP segments")):
+        for key, label in EXTRA_ROWS:
             if any(by_balancer[n].get(key) is not None for n in shown):
                 table.add_row(label, *(per_request_cell(by_balancer[n], key) for n in shown))
         table.add_row("requests", *(f"{by_balancer[n]['requests']:,}" for n in shown))

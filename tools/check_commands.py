@@ -112,7 +112,7 @@ CHECKS: dict[str, Check] = {
     ),
     "python loadtests/memory.py": Check(120, shows=r"connections opened in"),
     "python loadtests/syscalls.py --tool perf --balancers fastlb,haproxy,haproxy-splice,nginx": (
-        Check(120, shows=r"epoll events")
+        Check(120, shows=r"\bsleeps\b.*\d\.\d\d")
     ),
     "pip install '.[load]' && python loadtests/run_locust.py --run-time 30s --users 20": Check(
         300, exits=True
