@@ -1158,9 +1158,10 @@ cdef class Worker:
         # Moves bytes src -> dst until one side would block. Returns -1 on a socket error.
         # Called without the GIL; touches no Python objects.
         cdef Buf *b = ch.buf
-        cdef ssize_t n, more
+        cdef ssize_t n
         cdef int r
-        cdef int src_failed = 0
+        cdef bint fin_follows = False  # a short read came with a FIN pending: read it first
+        cdef bint src_failed = False
         if ch.spliced:
             r = self._pump_splice(ch, src, sflags, dst, dflags, counter)
             if r != NO_PIPE:
@@ -1169,7 +1170,7 @@ cdef class Worker:
                 return r
             ch.spliced = False  # out of file descriptors for a pipe: copy instead
         while True:
-            if b != NULL and b.len > 0:
+            if b != NULL and b.len > 0 and not fin_follows:
                 if not dflags[0] & CAN_WRITE:
                     break
                 # The last bytes before a FIN: MSG_MORE holds them for the FIN that
@@ -1202,39 +1203,39 @@ cdef class Worker:
                 b = self._buf_get()
                 if b == NULL:
                     return -1
-            n = recv(src, b.data, self.buffer_size, 0)
-            if n > 0:
+            elif b.len == 0:
                 b.off = 0
-                b.len = n
+            # Into the buffer's free space: the read after a short one (FIN pending) appends.
+            n = recv(src, b.data + b.len, self.buffer_size - b.len, 0)
+            if n > 0:
+                b.len += n
                 if c.replayable and ch == &c.down:
                     self._drop_replay(c)
-                if <uint32_t>n < self.buffer_size:
+                if fin_follows:
+                    fin_follows = False  # more data came first: send it, then read on
+                elif <uint32_t>n < self.buffer_size:
                     # Short read: drained, unless a FIN is pending behind the data. Then it
                     # is read now, before the data goes out, so that both leave together.
-                    if not sflags[0] & PEER_RDHUP:
-                        sflags[0] &= ~CAN_READ
+                    if sflags[0] & PEER_RDHUP:
+                        fin_follows = True
                     else:
-                        more = recv(src, b.data + n, self.buffer_size - n, 0)
-                        if more > 0:
-                            b.len += more
-                        elif more == 0:
-                            sflags[0] = (sflags[0] | READ_EOF) & ~CAN_READ
-                        elif errno == EAGAIN:
-                            sflags[0] &= ~CAN_READ
-                        elif errno != EINTR:
-                            # Forward what came before the error, then fail (as before).
-                            src_failed = 1
-                            sflags[0] &= ~CAN_READ
+                        sflags[0] &= ~CAN_READ
                 elif self.splice_mode == SPLICE_AUTO:
                     ch.spliced = True  # bulk transfer: send this buffer, splice the rest
                     self._drop_replay(c)
-            elif n == 0:
+                continue
+            if n == 0:
                 sflags[0] = (sflags[0] | READ_EOF) & ~CAN_READ
             elif errno == EAGAIN:
                 sflags[0] &= ~CAN_READ
             elif errno != EINTR:
-                ch.buf = b
-                return -1
+                if not fin_follows:
+                    ch.buf = b
+                    return -1
+                # Forward what came before the error, then fail (as without the second read).
+                src_failed = True
+                sflags[0] &= ~CAN_READ
+            fin_follows = False
         if b != NULL and b.len == 0:
             self._buf_put(b)
             b = NULL
