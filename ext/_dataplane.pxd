@@ -444,6 +444,15 @@ cdef class Worker:
     cdef epoll_event *events
     cdef int max_events
     cdef int held_events    # a batch kept back while Python handles a wake-up in it
+    # Coalescing (_wait): under connection churn near saturation, a wait on a timer first.
+    cdef int coalesce_us    # 0: off
+    cdef int coalesce_load  # percent of a window spent handling events that counts as busy
+    cdef bint churning      # the last window was busy and had accepts
+    cdef int64_t window_us  # CLOCK_MONOTONIC µs when the current window began; 0: none
+    cdef int64_t busy_us    # time spent handling events (not waiting) in the current window
+    cdef int64_t woke_us    # when the last epoll_wait returned
+    cdef int window_accepts
+    cdef uint64_t coalesced     # timed waits so far
     cdef bint counts_changed
     cdef bint report_counts     # report_interval_ms set: count changes go out on their own
     cdef int64_t last_report_us     # CLOCK_MONOTONIC µs (now_ms is too coarse for 1 ms)
@@ -479,6 +488,7 @@ cdef class Worker:
     cdef void _count_changed(self, Backend *b) noexcept nogil
     cdef tuple _backend_row(self, Backend *b)
     cdef int _poll(self, int timeout_ms) noexcept nogil
+    cdef int _wait(self, int timeout_ms) noexcept nogil
     cdef void _accept_burst(self, Listener *listener) noexcept nogil
     cdef void _pause_listener(self, Listener *listener, int64_t until_ms) noexcept nogil
     cdef void _resume_listener(self, Listener *listener) noexcept nogil

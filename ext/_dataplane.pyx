@@ -50,6 +50,7 @@ DEF EMFILE_PAUSE_MS = 100     # accept pauses this long when out of file descrip
 DEF NO_PIPE = -3              # _pump_splice could not get a pipe
 DEF NO_ID = 0xFFFFFFFF        # a log record's pool or backend when there was none
 DEF LOG_RING_SIZE = 16384     # ended connections the access log holds between two slices
+DEF LOAD_WINDOW_US = 10000   # how long a window of the loop's busy time is (coalescing)
 
 include "udp/flows.pxi"
 
@@ -130,7 +131,9 @@ cdef class Worker:
     traffic without the GIL and returns True when a watched file descriptor (the control socket,
     the signal wake-up pipe) is readable, else False after ``timeout_ms`` or, when
     ``report_interval_ms`` is set and connection counts changed, as soon as that long has passed
-    since the last ``report``.
+    since the last ``report``. ``coalesce_us`` (0: off) is how long the loop sleeps on a timer
+    before blocking while it churns through new connections near saturation: accepts in the
+    last 10 ms, and at least ``coalesce_load`` percent of them spent handling events.
     """
 
     def __cinit__(self):
@@ -152,7 +155,7 @@ cdef class Worker:
 
     def __init__(self, list pools, list frontends, list listeners, *, int buffer_size=65536,
                  str splice="auto", int report_interval_ms=0, int max_events=512,
-                 bint access_log=False):
+                 bint access_log=False, int coalesce_us=0, int coalesce_load=70):
         cdef int i
         if not pools or not frontends or not listeners:
             raise ValueError("a worker needs at least one pool, frontend and listener")
@@ -164,6 +167,13 @@ cdef class Worker:
         self.splice_mode = SPLICE_MODES[splice]
         self.report_interval_ms = report_interval_ms
         self.report_counts = report_interval_ms > 0
+        if not 0 <= coalesce_us < 1000000 or not 0 <= coalesce_load <= 100:
+            raise ValueError("coalesce_us must be 0 to 999999 and coalesce_load 0 to 100")
+        self.coalesce_us = coalesce_us
+        self.coalesce_load = coalesce_load
+        if coalesce_us:
+            # The default slack of 50 µs would stretch every timed wait by that much.
+            prctl(PR_SET_TIMERSLACK, 1000)
         self.max_free_bufs = 64
         self.max_free_pipes = 64
         self.max_events = max_events
@@ -626,6 +636,11 @@ cdef class Worker:
         """Connections and UDP flows this worker holds."""
         return self.nconns + self.nflows
 
+    @property
+    def coalesced(self):
+        """How many times the loop slept coalesce_us on a timer instead of blocking."""
+        return self.coalesced
+
     def report_udp(self):
         """The UDP frontends whose counters moved since the last call: (id, active flows,
         created, evicted, datagrams_in, bytes_in, datagrams_out, bytes_out, dropped by
@@ -686,7 +701,7 @@ cdef class Worker:
                         wait = (remaining_us + 999) // 1000
                 if wait < 0:
                     wait = 0
-                n = epoll_wait(self.epfd, self.events, self.max_events, <int>wait)
+                n = self._wait(<int>wait)
                 self.now_ms = monotonic_ms()
                 # A control message can change the table or the counts that this batch's picks
                 # use: let Python apply it first, and keep the batch for the next call.
@@ -730,6 +745,46 @@ cdef class Worker:
             if (self.counts_changed and self.report_counts
                     and monotonic_us() - self.last_report_us >= self.report_interval_ms * 1000):
                 return 0
+
+    cdef int _wait(self, int timeout_ms) noexcept nogil:
+        # epoll_wait, except while the loop churns through new connections near saturation
+        # (coalesce_load percent of the last window spent handling events, and accepts in
+        # it): then, with nothing ready, it first sleeps coalesce_us on a timer and looks
+        # again. Blocked in epoll_wait, the loop is woken by every packet, a cost the sender
+        # pays (an interrupt to this CPU, an exit on a virtual machine); the packets that
+        # arrive during the timed sleep queue up and are handled in one batch. Idle or
+        # lightly loaded, and with long-lived connections, it blocks at once.
+        cdef int64_t now_us
+        cdef int n = 0
+        cdef timespec pause
+        if self.coalesce_us == 0 or (self.window_accepts == 0 and not self.churning):
+            # Nothing to measure until an accept (long-lived connections): no clock read.
+            self.window_us = 0
+            return epoll_wait(self.epfd, self.events, self.max_events, timeout_ms)
+        now_us = monotonic_us()
+        if self.window_us == 0:
+            self.window_us = now_us  # the first accept since the loop last measured
+            self.busy_us = 0
+        else:
+            self.busy_us += now_us - self.woke_us
+        if now_us - self.window_us >= LOAD_WINDOW_US:
+            self.churning = (self.window_accepts > 0 and self.busy_us * 100
+                             >= (now_us - self.window_us) * self.coalesce_load)
+            self.window_us = now_us
+            self.busy_us = 0
+            self.window_accepts = 0
+        if self.churning and timeout_ms > 0:
+            n = epoll_wait(self.epfd, self.events, self.max_events, 0)
+            if n <= 0:
+                pause.tv_sec = 0
+                pause.tv_nsec = self.coalesce_us * 1000
+                clock_nanosleep(CLOCK_MONOTONIC, 0, &pause, NULL)
+                self.coalesced += 1
+                n = epoll_wait(self.epfd, self.events, self.max_events, 0)
+        if n <= 0:
+            n = epoll_wait(self.epfd, self.events, self.max_events, timeout_ms)
+        self.woke_us = monotonic_us()
+        return n
 
     cdef void _pause_listener(self, Listener *listener, int64_t until_ms) noexcept nogil:
         # Called without the GIL. until_ms 0: paused until its frontend has a free slot.
@@ -792,6 +847,7 @@ cdef class Worker:
                 return
             accepted += 1
             fe.accepted += 1
+            self.window_accepts += 1
             self._new_conn(listener, fd, &addr)
 
     cdef void _new_conn(self, Listener *listener, int fd, SockAddr *addr) noexcept nogil:

@@ -176,6 +176,7 @@ class Config:
     orphan_timeout: float = 10.0  # workers whose supervisor died serve this long for a successor
     buffer_size: int = 65536
     splice: str = "auto"
+    coalesce_us: int = 50  # see the Option's help in settings.py
     log_level: str = "info"
     access_log: str | None = None  # a file, or - for stderr
     access_log_format: str = "text"

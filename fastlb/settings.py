@@ -805,6 +805,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="MODE", scope=PROCESS,
     ),
     Option(
+        "coalesce_us", "--coalesce-us", int, integer(0, 1000), 50,
+        "while a worker churns through new connections near saturation, it sleeps this long on "
+        "a timer when it has nothing to do, so that packets arriving meanwhile are handled in "
+        "one batch rather than each waking it; idle or lightly loaded it never waits; 0: off",
+        metavar="US", scope=PROCESS,
+    ),
+    Option(
         "hash_key", "--hash-key", str, one_of("src-ip", "src-ip-port"), "src-ip",
         "what the hashing algorithms hash of a client", metavar="KEY", scope=POOL,
     ),

@@ -266,6 +266,7 @@ class WorkerProcess:
             [(sock.fileno(), frontend) for frontend, sock in listeners],
             buffer_size=config.buffer_size,
             splice=config.splice,
+            coalesce_us=config.coalesce_us,
             report_interval_ms=REPORT_INTERVAL_MS if self.counts_urgent else 0,
             access_log=self.access_log is not None,
         )

@@ -1,12 +1,13 @@
 """Side-by-side benchmark: fastlb against HAProxy and nginx, with no balancer as the physical limit.
 
 The same local HTTP backends serve every run; each balancer in turn listens on the same port and
-wrk drives four workloads through it:
+wrk drives five workloads through it:
 
   keepalive  small HTTP requests over keep-alive connections         requests/s, p50/p99 latency
   newconn    a new TCP connection per request (Connection: close)    connections/s
   bulk       1 MiB responses                                         MB/s
   paced      small requests at the same, moderate load for everyone  p99 latency
+  churn      a new connection per request at that same, moderate load  p99 latency
 
 Two more, on request (``--workloads proxy,sni``), compare only direct, fastlb and HAProxy, each
 with its own balancer configuration and backends:
@@ -21,7 +22,7 @@ medians with min and max, the ratio of each median to fastlb's and to direct's, 
 CPU time (user + system of all its processes, children included) per request. Results go to a JSON
 file and a bar chart next to it.
 
-    python loadtests/compare.py                   # full run, about 5 minutes on 2 cores
+    python loadtests/compare.py                   # full run, about 6 minutes on 2 cores
     python loadtests/compare.py --quick           # about 1 minute sanity run
     python loadtests/compare.py --workloads proxy,sni --quick   # under a minute
     python loadtests/compare.py --many-backends 1000 --quick    # fastlb, N backends against 2
@@ -126,6 +127,9 @@ WORKLOADS = {
         Workload("newconn", "new connection per request", "/", "conn/s", close=True),
         Workload("bulk", "1 MiB responses", BULK_PATH, "MB/s"),
         Workload("paced", "p99 latency at the same load", "/", "p99 ms", paced=True),
+        Workload(
+            "churn", "new connections, p99 at the same load", "/", "p99 ms", close=True, paced=True
+        ),
         Workload(
             "proxy", "PROXY v2 in and out, new connection", "/", "conn/s", close=True, setup="proxy"
         ),

@@ -493,6 +493,16 @@ def balancer(request, tmp_path):
 # ---- a balancer from a configuration file: frontends, pools, PROXY protocol, SNI ---------------
 
 
+def loopback_listener() -> socket.socket:
+    """A listening socket on 127.0.0.1 and a free port, with a 5 s timeout: a backend or
+    frontend for tests that drive fastlb._dataplane.Worker directly."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    sock.settimeout(5)
+    return sock
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` different ports, each free on ``host`` when returned."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

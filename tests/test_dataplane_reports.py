@@ -8,17 +8,11 @@ import select
 import socket
 import time
 
+from conftest import loopback_listener
+
 from fastlb import _dataplane
 
 BACKENDS = 50
-
-
-def listener() -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    sock.settimeout(5)
-    return sock
 
 
 def rows(ports: list[int]) -> list[tuple]:
@@ -33,8 +27,8 @@ def poll_until(worker, predicate, what: str, timeout: float = 5.0) -> None:
 
 
 def test_reports_list_only_what_changed_and_counts_go_alone():
-    backends = [listener() for _ in range(BACKENDS)]
-    front = listener()
+    backends = [loopback_listener() for _ in range(BACKENDS)]
+    front = loopback_listener()
     worker = _dataplane.Worker(
         [{"id": 0, "algorithm": "roundrobin"}],
         [{"id": 0, "pool": 0}],
@@ -80,8 +74,8 @@ def test_peer_counts_steer_leastconn_and_name_what_the_tables_lack():
     """The other workers' counts, summed by PeerCounts and set in the worker's table, decide
     leastconn's pick; an id the table lacks is returned (to be set when its table comes), and
     the counts of a worker that exited no longer count."""
-    backends = [listener() for _ in range(2)]
-    front = listener()
+    backends = [loopback_listener() for _ in range(2)]
+    front = loopback_listener()
     worker = _dataplane.Worker(
         [{"id": 0, "algorithm": "leastconn"}], [{"id": 0, "pool": 0}], [(front.fileno(), 0)]
     )

@@ -149,6 +149,13 @@ cdef extern from "<time.h>" nogil:
         CLOCK_MONOTONIC_COARSE
 
     int clock_gettime(int clk, timespec *tp)
+    int clock_nanosleep(int clk, int flags, const timespec *req, timespec *rem)
+
+
+cdef extern from "<sys/prctl.h>" nogil:
+    enum:
+        PR_SET_TIMERSLACK
+    int prctl(int option, unsigned long arg2, ...)
 
 
 # UDP: batched datagrams and the address a datagram was sent to.
