@@ -10,7 +10,8 @@ whose script polls ``/stats`` every second and computes the rates between two po
      "count_staleness_ms": {"bounds": [<ms>, ...], "counts": [<counts applied that late>, ...]},
      "reloads": {"applied": <int>, "failed": <int>},
      "workers": [{"id": <int>, "pid": <int>, "ready": <bool>, "cpu_seconds": <float>,
-                  "rss_bytes": <int>, "open_fds": <int>}, ...],
+                  "rss_bytes": <int>, "open_fds": <int>,
+                  "coalesced_waits": <times its loop slept --coalesce-us>}, ...],
      "frontends": [{"name": <str>, "listen": ["host:port", ...], "pool": <default pool>,
                     "sni": {<pattern>: <pool>}, "accept_proxy": [<network>, ...],
                     "active": <open connections>, "connections": <accepted>,
@@ -125,6 +126,15 @@ class StatsCollector(Collector):
                 if worker.get(key) is not None:
                     family.add_metric([str(worker["id"])], float(worker[key]))
         yield from usage.values()
+        coalesced = CounterMetricFamily(
+            "fastlb_worker_coalesced_waits",
+            "Times a worker's loop, churning through new connections, slept --coalesce-us on a "
+            "timer instead of blocking.",
+            labels=["worker"],
+        )
+        for worker in workers:
+            coalesced.add_metric([str(worker["id"])], worker["coalesced_waits"])
+        yield coalesced
         yield GaugeMetricFamily(
             "fastlb_table_version",
             "Version of the backend table sent to the workers; it grows at every up/down change.",

@@ -240,6 +240,7 @@ class WorkerProcess:
         self.stop_signal = False
         self.reopen_signal = False
         self.log_dropped = 0  # access log records lost, not reported yet
+        self.coalesced_reported = 0  # the data plane's timed waits as of the last stats
         self.count_staleness = [0] * (len(msg.STALENESS_BOUNDS_MS) + 1)  # not reported yet
         self.peers = _dataplane.PeerCounts()
         # Backends the others' counts named before a table with them came: set when one does.
@@ -334,7 +335,14 @@ class WorkerProcess:
         report = self.dataplane.report(stats)
         staleness = stats and any(self.count_staleness)
         udp = self.dataplane.report_udp() if stats else []  # UDP counters go with the stats
-        if report is None and not (stats and self.log_dropped) and not staleness and not udp:
+        coalesced = self.dataplane.coalesced - self.coalesced_reported if stats else 0
+        if (
+            report is None
+            and not (stats and self.log_dropped)
+            and not staleness
+            and not udp
+            and not coalesced
+        ):
             return
         version, backends, frontends, counts = report or (self.table_version, [], [], {})
         self.send(
@@ -347,10 +355,12 @@ class WorkerProcess:
                 counts_since_us=self.dataplane.counts_since_us if report else 0,
                 count_staleness=list(self.count_staleness) if staleness else [],
                 udp=[msg.UdpReport(*row) for row in udp],
+                coalesced=coalesced,
             )
         )
         if stats:
             self.log_dropped = 0
+            self.coalesced_reported += coalesced
             if staleness:
                 self.count_staleness = [0] * len(self.count_staleness)
 

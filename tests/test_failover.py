@@ -145,4 +145,6 @@ def test_dead_backend_comes_back_after_rise_probes(backends, balancer):
     assert [lb.ask_name() for _ in range(6)] == ["b"] * 6
     backends("name", name="a2", port=port)
     lb.wait_for(lambda s: lb.backend(a, s)["up"], timeout=10, what="a back up")
+    # The supervisor's view leads the worker's table by a moment: wait until a2 is served.
+    wait_until(lambda: lb.ask_name() == "a2", 10, "a2 served")
     assert Counter(lb.ask_name() for _ in range(6)) == {"a2": 3, "b": 3}

@@ -62,6 +62,7 @@ EXAMPLES = [
         counts={4: 1, 9: 0},
         counts_since_us=123_456_789,
         count_staleness=[0, 3, 1, 0, 0, 0, 0, 0, 0, 0],
+        coalesced=41,
     ),
     msg.Table(
         version=2,

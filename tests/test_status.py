@@ -283,6 +283,7 @@ def test_metrics_pass_promtool_and_carry_the_process_figures(backends, balancer)
         "fastlb_worker_restarts_total",
         'fastlb_reloads_total{result="failed"}',
         'fastlb_worker_open_fds{worker="1"}',
+        'fastlb_worker_coalesced_waits_total{worker="1"} 0.0',  # idle: it never waited
         "fastlb_worker_resident_memory_bytes",
         "fastlb_worker_cpu_seconds_total",
         "fastlb_backend_check_status",

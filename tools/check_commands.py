@@ -107,7 +107,11 @@ CHECKS: dict[str, Check] = {
     "pip install '.[load]' && apt-get install -y haproxy nginx libnginx-mod-stream wrk": Check(
         600, exits=True
     ),
-    "python loadtests/compare.py          # about 5 minutes; --quick for a 1-minute sanity run": (
+    "python loadtests/compare.py          # about 6 minutes; --quick for a 1-minute sanity run": (
+        Check(120, shows=RESULT_LINE)
+    ),
+    "python loadtests/compare.py": Check(120, shows=RESULT_LINE),
+    "python loadtests/compare.py --workloads churn --balancers fastlb,haproxy,haproxy-splice": (
         Check(120, shows=RESULT_LINE)
     ),
     "python loadtests/memory.py": Check(120, shows=r"connections opened in"),
@@ -138,7 +142,7 @@ CHECKS: dict[str, Check] = {
         120, serves="http://127.0.0.1:8089/"
     ),
     "python loadtests/compare.py                  "
-    "# 3 interleaved rounds, about 5 minutes on 2 cores": Check(120, shows=RESULT_LINE),
+    "# 3 interleaved rounds, about 6 minutes on 2 cores": Check(120, shows=RESULT_LINE),
     "python loadtests/compare.py --quick          # 1 round of 2 s runs: a sanity check": Check(
         240, exits=True
     ),

@@ -43,7 +43,9 @@ worker -> supervisor
               fell behind). ``counts_since_us``: when the oldest count change this report
               carries happened (CLOCK_MONOTONIC µs; 0: none). ``count_staleness``: counts
               received since the previous such report, by how long after that change they were
-              applied (a histogram over :data:`STALENESS_BOUNDS_MS`).
+              applied (a histogram over :data:`STALENESS_BOUNDS_MS`). ``coalesced``: the
+              times the worker's loop slept ``--coalesce-us`` on a timer instead of blocking,
+              since the previous report that carried stats.
 
 supervisor -> worker
   ``table``   ``{t, version, pools}``: whole backend tables, each swapped in at once.
@@ -168,6 +170,7 @@ class Report:
     counts: dict[int, int] = field(default_factory=dict)
     counts_since_us: int = 0
     count_staleness: list[int] = field(default_factory=list)
+    coalesced: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,6 +112,7 @@ class WorkerHandle:
     active: dict[int, int] = field(default_factory=dict)  # backend id -> its open connections
     frontend_active: dict[str, int] = field(default_factory=dict)  # frontend -> connections
     counts_whole: bool = False  # its next counts carry every other worker's whole map
+    coalesced_waits: int = 0  # timed waits of its loop (--coalesce-us)
     table_sent: msg.Table | None = None  # the last table it was sent (changes apply to it)
 
 
@@ -1003,6 +1004,7 @@ class Arbiter:
         if report.frontends or report.udp:  # once a second (most reports are counts alone)
             self.add_frontend_stats(worker, report)
         self.access_log_dropped += report.log_dropped
+        worker.coalesced_waits += report.coalesced
         if report.count_staleness:
             _add(self.count_staleness, report.count_staleness)
         if report.counts_since_us and (
@@ -1703,6 +1705,7 @@ class Arbiter:
                     "ready": worker.ready,
                     "generation": worker.generation.number,
                     "draining": worker.generation.state == DRAINING,
+                    "coalesced_waits": worker.coalesced_waits,
                     **process_usage(worker.pid),
                 }
                 for worker in sorted(self.workers.values(), key=lambda w: w.worker_id)
