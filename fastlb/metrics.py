@@ -10,7 +10,7 @@ whose script polls ``/stats`` every second and computes the rates between two po
      "count_staleness_ms": {"bounds": [<ms>, ...], "counts": [<counts applied that late>, ...]},
      "reloads": {"applied": <int>, "failed": <int>},
      "workers": [{"id": <int>, "pid": <int>, "ready": <bool>, "cpu_seconds": <float>,
-                  "rss_bytes": <int>, "open_fds": <int>,
+                  "rss_bytes": <int>, "open_fds": <int>, "cpus": [<CPUs it may run on>],
                   "coalesced_waits": <times its loop slept --coalesce-us>}, ...],
      "frontends": [{"name": <str>, "listen": ["host:port", ...], "pool": <default pool>,
                     "sni": {<pattern>: <pool>}, "accept_proxy": [<network>, ...],

@@ -11,6 +11,7 @@ Nothing here does I/O: addresses are numeric by the time they are put in these c
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 
 DEFAULT = "default"  # the name of the frontend and the pool that flat flags describe
@@ -177,11 +178,23 @@ class Config:
     buffer_size: int = 65536
     splice: str = "auto"
     coalesce_us: int = 50  # see the Option's help in settings.py
+    cpu_affinity: str | None = None  # "auto" or a CPU list (0-3,8): see worker_cpu
     log_level: str = "info"
     access_log: str | None = None  # a file, or - for stderr
     access_log_format: str = "text"
     control: str | None = None  # the control socket's path
     state_file: str | None = None  # where runtime changes and health are journaled
+
+    def worker_cpu(self, worker_id: int) -> int | None:
+        """The CPU worker ``worker_id`` is pinned to: the next of the listed CPUs (with auto, of
+        those this process may run on), wrapping around; None: not pinned."""
+        if self.cpu_affinity is None:
+            return None
+        if self.cpu_affinity == "auto":
+            cpus = sorted(os.sched_getaffinity(0))
+        else:
+            cpus = parse_cpu_list(self.cpu_affinity)
+        return cpus[worker_id % len(cpus)]
 
     def pool(self, name: str) -> PoolSpec:
         for pool in self.pools:
@@ -200,3 +213,31 @@ class Config:
         """Connection slots of one worker: every TCP frontend's share together (a UDP frontend
         holds flows instead, max_flows of them)."""
         return sum(frontend.max_conn for frontend in self.frontends if frontend.protocol == "tcp")
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """CPU numbers and ranges, in the order given: "0-3,8" is [0, 1, 2, 3, 8]."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"expected CPU numbers and ranges, as in 0-3,8, not {text!r}")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"the range {part.strip()} runs backwards")
+        for cpu in range(low, high + 1):
+            if cpu in cpus:
+                raise ValueError(f"CPU {cpu} is listed twice")
+            cpus.append(cpu)
+    return cpus
+
+
+def format_cpu_list(cpus: list[int]) -> str:
+    """The shortest text parse_cpu_list reads back as the sorted ``cpus``: [0, 1, 2, 5] is 0-2,5."""
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive CPUs
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)

@@ -369,6 +369,20 @@ def file_path(text: str) -> str:
     return os.path.abspath(text)
 
 
+@accepting("auto, or CPU numbers and ranges, as in 0-3,8")
+def cpu_affinity(text: str) -> str:
+    """auto, or a list of CPUs this process may run on."""
+    if text == "auto":
+        return text
+    cpus = model.parse_cpu_list(text)
+    allowed = os.sched_getaffinity(0)
+    for cpu in cpus:
+        if cpu not in allowed:
+            usable = model.format_cpu_list(sorted(allowed))
+            raise ValueError(f"CPU {cpu} is not one this process may run on ({usable})")
+    return ",".join(part.strip() for part in text.split(","))
+
+
 class OneOf:
     """A name from a list that is read when parsing: compiled algorithms register themselves."""
 
@@ -810,6 +824,13 @@ OPTIONS: tuple[Option, ...] = (
         "a timer when it has nothing to do, so that packets arriving meanwhile are handled in "
         "one batch rather than each waking it; idle or lightly loaded it never waits; 0: off",
         metavar="US", scope=PROCESS,
+    ),
+    Option(
+        "cpu_affinity", "--cpu-affinity", str | None, optional(cpu_affinity), None,
+        "pin each worker to one CPU, in turn from this list (auto: the CPUs fastlb may run "
+        "on), wrapping around when there are more workers than CPUs; off: the kernel places "
+        "them",
+        metavar="CPUS", scope=PROCESS,
     ),
     Option(
         "hash_key", "--hash-key", str, one_of("src-ip", "src-ip-port"), "src-ip",

@@ -74,6 +74,8 @@ CHECK_1 = ["check", "--listen", "127.0.0.1:1", "--backend", "127.0.0.1:9"]
             "pool default: an agent check needs the port its agent answers on (port)",
         ),
         ([*CHECK_1, "--panic-threshold", "2"], "--panic-threshold 2: must be from 0 to 1"),
+        ([*CHECK_1, "--cpu-affinity", "3-1"], "--cpu-affinity 3-1: the range 3-1 runs backwards"),
+        ([*CHECK_1, "--cpu-affinity", "4095"], "CPU 4095 is not one this process may run on"),
     ],
 )
 def test_a_bad_command_line_is_one_error_line_and_status_2(argv, expected):

@@ -1787,7 +1787,8 @@ def _add(totals: list[int], deltas: list[int]) -> None:
 
 
 def process_usage(pid: int) -> dict:
-    """CPU seconds (user + system), resident memory and open descriptors of a process."""
+    """CPU seconds (user + system), resident memory, open descriptors of a process, and the
+    CPUs it may run on (one, under --cpu-affinity)."""
     try:
         process = psutil.Process(pid)
         with process.oneshot():
@@ -1796,9 +1797,10 @@ def process_usage(pid: int) -> dict:
                 "cpu_seconds": times.user + times.system,
                 "rss_bytes": process.memory_info().rss,
                 "open_fds": process.num_fds(),
+                "cpus": process.cpu_affinity(),
             }
     except (psutil.Error, OSError):
-        return {"cpu_seconds": None, "rss_bytes": None, "open_fds": None}
+        return {"cpu_seconds": None, "rss_bytes": None, "open_fds": None, "cpus": None}
 
 
 def _addresses(config: Config) -> str:
