@@ -400,12 +400,16 @@ def start_fastlb_sni(
 SPLICE_OPTIONS = "    option splice-request\n    option splice-response"
 
 
-def haproxy_head(name: str, threads: int, maxconn: int, tmp: Path, splice: bool = False) -> str:
-    """The ``global`` and ``defaults`` sections every HAProxy here shares."""
+def haproxy_head(
+    name: str, threads: int, maxconn: int, tmp: Path, splice: bool = False, cpus: str = ""
+) -> str:
+    """The ``global`` and ``defaults`` sections every HAProxy here shares; ``cpus`` (0-3) pins
+    thread i to the i-th of them."""
+    cpu_map = f"    cpu-map auto:1/1-{threads} {cpus}\n" if cpus else ""
     return f"""\
 global
     nbthread {threads}
-    maxconn {maxconn}
+{cpu_map}    maxconn {maxconn}
     pidfile {tmp}/{name}.pid
 
 defaults
@@ -428,16 +432,18 @@ def haproxy_config(
     accept_proxy: bool = False,
     send_proxy: bool = False,
     name: str = "haproxy",
+    cpus: str = "",
 ) -> str:
     """One frontend to one backend section; ``accept_proxy`` takes a PROXY header (v1 or v2)
-    from every client, ``send_proxy`` sends a v2 header first on every server connection."""
+    from every client, ``send_proxy`` sends a v2 header first on every server connection;
+    ``cpus``: see :func:`haproxy_head`."""
     bind = f"{LOOPBACK}:{port}" + (" accept-proxy" if accept_proxy else "")
     server_options = " send-proxy-v2" if send_proxy else ""
     servers = "\n".join(
         f"    server s{i} {LOOPBACK}:{b}{server_options}" for i, b in enumerate(backends)
     )
     return f"""\
-{haproxy_head(name, threads, maxconn, tmp, splice)}
+{haproxy_head(name, threads, maxconn, tmp, splice, cpus)}
 frontend bench
     bind {bind}
     default_backend servers
@@ -493,13 +499,14 @@ def start_haproxy(
     accept_proxy: bool = False,
     send_proxy: bool = False,
     name: str | None = None,
+    cpus: str = "",
 ) -> Running:
     """HAProxy with :func:`haproxy_config`, named haproxy or haproxy-splice; ``name``, by default
-    the same, names its log, configuration and PID files."""
+    the same, names its log, configuration and PID files; ``cpus``: one per thread."""
     label = "haproxy-splice" if splice else "haproxy"
     name = name or label
     text = haproxy_config(
-        port, backends, workers, splice, maxconn, tmp, accept_proxy, send_proxy, name
+        port, backends, workers, splice, maxconn, tmp, accept_proxy, send_proxy, name, cpus
     )
     return _run_haproxy(procs, name, port, text, tmp, label)
 
@@ -532,13 +539,23 @@ def _run_haproxy(
 
 
 def nginx_stream_config(
-    port: int, backends: list[int], workers: int, connections: int, tmp: Path
+    port: int,
+    backends: list[int],
+    workers: int,
+    connections: int,
+    tmp: Path,
+    cpus: Sequence[int] = (),
 ) -> str:
+    """``cpus``: worker i runs on the i-th of them (worker_cpu_affinity, one mask each)."""
     servers = "\n".join(f"        server {LOOPBACK}:{b};" for b in backends)
+    affinity = ""
+    if cpus:
+        masks = " ".join(format(1 << cpus[i % len(cpus)], "b") for i in range(workers))
+        affinity = f"worker_cpu_affinity {masks};\n"
     return f"""\
 load_module {NGINX_STREAM_MODULE};
 worker_processes {workers};
-worker_rlimit_nofile {nofile_hard_limit()};
+{affinity}worker_rlimit_nofile {nofile_hard_limit()};
 pid {tmp}/nginx-stream.pid;
 error_log {tmp}/nginx-stream.error.log warn;
 
@@ -567,10 +584,11 @@ def start_nginx_stream(
     workers: int,
     tmp: Path,
     connections: int = 8192,
+    cpus: Sequence[int] = (),
 ) -> Running:
     prefix = tmp / "nginx-stream"
     prefix.mkdir(exist_ok=True)
-    config = nginx_stream_config(port, backends, workers, connections, prefix)
+    config = nginx_stream_config(port, backends, workers, connections, prefix, cpus)
     return run_nginx(procs, "nginx-stream", prefix, config, port, workers)
 
 

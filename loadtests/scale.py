@@ -1,15 +1,19 @@
 """Scaling across cores: fastlb, HAProxy (nbthread) and nginx (worker_processes) at 1, 2, 4 and 8
 workers pinned to cores, and the speed-up over 1 worker per workload.
 
-The balancer under test runs on cores 0..N-1 (``taskset``; every process and thread of it). The
-backends (nginx, ``--backend-workers`` processes) and wrk run on the cores above the largest N,
-the same for every run, so the load side does not change with N; on a machine with too few
-cores for that (2 cores: N = 1 and 2) they are not pinned and share. The workloads are
-compare.py's keepalive, newconn and bulk; wrk opens ``--connections`` connections per worker
-(``--bulk-connections`` for bulk). Rounds are interleaved like compare.py's.
+The balancer under test runs on cores 0..N-1 (``taskset``; every process and thread of it),
+where the kernel places its workers; with ``--pin each``, each worker or thread has a core of
+its own, as each balancer's own setting does it (fastlb ``--cpu-affinity``, HAProxy ``cpu-map``,
+nginx ``worker_cpu_affinity``), and the rest of the balancer (a supervisor, a master) runs on the
+N cores. The backends (nginx, ``--backend-workers`` processes) and wrk run on the cores above
+the largest N, the same for every run, so the load side does not change with N; on a machine
+with too few cores for that (2 cores: N = 1 and 2) they are not pinned and share. The workloads
+are compare.py's keepalive, newconn and bulk; wrk opens ``--connections`` connections per
+worker (``--bulk-connections`` for bulk). Rounds are interleaved like compare.py's.
 
     python loadtests/scale.py                       # every N the cores allow, 1 round of 5 s
     python loadtests/scale.py --workers 1,2 --duration 2 --balancers fastlb,haproxy
+    python loadtests/scale.py --pin each            # one core per worker or thread
 
 It runs unattended and without network on a machine with 16 or more cores when it takes along
 what it needs: ``--bundle DIR`` (run here, with the packages installed) collects the fastlb
@@ -116,6 +120,13 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="nginx backend processes (default: half the cores left to the load side, at least 1)",
     )
+    parser.add_argument(
+        "--pin",
+        choices=["set", "each"],
+        default="set",
+        help="set: the balancer on cores 0..N-1, placed by the kernel; each: one core per "
+        "worker or thread, by the balancer's own setting (default: set)",
+    )
     parser.add_argument("--out", type=Path, help="result folder (default loadtests/results/...)")
     parser.add_argument(
         "--bundle",
@@ -200,26 +211,38 @@ def cpu_list(cpus: list[int]) -> str:
     return ",".join(map(str, cpus))
 
 
-def pin(running: Running, cpus: list[int]) -> None:
-    """Every process and thread of a started balancer onto cpus."""
-    for pid in running.refresh_pids():
+def pin(running: Running, cpus: list[int], each: bool) -> None:
+    """Every process and thread of a started balancer onto cpus; with ``each``, only the
+    process that started the workers (HAProxy's threads are all pinned by cpu-map)."""
+    if each:
+        pids = [] if running.name == "haproxy" else [running.proc.pid]
+    else:
+        pids = running.refresh_pids()
+    for pid in pids:
         run_checked(["taskset", "-a", "-p", "-c", cpu_list(cpus), str(pid)], timeout=10)
 
 
-def start(name: str, procs: Processes, workers: int, ports: list[int], tmp: Path) -> Running:
+def start(
+    name: str, procs: Processes, workers: int, ports: list[int], tmp: Path, each: bool
+) -> Running:
+    """With ``each``, worker (thread) i is pinned to core i by the balancer's own setting."""
     port = free_port()
+    cores = list(range(workers)) if each else []
+    span = f"0-{workers - 1}" if each else ""
     if name == "fastlb":
-        return start_fastlb(procs, port, ports, workers)
+        extra = ["--cpu-affinity", span] if each else []
+        return start_fastlb(procs, port, ports, workers, extra_args=extra)
     if name == "haproxy":
-        return start_haproxy(procs, port, ports, workers, tmp)
-    return start_nginx_stream(procs, port, ports, workers, tmp)
+        return start_haproxy(procs, port, ports, workers, tmp, cpus=span)
+    return start_nginx_stream(procs, port, ports, workers, tmp, cpus=cores)
 
 
 def measure(args, procs, tmp, backends, name, workers, load_cpus, script) -> list[dict]:
-    running = start(name, procs, workers, backends.ports, tmp)
+    each = args.pin == "each"
+    running = start(name, procs, workers, backends.ports, tmp, each)
     runs = []
     try:
-        pin(running, list(range(workers)))
+        pin(running, list(range(workers)), each)
         wrong = check_responses(running.port, backends, ["/", "/1m"])
         if wrong:
             raise HarnessError(f"{name}: {wrong}")
@@ -251,6 +274,7 @@ def measure(args, procs, tmp, backends, name, workers, load_cpus, script) -> lis
                 {
                     "balancer": name,
                     "workers": workers,
+                    "pin": args.pin,
                     "workload": workload_name,
                     "value": value,
                     "metric": workload.metric,
@@ -328,7 +352,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     console.print(
-        f"{cores} cores: balancers on cores 0..N-1 for N in {args.workers}; load side "
+        f"{cores} cores: balancers on cores 0..N-1 for N in {args.workers}"
+        f"{', one core per worker' if args.pin == 'each' else ''}; load side "
         f"{'on cores ' + cpu_list(load_cpus) if load_cpus else 'unpinned (too few cores)'}"
     )
     with tempfile.TemporaryDirectory(prefix="fastlb-scale-") as tmp_name:
@@ -358,6 +383,7 @@ def main() -> int:
         "cores": cores,
         "load_cpus": load_cpus,
         "backend_workers": backend_workers,
+        "pin": args.pin,
         "rows": rows,
         "runs": runs,
     }

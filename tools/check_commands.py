@@ -189,6 +189,7 @@ CHECKS: dict[str, Check] = {
     "python loadtests/scale.py --bundle /tmp/scale     "
     "# then, on a machine without network: /tmp/scale/run.sh": Check(600, exits=True),
     "python loadtests/scale.py --workers 1,2 --duration 2": Check(300, exits=True),
+    "python loadtests/scale.py --pin each --workers 1,2 --duration 2": Check(300, exits=True),
     "python loadtests/staleness.py                     "
     "# 20 rounds, 2 workers, 16 connections 2 ms apart": Check(120, exits=True),
     "python loadtests/staleness.py --gap-ms 0          # back-to-back bursts": Check(
