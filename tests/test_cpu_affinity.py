@@ -32,14 +32,6 @@ def worker_cpus(lb, stats: dict | None = None, generation: int = 1) -> dict[int,
     return cpus
 
 
-def names_through(lb, count: int) -> list[str]:
-    names = []
-    for _ in range(count):
-        with lb.connect() as sock:
-            names.append(recv_line(sock))
-    return names
-
-
 @two_cpus
 def test_workers_take_the_listed_cpus_in_turn_and_forward(backends, balancer):
     a = backends("name", name="a")
@@ -47,7 +39,7 @@ def test_workers_take_the_listed_cpus_in_turn_and_forward(backends, balancer):
     lb = balancer([a], "--cpu-affinity", f"{second},{first}", workers=3)
     # Three workers over two CPUs: the list wraps around.
     assert worker_cpus(lb) == {0: [second], 1: [first], 2: [second]}
-    assert names_through(lb, 6) == ["a"] * 6
+    assert [lb.ask_name() for _ in range(6)] == ["a"] * 6
     # The supervisor and its health checks are not pinned.
     assert sorted(psutil.Process(lb.pid).cpu_affinity()) == ALLOWED
 
@@ -58,7 +50,7 @@ def test_auto_spreads_the_workers_over_the_cpus_fastlb_may_use(backends, balance
     lb = balancer([a], "--cpu-affinity", "auto", workers=workers)
     expected = {i: [ALLOWED[i % len(ALLOWED)]] for i in range(workers)}
     assert worker_cpus(lb) == expected
-    assert names_through(lb, 3) == ["a"] * 3
+    assert [lb.ask_name() for _ in range(3)] == ["a"] * 3
 
 
 def test_without_it_the_workers_may_run_anywhere_fastlb_may(backends, balancer):
@@ -82,7 +74,7 @@ def test_a_reload_pins_the_new_workers_where_the_file_now_says(backends, balance
         lambda s: s["generation"] == 2 and s["generation_active"], what="the new generation"
     )
     assert worker_cpus(lb, stats, generation=2) == {0: [ALLOWED[1]], 1: [ALLOWED[1]]}
-    assert names_through(lb, 2) == ["a", "a"]
+    assert [lb.ask_name() for _ in range(2)] == ["a", "a"]
     # The connection opened before the reload is still served, by its draining worker.
     draining = [w["cpus"] for w in lb.stats()["workers"] if w["draining"]]
     assert draining and all(cpus == [ALLOWED[0]] for cpus in draining)
@@ -106,7 +98,7 @@ def test_a_cpu_this_process_may_not_use_is_refused_at_reload_and_the_workers_sta
     stats = lb.stats()
     assert stats["generation"] == 1
     assert worker_cpus(lb, stats) == before
-    assert names_through(lb, 2) == ["a", "a"]
+    assert [lb.ask_name() for _ in range(2)] == ["a", "a"]
 
 
 @given(st.sets(st.integers(0, 300), min_size=1))
